@@ -1,0 +1,7 @@
+"""Custom Kedro datasets, only where kedro-datasets has none that fits."""
+
+from lora_pipeline.datasets.cache import CacheDataset
+from lora_pipeline.datasets.image_folder import ImageFolder, ImageFolderDataset
+from lora_pipeline.datasets.reviewed_captions import ReviewedCaptionsDataset
+
+__all__ = ["CacheDataset", "ImageFolder", "ImageFolderDataset", "ReviewedCaptionsDataset"]

@@ -1,0 +1,92 @@
+"""A folder of images as one catalog entry.
+
+kedro-datasets' PartitionedDataset + pillow.ImageDataset loads every partition eagerly through PIL and
+writes files in place; training sets need a lazy handle (names only, pixels streamed by the nodes),
+per-file atomic writes, parallel encoding, and removal of stale outputs. Hence this small dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Mapping
+
+from kedro.io import AbstractDataset, DatasetError
+from PIL import Image
+from tqdm.auto import tqdm
+
+from lora_pipeline.lora.files import atomic_path
+from lora_pipeline.lora.images import IMAGE_EXTENSIONS, list_images
+
+logger = logging.getLogger(__name__)
+
+ImageSource = Image.Image | Callable[[], Image.Image]
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """A handle on an image folder: its root and sorted relative file names. No pixels are loaded."""
+
+    root: Path
+    names: list[str] = field(default_factory=list)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+
+class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]):
+    """Load: an :class:`ImageFolder` handle. Save: ``{relative_name: PIL image or callable returning one}``.
+
+    Saving writes each file atomically (temp file + rename), in ``workers`` threads (PIL releases the GIL
+    while encoding), and deletes image files of an earlier run that are not in the new mapping.
+    Callables let a node hand over lazy work so the whole set is never held in memory.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        save_args: dict[str, Any] | None = None,
+        workers: int = 0,
+        metadata: dict[str, Any] | None = None,
+    ):
+        self._path = Path(path)
+        self._save_args = save_args or {}
+        self._workers = workers or os.cpu_count() or 1
+        self.metadata = metadata
+
+    def load(self) -> ImageFolder:
+        return ImageFolder(self._path, list_images(self._path))
+
+    def save(self, data: Mapping[str, ImageSource]) -> None:
+        self._path.mkdir(parents=True, exist_ok=True)
+        for name in data:
+            relative = PurePosixPath(name)
+            if relative.is_absolute() or ".." in relative.parts:
+                raise DatasetError(f"Refusing to write '{name}' outside {self._path}")
+
+        def write(item: tuple[str, ImageSource]) -> None:
+            name, source = item
+            image = source() if callable(source) else source
+            target = self._path / name
+            with atomic_path(target) as tmp:
+                fmt = Image.registered_extensions().get(target.suffix.lower())
+                image.save(tmp, format=fmt, **self._save_args)
+
+        with ThreadPoolExecutor(self._workers) as pool:
+            for _ in tqdm(pool.map(write, data.items()), total=len(data), desc="writing images", unit="img"):
+                pass
+        wanted = set(data)
+        for stale in self._path.rglob("*"):
+            name = stale.relative_to(self._path).as_posix()
+            if stale.is_file() and stale.suffix.lower() in IMAGE_EXTENSIONS and name not in wanted:
+                stale.unlink()
+                logger.info("Removed stale output image %s", stale)
+
+    def _exists(self) -> bool:
+        return self._path.is_dir()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path), "workers": self._workers}

@@ -1,0 +1,1 @@
+"""Plain-Python ML layer (no Kedro imports): usable from a notebook or another project."""

@@ -1,0 +1,206 @@
+"""Tiny models with the real architectures, built offline from configs.
+
+They are saved in the standard on-disk layouts (``save_pretrained``), so the demo and the tests go
+through exactly the ``from_pretrained(path)`` code that loads a real Stable Diffusion, BLIP or CLIP.
+Weights are random but seeded: the same call always writes the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# A small English word list so the tokenizers produce real tokens for demo captions and tags.
+WORDS = (
+    "a an the of and in on with at photo picture drawing painting portrait of woman man girl boy person "
+    "character cat dog red blue green yellow black white dress hair shirt hat sky tree forest city street "
+    "night day sun moon water sea beach mountain room house car flower smile standing sitting looking "
+    "viewer outdoors indoors simple background solo full body upper close up style art anime realistic "
+    "lorachar sks shape circle square stripes gradient pattern texture light dark"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def write_clip_tokenizer_files(folder: Path) -> None:
+    """Write a CLIP BPE vocab.json + merges.txt covering every byte plus whole-word merges of WORDS."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in WORDS:
+        # Merge left to right so every word in WORDS becomes one token, as in a trained CLIP vocab.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{current} {piece}"
+            merged = current + piece
+            if merge not in merges:
+                merges.append(merge)
+            if merged not in vocab_tokens:
+                vocab_tokens.append(merged)
+            current = merged
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def build_clip_tokenizer(folder: Path, max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(folder)
+    # Loading the written files through from_pretrained is the path a real CLIP tokenizer takes.
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
+
+
+def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Stable Diffusion 1.x pipeline folder (UNet, VAE, CLIP text encoder, tokenizer, scheduler)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    for leftover in (out_dir / "_tokenizer_src").iterdir():
+        leftover.unlink()
+    (out_dir / "_tokenizer_src").rmdir()
+    logger.info("Wrote tiny Stable Diffusion pipeline to %s", out_dir)
+    return out_dir
+
+
+def build_tiny_blip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny BLIP image-captioning model + processor (BERT word-piece tokenizer from a local vocab)."""
+    from transformers import (
+        BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_file = out_dir / "vocab.txt"
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [",", "."]
+    vocab_file.write_text("\n".join(dict.fromkeys(specials + letters + list(WORDS))) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer.from_pretrained(str(out_dir), bos_token="[DEC]", model_max_length=64)
+    torch.manual_seed(seed)
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=16, projection_dim=32),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, encoder_hidden_size=32,
+                         bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
+                         pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id),
+        projection_dim=32,
+    )
+    model = BlipForConditionalGeneration(config)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 64, "width": 64}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    logger.info("Wrote tiny BLIP captioner to %s", out_dir)
+    return out_dir
+
+
+def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny CLIP model + processor for zero-shot tag scoring."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out_dir = Path(out_dir)
+    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=16),
+        projection_dim=32,
+    )
+    model = CLIPModel(config)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    for leftover in (out_dir / "_tokenizer_src").iterdir():
+        leftover.unlink()
+    (out_dir / "_tokenizer_src").rmdir()
+    logger.info("Wrote tiny CLIP tagger to %s", out_dir)
+    return out_dir
+
+
+def build_all(models_dir: str | Path) -> dict[str, Path]:
+    """Build every tiny model under ``models_dir`` (skipping those already there)."""
+    models_dir = Path(models_dir)
+    builders = {"tiny-sd": build_tiny_sd, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip}
+    built = {}
+    for name, builder in builders.items():
+        target = models_dir / name
+        if not (target / ".complete").exists():
+            builder(target)
+            (target / ".complete").write_text("ok\n")
+        built[name] = target
+    return built

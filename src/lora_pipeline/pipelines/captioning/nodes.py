@@ -1,0 +1,129 @@
+"""Captioning nodes: thin adapters over ``lora_pipeline.lora.captions``."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from lora_pipeline.config import CaptioningParams, parse_params
+from lora_pipeline.datasets.image_folder import ImageFolder
+from lora_pipeline.lora.cache import DiskCache, settings_key
+from lora_pipeline.lora.captions import (
+    BlipCaptioner, Captioner, ClipTagger, apply_template, caption_in_batches,
+)
+from lora_pipeline.lora.files import sha256_file
+from lora_pipeline.lora.images import load_rgb, read_sidecar
+from lora_pipeline.lora.models import resolve_model
+from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+
+logger = logging.getLogger(__name__)
+
+CAPTION_COLUMNS = ["file_name", "sha256", "text", "source", "reviewed", "auto_caption"]
+
+
+def scan_images(raw_images: ImageFolder) -> pd.DataFrame:
+    """One row per raw image: ``file_name``, content ``sha256``, ``has_sidecar`` and the kohya ``sidecar`` text."""
+
+    def row(name: str) -> tuple[str, str, bool, str]:
+        sidecar = read_sidecar(raw_images.path(name))
+        return name, sha256_file(raw_images.path(name)), sidecar is not None, sidecar or ""
+
+    with ThreadPoolExecutor() as pool:
+        rows = list(tqdm(pool.map(row, raw_images.names), total=len(raw_images.names), desc="hashing", unit="img"))
+    return pd.DataFrame(rows, columns=["file_name", "sha256", "has_sidecar", "sidecar"])
+
+
+def load_captioner(params: CaptioningParams) -> Captioner:
+    """The auto-captioner the parameters ask for."""
+    if params.backend == "blip":
+        return BlipCaptioner(params.model, params.allow_download, params.device, params.max_new_tokens)
+    tags = params.clip_tags
+    return ClipTagger(params.model, tags.vocabulary, tags.top_k, tags.threshold, tags.prompt,
+                      params.allow_download, params.device)
+
+
+def caption_images(
+    manifest: pd.DataFrame,
+    reviewed: pd.DataFrame,
+    caption_cache: DiskCache,
+    raw_images: ImageFolder,
+    params: dict[str, Any],
+) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
+    """Caption every image; human text always wins and only uncached images reach the captioner.
+
+    Precedence: ``reviewed_captions.csv`` row (verbatim) > kohya ``.txt`` sidecar > auto caption.
+    Auto captions are cached by image hash + captioner settings, so a re-run captions only new or
+    changed images, and a settings change (other model, other tags) re-captions all.
+    """
+    p = parse_params(CaptioningParams, params, "captioning")
+    if p.backend != "sidecar":
+        resolve_model(p.model, p.allow_download)  # fail before any work if the model is missing
+    reviewed_text = dict(zip(reviewed.file_name, reviewed.text))
+    unknown = sorted(set(reviewed_text) - set(manifest.file_name))
+    if unknown:
+        logger.warning("reviewed_captions.csv names %d image(s) not in the raw folder, e.g. %s", len(unknown),
+                       unknown[0])
+    fingerprint = settings_key(p.fingerprint_fields())
+    auto: dict[str, str] = {}
+    unreadable: set[str] = set()
+    to_caption: list[str] = []
+    for row in manifest.itertuples():
+        human = row.file_name in reviewed_text or (p.use_sidecars and row.has_sidecar)
+        if human or p.backend == "sidecar":
+            continue
+        cached = caption_cache.get_json(f"{row.sha256}-{fingerprint}")
+        if cached is None:
+            to_caption.append(row.file_name)
+        elif cached["caption"] is None:
+            unreadable.add(row.file_name)  # same bytes failed to decode before; normalization reports it
+        else:
+            auto[row.file_name] = cached["caption"]
+    n_cached = len(auto)
+    if to_caption:
+        fresh, failed = caption_in_batches(
+            load_captioner(p), to_caption, lambda n: load_rgb(raw_images.path(n)), p.batch_size
+        )
+        hashes = dict(zip(manifest.file_name, manifest.sha256))
+        for name, caption in fresh.items():
+            caption_cache.put_json(f"{hashes[name]}-{fingerprint}", {"caption": caption, "file_name": name})
+        for name, error in failed.items():
+            caption_cache.put_json(f"{hashes[name]}-{fingerprint}", {"caption": None, "error": error})
+        auto.update(fresh)
+        unreadable.update(failed)
+
+    rows = []
+    for row in manifest.itertuples():
+        if row.file_name in reviewed_text:
+            text, source = reviewed_text[row.file_name], "reviewed"
+        elif p.use_sidecars and row.has_sidecar:
+            text, source = apply_template(p.template, p.trigger, row.sidecar), "sidecar"
+        elif row.file_name in auto:
+            text, source = apply_template(p.template, p.trigger, auto[row.file_name]), "auto"
+        else:
+            text, source = "", "none"  # sidecar-only backend without a sidecar, or undecodable image
+        rows.append((row.file_name, row.sha256, text, source, source in ("reviewed", "sidecar"),
+                     auto.get(row.file_name, "")))
+    table = pd.DataFrame(rows, columns=CAPTION_COLUMNS)
+    counts = table.source.value_counts().to_dict()
+    n_new = counts.get("auto", 0) - n_cached
+    logger.info(
+        "Captions for %d images: %d reviewed, %d sidecar, %d auto (%d cached, %d new), %d without caption "
+        "(%d unreadable)",
+        len(table), counts.get("reviewed", 0), counts.get("sidecar", 0), counts.get("auto", 0),
+        n_cached, n_new, counts.get("none", 0), len(unreadable),
+    )
+    metrics = {
+        "images": len(table), "reviewed": counts.get("reviewed", 0), "sidecar": counts.get("sidecar", 0),
+        "auto": counts.get("auto", 0), "auto_cached": n_cached, "auto_new": n_new,
+        "uncaptioned": counts.get("none", 0), "unreadable": len(unreadable),
+    }
+    return table, as_mlflow_metrics(metrics)
+
+
+def captions_to_metadata(captions: pd.DataFrame) -> pd.DataFrame:
+    """``metadata.csv`` (diffusers imagefolder convention) for the raw folder: ``file_name,text``."""
+    return captions[["file_name", "text"]].copy()

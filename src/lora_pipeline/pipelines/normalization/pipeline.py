@@ -1,0 +1,23 @@
+from kedro.pipeline import Pipeline, node, pipeline
+
+from lora_pipeline.pipelines.normalization.nodes import build_training_metadata, inspect_images, render_images
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return pipeline(
+        [
+            node(inspect_images, ["raw_images", "params:normalization"], "image_checks", name="inspect_images"),
+            node(
+                build_training_metadata,
+                ["image_checks", "captions", "params:normalization"],
+                ["train_metadata", "quality_report", "dataset_info", "normalization_metrics"],
+                name="build_training_metadata",
+            ),
+            node(
+                render_images,
+                ["raw_images", "quality_report", "params:normalization"],
+                "normalized_images",
+                name="render_images",
+            ),
+        ]
+    )

@@ -1,0 +1,48 @@
+import pytest
+
+from lora_pipeline.config import CaptioningParams, NormalizationParams, parse_params, validate_all
+from lora_pipeline.errors import ConfigError
+
+
+def test_unknown_key_is_named_with_the_known_keys():
+    with pytest.raises(ConfigError) as info:
+        parse_params(NormalizationParams, {"min_sise": 512}, "normalization")
+    message = str(info.value)
+    assert "normalization.min_sise: unknown parameter" in message
+    assert "min_size" in message and "parameters_normalization.yml" in message
+
+
+def test_unknown_backend_lists_allowed_values():
+    with pytest.raises(ConfigError, match="'sidecar', 'blip' or 'clip_tags'"):
+        parse_params(CaptioningParams, {"backend": "gpt"}, "captioning")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"min_size": 0}, "normalization.min_size"),
+        ({"resolution": 500}, "multiple of bucket_step"),
+        ({"bucket_min": 1024, "bucket_max": 512}, "must not exceed"),
+        ({"background": [0, 0, 300]}, "between 0 and 255"),
+        ({"prompt": {"keep_tokens": -1}}, "normalization.prompt.keep_tokens"),
+    ],
+)
+def test_out_of_range_values_are_rejected(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_params(NormalizationParams, override, "normalization")
+
+
+def test_backends_that_need_a_model_say_so():
+    with pytest.raises(ConfigError, match="needs 'model'"):
+        parse_params(CaptioningParams, {"backend": "blip"}, "captioning")
+    with pytest.raises(ConfigError, match="vocabulary"):
+        parse_params(CaptioningParams, {"backend": "clip_tags", "model": "x"}, "captioning")
+    with pytest.raises(ConfigError, match="must contain '{caption}'"):
+        parse_params(CaptioningParams, {"backend": "sidecar", "template": "{trigger}"}, "captioning")
+
+
+def test_validate_all_checks_only_known_groups():
+    out = validate_all({"normalization": {}, "something_else": {"x": 1}})
+    assert set(out) == {"normalization"}
+    with pytest.raises(ConfigError):
+        validate_all({"captioning": {"backend": "sidecar", "batch_size": 0}})
