@@ -1,5 +1,7 @@
 """Kedro project settings."""
 
+from pathlib import Path
+
 from kedro.config import OmegaConfigLoader
 
 from lora_pipeline.hooks import ValidateParametersHook
@@ -8,4 +10,10 @@ from lora_pipeline.hooks import ValidateParametersHook
 HOOKS = (ValidateParametersHook(),)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
-CONFIG_LOADER_ARGS = {"base_env": "base", "default_run_env": "local"}
+# `kedro` commands run from the project root, so the working folder is the project path. An absolute
+# sqlite URI keeps MLflow's per-URI store cache from mixing up two projects used in one process.
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    "custom_resolvers": {"project_path": lambda: Path.cwd().as_posix()},
+}

@@ -1,0 +1,135 @@
+"""captioning -> normalization through a real KedroSession on a temp copy of the project and demo data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+from PIL import Image
+
+from lora_pipeline.demo import build_demo_images, write_demo_review
+from lora_pipeline.errors import ConfigError
+from lora_pipeline.lora.files import sha256_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def project(tmp_path, tiny_models, _demo_images_template, monkeypatch) -> Path:
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO_ROOT / "pyproject.toml", root)
+    shutil.copytree(REPO_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    (root / "src").mkdir()  # Kedro checks it exists; the package itself is installed
+    for name, path in tiny_models.items():
+        shutil.copytree(path, root / "data" / "06_models" / name)
+    shutil.copytree(_demo_images_template, root / "data" / "01_raw" / "images")
+    write_demo_review(root / "data" / "01_raw" / "reviewed_captions.csv")
+    monkeypatch.chdir(root)  # the sqlite tracking URI and model paths are project-relative
+    bootstrap_project(root)
+    return root
+
+
+def run(root: Path, *pipelines: str, **kwargs) -> None:
+    try:
+        with KedroSession.create(project_path=root, env="demo", **kwargs) as session:
+            session.run(pipeline_names=list(pipelines))
+    finally:
+        # kedro-mlflow marks the run FINISHED in the store but leaves it on this thread's mlflow run stack;
+        # a second session in the same process would then log into it. Each `kedro run` CLI call is its own
+        # process, so only in-process test runs need this.
+        while mlflow.active_run():
+            mlflow.end_run()
+
+
+def latest_captions(root: Path) -> pd.DataFrame:
+    versions = sorted((root / "data/02_intermediate/captions.csv").iterdir())
+    return pd.read_csv(versions[-1] / "captions.csv", keep_default_na=False)
+
+
+def test_captioning_then_normalization(project):
+    raw_before = {p.name: sha256_file(p) for p in (project / "data/01_raw").rglob("*") if p.is_file()}
+    run(project, "captioning")
+    run(project, "normalization")
+
+    report = pd.read_csv(project / "data/08_reporting/quality_report.csv", keep_default_na=False)
+    raw_names = sorted(p.name for p in (project / "data/01_raw/images").iterdir() if p.suffix != ".txt")
+    assert sorted(report.file_name) == raw_names  # one row per input image
+    rejected = report[report.status == "rejected"].set_index("file_name").reason_code.to_dict()
+    assert rejected == {"corrupt.jpg": "corrupt", "too_small.png": "too_small",
+                        "red_circle_0_copy.jpg": "duplicate"}
+    assert (report[report.status == "rejected"].reason != "").all()
+
+    dataset = project / "data/03_primary/dataset"
+    metadata = pd.read_csv(dataset / "metadata.csv", keep_default_na=False)
+    kept = report[report.status == "kept"]
+    assert sorted(metadata.file_name) == sorted(kept.output_name)
+    assert metadata.text.str.startswith("lorachar").all()
+    assert metadata.set_index("file_name").loc["grayscale.png"].text == (
+        "lorachar, green square, monochrome, reviewed by hand")
+    assert metadata.set_index("file_name").loc["red_square_0.png"].text == (
+        "lorachar, simple background, square, red background")  # front_keywords moved forward
+    for row in metadata.itertuples():
+        with Image.open(dataset / row.file_name) as image:
+            assert image.mode == "RGB" and image.size == (row.width, row.height)
+            assert row.width * row.height <= 128 * 128
+    with Image.open(dataset / "exif_rotated.png") as rotated:
+        assert rotated.height > rotated.width
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["lora_pipeline"], order_by=["start_time DESC"])
+    assert len(runs) == 2
+    norm, cap = runs.iloc[0], runs.iloc[1]
+    assert norm["metrics.normalization.images_kept"] == len(kept)
+    assert norm["metrics.normalization.images_rejected"] == 3
+    assert norm["params.normalization.resolution"] == "128"
+    assert cap["metrics.captioning.reviewed"] == 1 and cap["metrics.captioning.auto_new"] > 0
+    artifacts = mlflow.artifacts.list_artifacts(run_id=norm.run_id)
+    assert {"quality_report.csv", "dataset_info.json"} <= {a.path for a in artifacts}
+
+    raw_after = {p.name: sha256_file(p) for p in (project / "data/01_raw").rglob("*") if p.is_file()}
+    assert raw_after == raw_before  # raw data is never modified
+
+
+def test_reviewed_caption_survives_rerun_and_new_images_are_the_only_ones_captioned(project):
+    run(project, "captioning")
+    first = latest_captions(project)
+    review = project / "data/01_raw/reviewed_captions.csv"
+    review.write_text(review.read_text() + 'red_circle_1.png,"lorachar, my own words"\n', encoding="utf-8")
+    review_hash = sha256_file(review)
+    Image.new("RGB", (640, 640), (9, 9, 9)).save(project / "data/01_raw/images/added_1.png")
+    Image.new("RGB", (512, 768), (90, 9, 9)).save(project / "data/01_raw/images/added_2.png")
+
+    run(project, "captioning")
+    second = latest_captions(project).set_index("file_name")
+    assert second.loc["red_circle_1.png"].text == "lorachar, my own words"
+    assert second.loc["red_circle_1.png"].source == "reviewed"
+    assert second.loc["grayscale.png"].source == "reviewed"
+    assert sha256_file(review) == review_hash
+    assert len(first) + 2 == len(second)  # the earlier version is still on disk
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    last = mlflow.search_runs(experiment_names=["lora_pipeline"], order_by=["start_time DESC"]).iloc[0]
+    assert last["metrics.captioning.auto_new"] == 2  # only the two added images reached the captioner
+
+    run(project, "normalization")
+    metadata = pd.read_csv(project / "data/03_primary/dataset/metadata.csv", keep_default_na=False)
+    assert metadata.set_index("file_name").loc["red_circle_1.png"].text == "lorachar, my own words"
+
+
+def test_bad_parameter_stops_before_any_node(project):
+    with pytest.raises(ConfigError, match="normalization.min_sise: unknown parameter"):
+        run(project, "normalization", runtime_params={"normalization": {"min_sise": 5}})
+    assert not (project / "data/08_reporting/quality_report.csv").exists()
+
+
+def test_empty_raw_folder_is_a_clear_error(project):
+    shutil.rmtree(project / "data/01_raw/images")
+    (project / "data/01_raw/images").mkdir()
+    with pytest.raises(Exception, match="holds no images"):
+        run(project, "captioning")
