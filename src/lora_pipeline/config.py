@@ -107,9 +107,72 @@ class NormalizationParams(_Strict):
         return self
 
 
+KOHYA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+KOHYA_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+class TrainingParams(_Strict):
+    base_model: str = Field(..., description="diffusers folder, hub id, or single .safetensors/.ckpt file")
+    allow_download: bool = False
+    single_file_config: str | None = Field(None, description="local diffusers SD1.x folder for single files")
+    output_name: str = Field("my_lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    lora_rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(8.0, gt=0, le=4096, description="scale = alpha / lora_rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    unet_targets: list[str] = Field(default_factory=lambda: list(KOHYA_UNET_TARGETS), min_length=1)
+    train_text_encoder: bool = False
+    text_encoder_targets: list[str] = Field(default_factory=lambda: list(KOHYA_TE_TARGETS), min_length=1)
+    batch_size: int = Field(1, ge=1, le=1024)
+    epochs: int = Field(10, ge=1, le=100000)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    text_encoder_lr: float = Field(5e-5, gt=0, le=1.0)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    seed: int = Field(42, ge=0, lt=2**31)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0)
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    shuffle_tags: bool = False
+    keep_tokens: int | None = Field(None, ge=0, description="None: the value normalization recorded")
+    repeats: int = Field(1, ge=1, le=1000)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
+    keep_checkpoints: int = Field(3, ge=1)
+    checkpoint_dir: str = "data/06_models/checkpoints"
+    resume: str = Field("none", description="none | auto | latest | <checkpoint folder>")
+    init_lora: str | None = Field(None, description="kohya or diffusers LoRA file to start from")
+    sample_prompts: list[str] = Field(default_factory=list)
+    sample_every_steps: int = Field(0, ge=0, description="0 = samples only at the end")
+    sample_inference_steps: int = Field(20, ge=1, le=200)
+    sample_size: int | None = Field(None, ge=64, le=2048)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    log_every_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainingParams":
+        if self.save_steps and self.max_steps and self.save_steps > self.max_steps:
+            raise ValueError(f"save_steps ({self.save_steps}) is larger than max_steps ({self.max_steps})")
+        return self
+
+
+class ExportParams(_Strict):
+    precision: Literal["fp16", "fp32", "bf16"] = "fp16"
+    webui_lora_dir: str | None = Field(None, description="also copy the .safetensors into this folder")
+    base_model_name: str | None = Field(None, description="shown as ss_sd_model_name; default: base_model")
+
+
 SCHEMAS: dict[str, type[_Strict]] = {
     "captioning": CaptioningParams,
     "normalization": NormalizationParams,
+    "training": TrainingParams,
+    "export": ExportParams,
 }
 
 P = TypeVar("P", bound=BaseModel)

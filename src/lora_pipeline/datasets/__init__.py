@@ -2,6 +2,10 @@
 
 from lora_pipeline.datasets.cache import CacheDataset
 from lora_pipeline.datasets.image_folder import ImageFolder, ImageFolderDataset
+from lora_pipeline.datasets.lora_weights import DiffusersLoraDataset, LoraWeightsDataset
 from lora_pipeline.datasets.reviewed_captions import ReviewedCaptionsDataset
 
-__all__ = ["CacheDataset", "ImageFolder", "ImageFolderDataset", "ReviewedCaptionsDataset"]
+__all__ = [
+    "CacheDataset", "DiffusersLoraDataset", "ImageFolder", "ImageFolderDataset", "LoraWeightsDataset",
+    "ReviewedCaptionsDataset",
+]

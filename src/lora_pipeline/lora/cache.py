@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.lora.files import atomic_write_text, sha256_text
+from lora_pipeline.lora.files import atomic_path, atomic_write_text, sha256_text
 
 
 def settings_key(settings: dict[str, Any]) -> str:
@@ -26,6 +26,9 @@ class DiskCache:
     def _path(self, key: str, suffix: str) -> Path:
         return self.root / key[:2] / f"{key}{suffix}"
 
+    def has(self, key: str, suffix: str = ".json") -> bool:
+        return self._path(key, suffix).exists()
+
     def get_json(self, key: str) -> Any | None:
         path = self._path(key, ".json")
         try:
@@ -38,6 +41,25 @@ class DiskCache:
 
     def put_json(self, key: str, value: Any) -> None:
         atomic_write_text(self._path(key, ".json"), json.dumps(value, ensure_ascii=False))
+
+    def get_tensors(self, key: str) -> dict[str, Any] | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self._path(key, ".safetensors")
+        if not path.exists():
+            return None
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError):
+            path.unlink(missing_ok=True)
+            return None
+
+    def put_tensors(self, key: str, tensors: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_path(self._path(key, ".safetensors")) as tmp:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
 
     def __repr__(self) -> str:
         return f"DiskCache({str(self.root)!r})"

@@ -204,3 +204,25 @@ def build_all(models_dir: str | Path) -> dict[str, Path]:
             (target / ".complete").write_text("ok\n")
         built[name] = target
     return built
+
+
+# Full-size Stable Diffusion 1.5 architecture (config only): for name checks and benchmarks, never downloaded.
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+
+
+def build_sd15_architecture(device: str = "meta"):
+    """SD1.5 UNet + CLIP text encoder with random (or, on ``meta``, no) weights."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        return UNet2DConditionModel(**SD15_UNET_CONFIG), CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))

@@ -1,0 +1,50 @@
+"""Export nodes: thin adapters over ``lora_pipeline.lora.export``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from lora_pipeline.config import ExportParams, parse_params
+from lora_pipeline.lora.export import build_kohya_file, model_card, save_lora_file
+
+logger = logging.getLogger(__name__)
+
+
+def _base_name(summary: dict[str, Any], p: ExportParams) -> str:
+    return p.base_model_name or Path(str(summary["base_model"])).name
+
+
+def export_kohya(lora_weights: dict[str, Any], training_summary: dict[str, Any], params: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """The WebUI/ComfyUI file: kohya keys, training alpha, ``ss_*``/``modelspec.*`` header, fp16 by default."""
+    p = parse_params(ExportParams, params, "export")
+    title = training_summary["output_name"]
+    state, metadata = build_kohya_file(lora_weights["state"], training_summary, p.precision, title,
+                                       _base_name(training_summary, p))
+    if p.webui_lora_dir:
+        target = Path(p.webui_lora_dir).expanduser() / f"{title}.safetensors"
+        save_lora_file(target, state, metadata)
+        logger.info("Copied the LoRA into %s: use <lora:%s:0.8> in a prompt", target, title)
+    size_mb = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
+    logger.info("kohya LoRA %s: %d modules, %.2f MB (%s), hash %s", title, len(state) // 3, size_mb, p.precision,
+                metadata["sshs_model_hash"][:12])
+    return {"state": state, "metadata": metadata}
+
+
+def export_diffusers(lora_weights: dict[str, Any], training_summary: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' ``pytorch_lora_weights.safetensors`` with adapter metadata (alpha survives a reload)."""
+    return {"state": lora_weights["state"], "summary": training_summary}
+
+
+def write_model_card(training_summary: dict[str, Any], params: dict[str, Any]) -> str:
+    """README.md for the LoRA: base model, trigger, tags, parameters, usage in WebUI, ComfyUI, diffusers."""
+    p = parse_params(ExportParams, params, "export")
+    title = training_summary["output_name"]
+    card = model_card(training_summary, title, f"{title}.safetensors", _base_name(training_summary, p), [])
+    if mlflow.active_run():
+        mlflow.log_text(card, "lora/README.md")
+    return card
