@@ -8,45 +8,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
+from kedro_helpers import run
 from PIL import Image
 
-from lora_pipeline.demo import build_demo_images, write_demo_review
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.lora.files import sha256_file
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def project(tmp_path, tiny_models, _demo_images_template, monkeypatch) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copy(REPO_ROOT / "pyproject.toml", root)
-    shutil.copytree(REPO_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    (root / "src").mkdir()  # Kedro checks it exists; the package itself is installed
-    for name, path in tiny_models.items():
-        shutil.copytree(path, root / "data" / "06_models" / name)
-    shutil.copytree(_demo_images_template, root / "data" / "01_raw" / "images")
-    write_demo_review(root / "data" / "01_raw" / "reviewed_captions.csv")
-    monkeypatch.chdir(root)  # the sqlite tracking URI and model paths are project-relative
-    bootstrap_project(root)
-    return root
-
-
-def run(root: Path, *pipelines: str, **kwargs) -> None:
-    try:
-        with KedroSession.create(project_path=root, env="demo", **kwargs) as session:
-            session.run(pipeline_names=list(pipelines))
-    finally:
-        # kedro-mlflow marks the run FINISHED in the store but leaves it on this thread's mlflow run stack;
-        # a second session in the same process would then log into it. Each `kedro run` CLI call is its own
-        # process, so only in-process test runs need this.
-        while mlflow.active_run():
-            mlflow.end_run()
-
 
 def latest_captions(root: Path) -> pd.DataFrame:
     versions = sorted((root / "data/02_intermediate/captions.csv").iterdir())

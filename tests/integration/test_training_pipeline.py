@@ -1,0 +1,56 @@
+"""The whole default pipeline (captioning -> normalization -> training -> export) through a KedroSession."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
+from lora_pipeline.lora.export import load_lora_file
+from kedro_helpers import run
+
+
+def _versions(folder):
+    return sorted(p for p in folder.iterdir() if p.is_dir())
+
+
+def test_default_pipeline_trains_exports_and_tracks(project):
+    run(project, "__default__")
+
+    kohya_versions = _versions(project / "data/07_model_output/demo_lora.safetensors")
+    assert len(kohya_versions) == 1
+    state, header = load_lora_file(kohya_versions[0] / "demo_lora.safetensors")
+    assert state and all(k.startswith("lora_unet_") for k in state)
+    assert all(t.dtype == torch.float16 for t in state.values())
+    assert header["ss_network_alpha"] == "8.0" and header["ss_network_dim"] == "4"
+    assert header["ss_output_name"] == "demo_lora" and header["ss_num_train_images"] == "28"
+    assert "lorachar" in json.loads(header["ss_tag_frequency"])["dataset"]
+    [diffusers_version] = _versions(project / "data/07_model_output/demo_lora_diffusers")
+    assert (diffusers_version / "demo_lora_diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    [card_version] = _versions(project / "data/07_model_output/demo_lora_README.md")
+    card = (card_version / "demo_lora_README.md").read_text()
+    assert "<lora:demo_lora:0.8>" in card and "lorachar" in card
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = MlflowClient()
+    [last] = mlflow.search_runs(experiment_names=["lora_pipeline"], output_format="list")
+    assert last.data.params["training.lora_rank"] == "4"
+    assert len(last.data.params["training.dataset_hash"]) == 64
+    losses = [m.value for m in client.get_metric_history(last.info.run_id, "train.loss")]
+    assert len(losses) == 30
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])  # the loss goes down
+    assert last.data.metrics["train.peak_memory_mb"] > 0
+    assert last.data.metrics["normalization.images_kept"] == 28
+    artifacts = {a.path for a in client.list_artifacts(last.info.run_id)}
+    assert {"samples", "lora", "training_summary.json"} <= artifacts
+    samples = [a.path for a in client.list_artifacts(last.info.run_id, "samples")]
+    assert any(path.endswith(".png") for path in samples)
+    assert {a.path for a in client.list_artifacts(last.info.run_id, "lora")} >= {
+        "lora/demo_lora.safetensors", "lora/README.md"}
+
+    # A retrain keeps the earlier export and starts a new run (the finished checkpoint is not "resumed").
+    run(project, "training", "export")
+    assert len(_versions(project / "data/07_model_output/demo_lora.safetensors")) == 2
