@@ -24,6 +24,8 @@ demo: setup
 	@echo
 	@echo "Normalized dataset:   data/03_primary/dataset/ (metadata.csv + images)"
 	@echo "Data-quality report:  data/08_reporting/quality_report.csv"
+	@echo "LoRA for WebUI/ComfyUI: $$(ls -t data/07_model_output/demo_lora.safetensors/*/demo_lora.safetensors | head -1)"
+	@echo "LoRA for diffusers:     $$(ls -td data/07_model_output/demo_lora_diffusers/*/demo_lora_diffusers | head -1)"
 	@echo "Runs:                 $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: setup

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
+from lora_pipeline import train_launch
 from lora_pipeline.lora.export import load_lora_file
 from kedro_helpers import run
 
@@ -54,3 +55,7 @@ def test_default_pipeline_trains_exports_and_tracks(project):
     # A retrain keeps the earlier export and starts a new run (the finished checkpoint is not "resumed").
     run(project, "training", "export")
     assert len(_versions(project / "data/07_model_output/demo_lora.safetensors")) == 2
+
+    # The accelerate entry point trains from the same catalog and parameters.
+    train_launch.main(["--env", "demo", "--project", str(project)])
+    assert len(_versions(project / "data/06_models/demo_lora_training.safetensors")) == 3

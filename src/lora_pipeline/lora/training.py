@@ -408,7 +408,8 @@ def train(
     epoch_cache: dict[int, list[list[int]]] = {}
     losses: list[float] = []
     images_seen, started = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"training {params.output_name}", unit="step")
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"training {params.output_name}", unit="step",
+               disable=not accelerator.is_local_main_process)
 
     def batch_for(micro: int) -> list[int]:
         global_index = micro * accelerator.num_processes + accelerator.process_index
@@ -484,15 +485,17 @@ def train(
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
         if on_metrics and (done % params.log_every_steps == 0 or done == total_steps):
             on_metrics({"loss": step_loss, "lr": lr, "images_per_second": rate}, done)
-        if params.save_steps and done % params.save_steps == 0 and done < total_steps:
+        if params.save_steps and done % params.save_steps == 0 and done < total_steps and accelerator.is_main_process:
             save_checkpoint(checkpoint_folder, done, sd, optimizer, scheduler, signature, params.keep_checkpoints)
         if on_samples and params.sample_prompts and params.sample_every_steps and done % params.sample_every_steps == 0:
             on_samples(render_samples(sd, params), done)
         if step_callback is not None:
             step_callback(done, sd)
     bar.close()
-    save_checkpoint(checkpoint_folder, total_steps, sd, optimizer, scheduler, signature, params.keep_checkpoints)
-    samples = render_samples(sd, params) if params.sample_prompts else []
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(checkpoint_folder, total_steps, sd, optimizer, scheduler, signature, params.keep_checkpoints)
+    samples = render_samples(sd, params) if params.sample_prompts and accelerator.is_main_process else []
     if on_samples and samples:
         on_samples(samples, total_steps)
     elapsed = time.perf_counter() - started
