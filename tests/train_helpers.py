@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lora_pipeline.lora.formats import kohya_modules
+
 from lora_pipeline.config import TrainingParams
 
 
@@ -33,3 +35,41 @@ def model_outputs(sd) -> tuple[torch.Tensor, torch.Tensor]:
     unet.eval()
     sd.text_encoder.eval()
     return unet(*unet_inputs(sd)).sample, sd.text_encoder(te_inputs(sd))[0]
+
+
+def webui_merge(base, kohya_state, strength=1.0):
+    """Apply a kohya file the way WebUI/ComfyUI do: W += strength * alpha / r * up @ down.
+
+    Written independently of the project's converters: module names are derived here from the base model.
+    """
+    names = {"lora_unet_" + n.replace(".", "_"): m for n, m in base.unet.named_modules() if n}
+    names.update({"lora_te_text_model_" + n.replace(".", "_"): m for n, m in base.text_encoder.named_modules() if n})
+    applied = 0
+    with torch.no_grad():
+        for name, parts in kohya_modules(kohya_state).items():
+            module = names[name]
+            down, up = parts["down"].float(), parts["up"].float()
+            scale = strength * float(parts["alpha"]) / down.shape[0]
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape)
+            module.weight += scale * delta
+            applied += 1
+    return applied
+
+
+def random_kohya_lora(sd, rank: int, alpha: float, seed: int, unet_targets=("to_q", "to_v", "ff.net.2", "proj_in"),
+                      te_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1")) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors written the way kohya's sd-scripts names them (what users download)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    modules = [("lora_unet_" + n.replace(".", "_"), m) for n, m in sd.unet.named_modules()
+               if n.split(".")[-1] in unet_targets or any(n.endswith(t) for t in unet_targets)]
+    modules += [("lora_te_text_model_" + n.replace(".", "_"), m) for n, m in sd.text_encoder.named_modules()
+                if n.split(".")[-1] in te_targets]
+    for name, module in modules:
+        weight = module.weight
+        down_shape = (rank, weight.shape[1], *weight.shape[2:])
+        up_shape = (weight.shape[0], rank, *([1] * (weight.ndim - 2)))
+        state[f"{name}.lora_down.weight"] = torch.randn(down_shape, generator=generator) * 0.1
+        state[f"{name}.lora_up.weight"] = torch.randn(up_shape, generator=generator) * 0.1
+        state[f"{name}.alpha"] = torch.tensor(alpha)
+    return state

@@ -12,7 +12,7 @@ from lora_pipeline.lora.export import (
 from lora_pipeline.lora.formats import from_kohya_state_dict, kohya_modules, tensor_hash, to_kohya_state_dict
 from lora_pipeline.lora.sd import load_sd
 from lora_pipeline.lora.tiny_models import build_sd15_architecture
-from train_helpers import model_outputs
+from train_helpers import model_outputs, webui_merge
 
 REQUIRED_HEADER = [
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_dropout", "ss_base_model_version",
@@ -20,25 +20,6 @@ REQUIRED_HEADER = [
     "ss_seed", "ss_tag_frequency", "ss_training_started_at", "ss_training_finished_at", "ss_output_name",
     "sshs_model_hash", "modelspec.architecture", "modelspec.title", "modelspec.date",
 ]
-
-
-def webui_merge(base, kohya_state, strength=1.0):
-    """Apply a kohya file the way WebUI/ComfyUI do: W += strength * alpha / r * up @ down.
-
-    Written independently of the project's converters: module names are derived here from the base model.
-    """
-    names = {"lora_unet_" + n.replace(".", "_"): m for n, m in base.unet.named_modules() if n}
-    names.update({"lora_te_text_model_" + n.replace(".", "_"): m for n, m in base.text_encoder.named_modules() if n})
-    applied = 0
-    with torch.no_grad():
-        for name, parts in kohya_modules(kohya_state).items():
-            module = names[name]
-            down, up = parts["down"].float(), parts["up"].float()
-            scale = strength * float(parts["alpha"]) / down.shape[0]
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape)
-            module.weight += scale * delta
-            applied += 1
-    return applied
 
 
 def test_kohya_file_reproduces_trained_outputs_under_the_webui_rule(trained, tmp_path):
