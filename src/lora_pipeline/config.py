@@ -168,11 +168,62 @@ class ExportParams(_Strict):
     base_model_name: str | None = Field(None, description="shown as ss_sd_model_name; default: base_model")
 
 
+class PromptSpec(_Strict):
+    """One row of a prompts file."""
+
+    prompt: str = Field(..., min_length=1)
+    negative_prompt: str = ""
+    seed: int = Field(0, ge=0, lt=2**32)
+    steps: int = Field(25, ge=1, le=500)
+    guidance: float = Field(7.0, ge=0.0, le=50.0)
+    width: int = Field(512, ge=64, le=4096, multiple_of=8)
+    height: int = Field(512, ge=64, le=4096, multiple_of=8)
+    count: int = Field(1, ge=1, le=64)
+
+
+class GenerationParams(_Strict):
+    base_model: str
+    allow_download: bool = False
+    single_file_config: str | None = None
+    lora_dirs: list[str] = Field(default_factory=lambda: ["data/07_model_output"],
+                                 description="searched in order: project exports first, then e.g. WebUI models/Lora")
+    prompts_file: str = Field("data/01_raw/prompts.yml", description="YAML or CSV: prompt, negative_prompt, seed, ...")
+    prompt: str | None = Field(None, description="one prompt from the command line; replaces the prompts file")
+    defaults: PromptSpec = Field(default_factory=lambda: PromptSpec(prompt="-"))
+    comparison_weights: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=1)
+    thumbnail: int = Field(256, ge=32, le=2048)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class EvaluationParams(_Strict):
+    holdout_dir: str | None = Field(None, description="images the LoRA did not train on")
+    timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900], min_length=1)
+    seed: int = Field(0, ge=0)
+    clip_model: str | None = Field(None, description="CLIP for prompt adherence; null skips it")
+    eval_prompts: list[str] = Field(default_factory=list)
+    eval_steps: int = Field(20, ge=1, le=200)
+    eval_size: int = Field(512, ge=64, le=2048, multiple_of=8)
+
+
+class MergeEntry(_Strict):
+    name: str
+    weight: float = 1.0
+
+
+class MergeParams(_Strict):
+    loras: list[MergeEntry] = Field(..., min_length=1)
+    output_name: str = Field("merged", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    precision: Literal["fp16", "fp32"] = "fp16"
+
+
 SCHEMAS: dict[str, type[_Strict]] = {
     "captioning": CaptioningParams,
     "normalization": NormalizationParams,
     "training": TrainingParams,
     "export": ExportParams,
+    "generation": GenerationParams,
+    "evaluation": EvaluationParams,
+    "merge": MergeParams,
 }
 
 P = TypeVar("P", bound=BaseModel)

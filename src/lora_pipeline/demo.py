@@ -111,11 +111,37 @@ def write_demo_review(path: str | Path) -> None:
                     encoding="utf-8")
 
 
+def write_demo_prompts(path: str | Path) -> None:
+    """A prompts file for the generation stage (kept if it exists: it is the user's)."""
+    path = Path(path)
+    if path.exists():
+        return
+    path.write_text(
+        "# prompt, negative_prompt, seed, steps, guidance, width, height, count (defaults: parameters_generation.yml)\n"
+        "- prompt: \"lorachar, circle, simple background <lora:demo_lora:0.8>\"\n  seed: 1\n  count: 2\n"
+        "- prompt: \"lorachar, square <lora:demo_lora:0.4>\"\n  seed: 7\n"
+        "- prompt: \"a square, no lora\"\n  seed: 7\n",
+        encoding="utf-8",
+    )
+
+
+def build_demo_holdout(folder: str | Path) -> None:
+    """A few images in the demo's style that training never sees, for the evaluation stage."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (color, shape) in enumerate((("red", "stripes"), ("blue", "circle"), ("green", "square"))):
+        draw_scene(color, shape, SIZES[index], seed=500 + index).save(folder / f"holdout_{color}_{shape}.png")
+
+
 def build_demo(root: str | Path = ".", force: bool = False) -> None:
     root = Path(root)
     build_all(root / "data" / "06_models")
     build_demo_images(root / "data" / "01_raw" / "images", force=force)
     write_demo_review(root / "data" / "01_raw" / "reviewed_captions.csv")
+    write_demo_prompts(root / "data" / "01_raw" / "prompts.yml")
+    build_demo_holdout(root / "data" / "01_raw" / "holdout")
 
 
 def main(argv: list[str] | None = None) -> None:

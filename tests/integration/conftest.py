@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from kedro.framework.startup import bootstrap_project
 
-from lora_pipeline.demo import write_demo_review
+from lora_pipeline.demo import build_demo_holdout, write_demo_prompts, write_demo_review
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,6 +25,8 @@ def project(tmp_path, tiny_models, _demo_images_template, monkeypatch) -> Path:
         shutil.copytree(path, root / "data" / "06_models" / name)
     shutil.copytree(_demo_images_template, root / "data" / "01_raw" / "images")
     write_demo_review(root / "data" / "01_raw" / "reviewed_captions.csv")
+    write_demo_prompts(root / "data" / "01_raw" / "prompts.yml")
+    build_demo_holdout(root / "data" / "01_raw" / "holdout")
     monkeypatch.chdir(root)  # the sqlite tracking URI and model paths are project-relative
     bootstrap_project(root)
     return root

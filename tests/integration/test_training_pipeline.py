@@ -7,6 +7,7 @@ import json
 import mlflow
 import numpy as np
 import torch
+from PIL import Image
 from mlflow.tracking import MlflowClient
 
 from lora_pipeline import train_launch
@@ -51,6 +52,34 @@ def test_default_pipeline_trains_exports_and_tracks(project):
     assert any(path.endswith(".png") for path in samples)
     assert {a.path for a in client.list_artifacts(last.info.run_id, "lora")} >= {
         "lora/demo_lora.safetensors", "lora/README.md"}
+
+    # Evaluation: the LoRA lowers the fixed-noise denoising loss on its training images and on held-out ones.
+    evaluation = last.data.metrics
+    assert evaluation["evaluation.loss_train_lora"] < evaluation["evaluation.loss_train_base"]
+    assert evaluation["evaluation.loss_holdout_lora"] < evaluation["evaluation.loss_holdout_base"]
+    assert "evaluation.clip_score_lora" in evaluation and "evaluation.style_similarity_lora" in evaluation
+    [report_version] = _versions(project / "data/08_reporting/evaluation_report.md")
+    assert "loss_train_lora" in (report_version / "evaluation_report.md").read_text()
+
+    # Generation: WebUI "parameters" PNG text, a contact sheet and the comparison grid (also in MLflow).
+    generated = sorted((project / "data/07_model_output/generated").glob("*.png"))
+    assert len(generated) == 4
+    with Image.open(generated[0]) as image:
+        assert "<lora:demo_lora:0.8>" in image.text["parameters"] and "Seed: 1" in image.text["parameters"]
+    with Image.open(project / "data/08_reporting/comparison_grid.png") as grid:
+        assert grid.size == (3 * 96, 2 * (96 + 18))  # 0 / 0.5 / 1.0, then all LoRAs together
+    assert {a.path for a in client.list_artifacts(last.info.run_id, "generation")} == {
+        "generation/comparison_grid.png", "generation/contact_sheet.png"}
+
+    run(project, "evaluation")  # the same figure on a second run
+    [again] = mlflow.search_runs(experiment_names=["lora_pipeline"], output_format="list", max_results=1,
+                                 order_by=["start_time DESC"])
+    assert again.data.metrics["evaluation.loss_train_lora"] == evaluation["evaluation.loss_train_lora"]
+
+    # Merge: a diffusers folder and a WebUI single-file checkpoint of base + 0.8 * LoRA.
+    run(project, "merge")
+    merged = project / "data/06_models/merged"
+    assert (merged / "demo_merged" / "model_index.json").is_file() and (merged / "demo_merged.safetensors").is_file()
 
     # A retrain keeps the earlier export and starts a new run (the finished checkpoint is not "resumed").
     run(project, "training", "export")

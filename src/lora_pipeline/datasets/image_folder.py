@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
 from kedro.io import AbstractDataset, DatasetError
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from lora_pipeline.lora.files import atomic_path
@@ -73,7 +73,12 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
             target = self._path / name
             with atomic_path(target) as tmp:
                 fmt = Image.registered_extensions().get(target.suffix.lower())
-                image.save(tmp, format=fmt, **self._save_args)
+                extra = dict(self._save_args)
+                if fmt == "PNG" and "parameters" in image.info:  # WebUI's "PNG Info" convention
+                    info = PngImagePlugin.PngInfo()
+                    info.add_text("parameters", image.info["parameters"])
+                    extra["pnginfo"] = info
+                image.save(tmp, format=fmt, **extra)
 
         with ThreadPoolExecutor(self._workers) as pool:
             for _ in tqdm(pool.map(write, data.items()), total=len(data), desc="writing images", unit="img"):

@@ -23,16 +23,17 @@ class SDComponents:
     vae: Any
     text_encoder: Any
     tokenizer: Any
-    scheduler: Any
+    scheduler: Any  # DDPM noise schedule for training
     source: str
+    inference_scheduler: Any = None  # the base model's own sampler, for images
 
     def pipeline(self, **overrides: Any):
-        """A StableDiffusionPipeline over these very modules (LoRA layers included), for samples."""
+        """A StableDiffusionPipeline over these very modules (LoRA layers included), for images."""
         from diffusers import StableDiffusionPipeline
 
         parts = dict(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                     scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
-                     requires_safety_checker=False)
+                     scheduler=self.inference_scheduler or self.scheduler, safety_checker=None,
+                     feature_extractor=None, requires_safety_checker=False)
         parts.update(overrides)
         return StableDiffusionPipeline(**parts)
 
@@ -63,7 +64,7 @@ def load_sd(base_model: str, allow_download: bool = False, single_file_config: s
         )
     # Training always uses a DDPM noise schedule with the base model's betas.
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, source)
+    return SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, source, pipe.scheduler)
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:

@@ -83,20 +83,27 @@ def _loaded_adapters(pipe) -> set[str]:
 
 
 @torch.no_grad()
-def merge_into_base(pipe, files_and_weights: Sequence[tuple[str | Path, float]]) -> None:
-    """Fuse LoRAs into the base weights by the WebUI rule ``W += w * alpha / r * up @ down``."""
+def merge_state_into_base(pipe, state: Mapping[str, torch.Tensor], weight: float, what: str = "LoRA") -> None:
+    """Fuse one kohya-format LoRA into the base weights by the WebUI rule ``W += w * alpha / r * up @ down``."""
+    if not any(k.startswith(("lora_unet_", "lora_te_")) for k in state):
+        raise ValueError(f"{what}: merging needs the kohya/WebUI file of a LoRA (the <name>.safetensors export)")
     unet_index = {"lora_unet_" + n.replace(".", "_"): m for n, m in pipe.unet.named_modules() if n}
     te_index = {"lora_te_text_model_" + n.removeprefix("text_model.").replace(".", "_"): m
                 for n, m in pipe.text_encoder.named_modules() if n}
+    for name, parts in kohya_modules(state).items():
+        module = unet_index.get(name) or te_index.get(name)
+        if module is None:
+            raise ValueError(f"{what}: module {name} does not exist in this base model (is it an SD1.x LoRA?)")
+        down, up = parts["down"].float(), parts["up"].float()
+        scale = weight * (float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0)
+        delta = (up.flatten(1) @ down.flatten(1))
+        if delta.numel() != module.weight.numel():
+            raise ValueError(f"{what}: {name} has shape {tuple(up.shape[:1]) + tuple(down.shape[1:])}, the base "
+                             f"layer {tuple(module.weight.shape)}: this LoRA was trained on another base model")
+        module.weight += (scale * delta.reshape(module.weight.shape)).to(module.weight.dtype)
+
+
+def merge_into_base(pipe, files_and_weights: Sequence[tuple[str | Path, float]]) -> None:
+    """Fuse several LoRA files, each at its weight, into the base model (in place)."""
     for path, weight in files_and_weights:
-        state, _ = load_lora_file(path)
-        if not any(k.startswith(("lora_unet_", "lora_te_")) for k in state):
-            raise ValueError(f"{path}: merging needs the kohya/WebUI file of a LoRA (the <name>.safetensors export)")
-        for name, parts in kohya_modules(state).items():
-            module = unet_index.get(name) or te_index.get(name)
-            if module is None:
-                raise ValueError(f"{path}: module {name} does not exist in this base model")
-            down, up = parts["down"].float(), parts["up"].float()
-            scale = weight * (float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0)
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape)
-            module.weight += (scale * delta).to(module.weight.dtype)
+        merge_state_into_base(pipe, load_lora_file(path)[0], weight, str(path))

@@ -1,7 +1,7 @@
-"""Write a diffusers SD1.x pipeline as one original-layout (LDM/CompVis) checkpoint, as WebUI users have.
+"""Write a diffusers SD1.x pipeline as one original-layout (LDM/CompVis) checkpoint, the file WebUI loads.
 
-Test-only: it inverts the key rules of diffusers' single-file loader so that the project's
-``from_single_file`` path can be tested on the tiny model, offline.
+diffusers reads such files (``from_single_file``) but has no writer in the library (only a script in its
+repository), so the inverse of its key rules lives here. Used by ``merge`` and by the single-file tests.
 """
 
 from __future__ import annotations
@@ -82,7 +82,10 @@ def vae_to_ldm(state: dict, num_blocks: int) -> dict:
     return out
 
 
-def write_ldm_checkpoint(pipe, path: Path) -> Path:
+def write_ldm_checkpoint(pipe, path: Path, dtype: torch.dtype | None = None) -> Path:
+    """Save ``pipe``'s UNet, VAE and text encoder as one safetensors file in the LDM key layout (atomic)."""
+    from lora_pipeline.lora.files import atomic_path
+
     unet_cfg = pipe.unet.config
     up_attention = ["CrossAttn" in t for t in unet_cfg.up_block_types]
     state = unet_to_ldm(pipe.unet.state_dict(), unet_cfg.layers_per_block, up_attention)
@@ -90,5 +93,6 @@ def write_ldm_checkpoint(pipe, path: Path) -> Path:
     for key, tensor in pipe.text_encoder.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key
         state["cond_stage_model.transformer." + key] = tensor
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path))
-    return path
+    with atomic_path(path) as tmp:
+        save_file({k: (v.to(dtype) if dtype else v).contiguous().clone() for k, v in state.items()}, str(tmp))
+    return Path(path)

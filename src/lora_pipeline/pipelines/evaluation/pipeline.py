@@ -1,0 +1,17 @@
+from kedro.pipeline import Pipeline, node, pipeline
+
+from lora_pipeline.pipelines.evaluation.nodes import evaluate_lora
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return pipeline(
+        [
+            node(
+                evaluate_lora,
+                ["normalized_images", "train_metadata", "latent_cache", "lora_kohya", "training_summary",
+                 "params:evaluation"],
+                ["evaluation_report", "evaluation_metrics"],
+                name="evaluate_lora",
+            ),
+        ]
+    )

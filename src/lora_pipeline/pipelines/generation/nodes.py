@@ -1,0 +1,57 @@
+"""Generation node: a thin adapter over ``lora_pipeline.lora.generation`` and ``lora.stack``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from PIL import Image
+
+from lora_pipeline.config import GenerationParams, PromptSpec, parse_params
+from lora_pipeline.lora.generation import comparison_grid, contact_sheet, generate, read_prompts_file
+from lora_pipeline.lora.models import pick_device
+from lora_pipeline.lora.prompts import parse_prompt, resolve_loras
+from lora_pipeline.lora.sd import load_sd
+from lora_pipeline.lora.stack import load_stack
+
+logger = logging.getLogger(__name__)
+
+
+def load_generation_pipeline(p: GenerationParams, files: dict[str, Path]):
+    """The base model (one loader for every stage) with each referenced LoRA loaded as an adapter."""
+    sd = load_sd(p.base_model, p.allow_download, p.single_file_config)
+    pipe = sd.pipeline().to(pick_device(p.device))
+    pipe.set_progress_bar_config(disable=True)
+    load_stack(pipe, files)
+    return pipe
+
+
+def generate_images(
+    latest_export: dict[str, Any], params: dict[str, Any]
+) -> tuple[dict[str, Image.Image], Image.Image, Image.Image]:
+    """Render the prompts file (or ``generation.prompt``); every LoRA name is resolved before any model loads.
+
+    ``latest_export`` is the newest exported LoRA: LoRA names resolve in ``lora_dirs`` (which hold it), and
+    taking it as an input orders this stage after export and shows the link in ``kedro viz``.
+    """
+    p = parse_params(GenerationParams, params, "generation")
+    logger.info("Newest export: %s (hash %s)", latest_export["metadata"].get("ss_output_name"),
+                latest_export["metadata"].get("sshs_model_hash", "")[:12])
+    if p.prompt:
+        specs = [PromptSpec.model_validate({**p.defaults.model_dump(), "prompt": p.prompt})]
+    else:
+        specs = read_prompts_file(p.prompts_file, p.defaults)
+    refs = [ref for spec in specs for ref in parse_prompt(spec.prompt)[1]]
+    files = resolve_loras(refs, p.lora_dirs)
+    logger.info("%d prompt(s), LoRAs: %s", len(specs), ", ".join(f"{n} ({f})" for n, f in files.items()) or "none")
+    pipe = load_generation_pipeline(p, files)
+    named = generate(pipe, specs, Path(p.base_model).name)
+    sheet = contact_sheet([image for _, image in named], p.thumbnail)
+    with_loras = next((spec for spec in specs if parse_prompt(spec.prompt)[1]), specs[0])
+    grid = comparison_grid(pipe, with_loras, parse_prompt(with_loras.prompt)[1], p.comparison_weights, p.thumbnail)
+    if mlflow.active_run():
+        mlflow.log_image(sheet, "generation/contact_sheet.png")
+        mlflow.log_image(grid, "generation/comparison_grid.png")
+    return dict(named), sheet, grid

@@ -1,0 +1,46 @@
+"""Merge node: fuse LoRAs at given weights into the base model and save it for diffusers and WebUI."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_pipeline.config import GenerationParams, MergeParams, parse_params
+from lora_pipeline.lora.ldm import write_ldm_checkpoint
+from lora_pipeline.lora.prompts import LoraRef, resolve_loras
+from lora_pipeline.lora.sd import load_sd
+from lora_pipeline.lora.stack import merge_into_base
+
+logger = logging.getLogger(__name__)
+
+MERGED_DIR = Path("data/06_models/merged")
+
+
+def merge_loras(params: dict[str, Any], generation: dict[str, Any]) -> str:
+    """Base model + LoRAs (resolved like prompt tags) -> ``<output_name>/`` (diffusers) + ``<output_name>.safetensors``.
+
+    Returns the folder written, as a string, for the log and the lineage graph.
+    """
+    p = parse_params(MergeParams, params, "merge")
+    g = parse_params(GenerationParams, generation, "generation")
+    files = resolve_loras([LoraRef(e.name, e.weight) for e in p.loras], g.lora_dirs)
+    sd = load_sd(g.base_model, g.allow_download, g.single_file_config)
+    pipe = sd.pipeline()
+    merge_into_base(pipe, [(files[e.name], e.weight) for e in p.loras])
+    dtype = torch.float16 if p.precision == "fp16" else torch.float32
+    folder = MERGED_DIR / p.output_name
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.to(dtype=dtype).save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    single = write_ldm_checkpoint(pipe, MERGED_DIR / f"{p.output_name}.safetensors")
+    logger.info("Merged %s into %s (diffusers) and %s (WebUI checkpoint)",
+                ", ".join(f"{e.name}:{e.weight:g}" for e in p.loras), folder, single)
+    return str(folder)
