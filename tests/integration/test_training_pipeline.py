@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
+import nbformat
+from nbclient import NotebookClient
 import numpy as np
 import torch
 from PIL import Image
@@ -14,12 +17,14 @@ from lora_pipeline import train_launch
 from lora_pipeline.lora.export import load_lora_file
 from kedro_helpers import run
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 def _versions(folder):
     return sorted(p for p in folder.iterdir() if p.is_dir())
 
 
-def test_default_pipeline_trains_exports_and_tracks(project):
+def test_default_pipeline_trains_exports_and_tracks(project, monkeypatch):
     run(project, "__default__")
 
     kohya_versions = _versions(project / "data/07_model_output/demo_lora.safetensors")
@@ -80,6 +85,15 @@ def test_default_pipeline_trains_exports_and_tracks(project):
     run(project, "merge")
     merged = project / "data/06_models/merged"
     assert (merged / "demo_merged" / "model_index.json").is_file() and (merged / "demo_merged.safetensors").is_file()
+
+    # The notebook runs against these outputs.
+    notebook = nbformat.read(REPO_ROOT / "notebooks" / "inspect_run.ipynb", as_version=4)
+    monkeypatch.setenv("LORA_PROJECT", str(project))
+    monkeypatch.setenv("KEDRO_ENV", "demo")
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(project)}}).execute()
+    outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    assert "30 steps, loss" in outputs and "kept" in outputs
 
     # A retrain keeps the earlier export and starts a new run (the finished checkpoint is not "resumed").
     run(project, "training", "export")
