@@ -6,9 +6,10 @@ import torch
 from lora_pipeline.errors import LoraPipelineError
 from lora_pipeline.lora.cache import DiskCache
 from lora_pipeline.lora.export import build_kohya_file, load_lora_for_training, save_lora_file
+from lora_pipeline.lora.checkpoints import ResumeError, find_resume_checkpoint, list_checkpoints
 from lora_pipeline.lora.sd import load_sd
 from lora_pipeline.lora.training import (
-    NonFiniteLossError, ResumeError, bucket_batches, denoising_loss, encode_latents, find_resume_checkpoint,
+    NonFiniteLossError, bucket_batches, denoising_loss, encode_latents,
     inject_lora, list_checkpoints, load_lora_state, prepare_caption, train,
 )
 
@@ -96,8 +97,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tiny_models, tiny_exa
     latest = list_checkpoints(folder)[-1]
     data = (latest / "lora.safetensors").read_bytes()
     (latest / "lora.safetensors").write_bytes(data[: len(data) // 2])
-    params = make_params(tiny_models, tmp_path, resume="latest")
-    assert find_resume_checkpoint(params, folder).name == "checkpoint-0000004"
+    assert find_resume_checkpoint("latest", folder).name == "checkpoint-0000004"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_models, tiny_examples, tmp_path):
@@ -112,7 +112,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_models, tiny_e
         train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
               dataset_hash="d", step_callback=poison)
     [kept] = list_checkpoints(tmp_path / "checkpoints" / "test_lora")
-    assert find_resume_checkpoint(make_params(tiny_models, tmp_path, resume="latest"), kept.parent) == kept
+    assert find_resume_checkpoint("latest", kept.parent) == kept
 
 
 @pytest.mark.parametrize("new_alpha", [8.0, 2.0])

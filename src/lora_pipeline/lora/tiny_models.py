@@ -195,7 +195,8 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
 def build_all(models_dir: str | Path) -> dict[str, Path]:
     """Build every tiny model under ``models_dir`` (skipping those already there)."""
     models_dir = Path(models_dir)
-    builders = {"tiny-sd": build_tiny_sd, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip}
+    builders = {"tiny-sd": build_tiny_sd, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip,
+                "tiny-llm": build_tiny_llm}
     built = {}
     for name, builder in builders.items():
         target = models_dir / name
@@ -226,3 +227,49 @@ def build_sd15_architecture(device: str = "meta"):
 
     with torch.device(device):
         return UNet2DConditionModel(**SD15_UNET_CONFIG), CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+LLM_CORPUS = (
+    "患者：头痛三天，伴有恶心。 初步考虑偏头痛，建议休息、补充水分，如加重请就医。 "
+    "The patient reports a mild fever and a cough for two days. Rest, fluids and paracetamol are advised. "
+    '{"diagnosis": "migraine", "advice": "rest", "urgency": "low"} {"answer": "yes", "confidence": 0.9} '
+    "Patient: my knee hurts after running. Doctor: likely overuse; ice it and rest for a week. "
+    "0123456789 , . : ; ! ? ( ) [ ] { } \" ' - _ / true false null"
+)
+
+
+def build_tiny_llm(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Llama-architecture causal LM with a byte-level BPE tokenizer trained here, and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specials = ["<|pad|>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([LLM_CORPUS] * 20, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>",
+                                        pad_token="<|pad|>", model_max_length=256)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    logger.info("Wrote tiny Llama LM to %s", out_dir)
+    return out_dir

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,21 +25,16 @@ from tqdm.auto import tqdm
 from lora_pipeline.config import TrainingParams
 from lora_pipeline.errors import LoraPipelineError
 from lora_pipeline.lora.cache import DiskCache, settings_key
-from lora_pipeline.lora.files import atomic_path, sha256_file
+from lora_pipeline.lora.checkpoints import (
+    ResumeError, find_resume_checkpoint, list_checkpoints, load_checkpoint, resume_problem, save_checkpoint,
+)
 from lora_pipeline.lora.images import load_rgb
 from lora_pipeline.lora.sd import SDComponents, module_fingerprint
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
 class NonFiniteLossError(LoraPipelineError):
     """The loss became NaN or infinite."""
-
-
-class ResumeError(LoraPipelineError):
-    """A requested resume cannot continue the same run."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +228,7 @@ def prepare_caption(text: str, rng: random.Random, dropout: float, shuffle: bool
     return ", ".join(head + tail)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- the loop
 
 def run_signature(params: TrainingParams, base_id: str, dataset_hash: str) -> dict[str, Any]:
     """What must match for a checkpoint to continue *this* run rather than silently start another."""
@@ -246,74 +239,6 @@ def run_signature(params: TrainingParams, base_id: str, dataset_hash: str) -> di
     return {"base_model": base_id, "dataset": dataset_hash, **{k: getattr(params, k) for k in keys}}
 
 
-def list_checkpoints(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def save_checkpoint(folder: Path, step: int, sd: SDComponents, optimizer, scheduler, signature: dict,
-                    keep: int) -> Path:
-    """Write ``checkpoint-<step>`` atomically (temp folder + rename), with sha256 of each file."""
-    from safetensors.torch import save_file
-
-    target = folder / f"checkpoint-{step:07d}"
-    tmp = folder / f".{target.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(lora_state_dict(sd), str(tmp / "lora.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    meta = {"step": step, "signature": signature,
-            "sha256": {name: sha256_file(tmp / name) for name in ("lora.safetensors", "state.pt")}}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    logger.info("Saved checkpoint %s", target)
-    return target
-
-
-def checkpoint_is_intact(path: Path) -> bool:
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        return all(sha256_file(path / name) == digest for name, digest in meta["sha256"].items())
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def find_resume_checkpoint(params: TrainingParams, folder: Path) -> Path | None:
-    """Resolve ``resume``: none | auto (latest if any) | latest (must exist) | a checkpoint folder.
-
-    Corrupt or truncated checkpoints are skipped (with a warning) in favour of the previous intact one.
-    """
-    if params.resume == "none":
-        return None
-    if params.resume in ("auto", "latest"):
-        candidates = list_checkpoints(folder)
-        for path in reversed(candidates):
-            if checkpoint_is_intact(path):
-                return path
-            logger.warning("Checkpoint %s is corrupt or incomplete (checksum mismatch); trying the previous one",
-                           path)
-        if params.resume == "latest":
-            raise ResumeError(
-                f"resume: latest, but no intact checkpoint in {folder}. Use resume: auto to start a new run "
-                f"when none exists, or resume: none to start over on purpose."
-            )
-        return None
-    path = Path(params.resume)
-    if not checkpoint_is_intact(path):
-        raise ResumeError(f"resume: {path} is not an intact checkpoint folder (missing files or checksum "
-                          f"mismatch). Pick another folder from {folder}.")
-    return path
-
-
-# ----------------------------------------------------------------------------- the loop
 
 StepCallback = Callable[[int, SDComponents], None]
 
@@ -380,7 +305,7 @@ def train(
                               num_training_steps=total_steps)
 
     start_step, resumed_from = 0, None
-    checkpoint = find_resume_checkpoint(params, checkpoint_folder)
+    checkpoint = find_resume_checkpoint(params.resume, checkpoint_folder)
     if checkpoint is not None:
         problem = resume_problem(checkpoint, signature, total_steps)
         if problem and params.resume == "auto":
@@ -391,7 +316,8 @@ def train(
             raise ResumeError(f"Cannot resume from {checkpoint}: {problem}. Restore those settings, or set "
                               f"resume: none (or another output_name) to start a new run on purpose.")
     if checkpoint is not None:
-        start_step = _restore(checkpoint, sd, optimizer, scheduler)
+        restored, start_step = load_checkpoint(checkpoint, optimizer, scheduler)
+        load_lora_state(sd, restored, f"checkpoint {checkpoint}")
         resumed_from = str(checkpoint)
         logger.info("Resuming from %s at step %d of %d", checkpoint, start_step, total_steps)
     elif params.resume != "none":
@@ -486,7 +412,8 @@ def train(
         if on_metrics and (done % params.log_every_steps == 0 or done == total_steps):
             on_metrics({"loss": step_loss, "lr": lr, "images_per_second": rate}, done)
         if params.save_steps and done % params.save_steps == 0 and done < total_steps and accelerator.is_main_process:
-            save_checkpoint(checkpoint_folder, done, sd, optimizer, scheduler, signature, params.keep_checkpoints)
+            save_checkpoint(checkpoint_folder, done, lora_state_dict(sd), optimizer, scheduler, signature,
+                            params.keep_checkpoints)
         if on_samples and params.sample_prompts and params.sample_every_steps and done % params.sample_every_steps == 0:
             on_samples(render_samples(sd, params), done)
         if step_callback is not None:
@@ -494,7 +421,8 @@ def train(
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(checkpoint_folder, total_steps, sd, optimizer, scheduler, signature, params.keep_checkpoints)
+        save_checkpoint(checkpoint_folder, total_steps, lora_state_dict(sd), optimizer, scheduler, signature,
+                        params.keep_checkpoints)
     samples = render_samples(sd, params) if params.sample_prompts and accelerator.is_main_process else []
     if on_samples and samples:
         on_samples(samples, total_steps)
@@ -518,30 +446,6 @@ def _make_optimizer(params: TrainingParams, groups: list[dict]) -> torch.optim.O
             pass
         logger.warning("optimizer: adamw8bit needs bitsandbytes and CUDA; using torch AdamW instead")
     return torch.optim.AdamW(groups)
-
-
-def resume_problem(checkpoint: Path, signature: dict, total_steps: int) -> str | None:
-    """Why ``checkpoint`` cannot continue this run (other settings/data, or already finished), or None."""
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    saved = meta["signature"]
-    now = json.loads(json.dumps(signature, default=str))
-    differences = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items() if saved.get(k) != v]
-    if differences:
-        return "it belongs to a different run (" + "; ".join(differences) + ")"
-    if int(meta["step"]) >= total_steps:
-        return f"that run already finished (step {meta['step']} of {total_steps}); raise max_steps/epochs to go on"
-    return None
-
-
-def _restore(checkpoint: Path, sd: SDComponents, optimizer, scheduler) -> int:
-    from safetensors.torch import load_file
-
-    load_lora_state(sd, load_file(str(checkpoint / "lora.safetensors")), f"checkpoint {checkpoint}")
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
 
 
 @torch.no_grad()
