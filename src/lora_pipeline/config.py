@@ -216,6 +216,50 @@ class MergeParams(_Strict):
     precision: Literal["fp16", "fp32"] = "fp16"
 
 
+class LLMDataParams(_Strict):
+    tokenizer: str = Field(..., description="the base model's folder or hub id (for token counts and templates)")
+    allow_download: bool = False
+    template: str | None = Field(None, description="None: the tokenizer's chat template, else the default one")
+    max_length: int = Field(512, ge=16, le=131072, description="tokens per sample (prompt + response)")
+    overlong: Literal["truncate", "reject"] = "truncate"
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = Field(42, ge=0)
+
+
+class LLMTrainingParams(_Strict):
+    base_model: str
+    allow_download: bool = False
+    output_name: str = Field("llm_lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    lora_rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0, le=4096)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    batch_size: int = Field(4, ge=1, le=1024)
+    epochs: int = Field(3, ge=1, le=10000)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    lr_warmup_steps: int = Field(0, ge=0)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    seed: int = Field(42, ge=0, lt=2**31)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    quantize_4bit: bool = Field(False, description="QLoRA: 4-bit base weights (needs bitsandbytes + CUDA)")
+    save_steps: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(3, ge=1)
+    checkpoint_dir: str = "data/06_models/checkpoints"
+    resume: str = "none"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class LLMEvalParams(_Strict):
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    max_prompts: int = Field(20, ge=1)
+    json_schema: dict[str, Any] | None = Field(None, description="JSON Schema for response_format: json")
+    json_prompts: list[str] = Field(default_factory=list, description="prompts for the JSON-validity figure")
+
+
 SCHEMAS: dict[str, type[_Strict]] = {
     "captioning": CaptioningParams,
     "normalization": NormalizationParams,
@@ -224,6 +268,9 @@ SCHEMAS: dict[str, type[_Strict]] = {
     "generation": GenerationParams,
     "evaluation": EvaluationParams,
     "merge": MergeParams,
+    "llm_data": LLMDataParams,
+    "llm_training": LLMTrainingParams,
+    "llm_eval": LLMEvalParams,
 }
 
 P = TypeVar("P", bound=BaseModel)

@@ -135,6 +135,41 @@ def build_demo_holdout(folder: str | Path) -> None:
         draw_scene(color, shape, SIZES[index], seed=500 + index).save(folder / f"holdout_{color}_{shape}.png")
 
 
+SYMPTOMS = [
+    ("头痛三天，伴有恶心", "初步考虑偏头痛。建议休息、补充水分，如加重请及时就医。"),
+    ("发烧两天，咳嗽", "可能是上呼吸道感染。多喝水、注意休息，体温超过39度请就医。"),
+    ("跑步后膝盖疼", "可能是运动劳损。冰敷、休息一周，避免剧烈运动。"),
+    ("a mild fever and a cough for two days", "Likely a viral infection. Rest, fluids, and see a doctor if it lasts."),
+    ("my knee hurts after running", "Likely overuse. Ice it, rest for a week, and avoid running for now."),
+    ("a headache for three days with nausea", "Possibly a migraine. Rest, drink water, and seek care if it worsens."),
+]
+
+
+def write_demo_llm_data(path: str | Path) -> None:
+    """Prompt/response pairs (two formats), with a BOM, a blank line, a duplicate and one malformed line."""
+    import json
+
+    path = Path(path)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for round_ in range(6):
+        for index, (symptom, advice) in enumerate(SYMPTOMS):
+            prompt = f"患者：{symptom}（第{round_ + 1}次问诊）" if index < 3 else f"Patient {round_ + 1}: {symptom}."
+            if (round_ + index) % 4 == 0:
+                record = {"messages": [{"role": "system", "content": "You are a careful clinic assistant."},
+                                       {"role": "user", "content": prompt},
+                                       {"role": "assistant", "content": advice}]}
+            else:
+                record = {"prompt": prompt, "response": advice}
+            lines.append(json.dumps(record, ensure_ascii=False))
+    lines.insert(5, lines[3])  # an exact duplicate
+    lines.insert(9, "")  # a blank line
+    lines.insert(12, '{"prompt": "患者：咳嗽", "response": "多喝水",}')  # trailing comma: invalid JSON
+    path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode("utf-8"))
+
+
 def build_demo(root: str | Path = ".", force: bool = False) -> None:
     root = Path(root)
     build_all(root / "data" / "06_models")
@@ -142,6 +177,7 @@ def build_demo(root: str | Path = ".", force: bool = False) -> None:
     write_demo_review(root / "data" / "01_raw" / "reviewed_captions.csv")
     write_demo_prompts(root / "data" / "01_raw" / "prompts.yml")
     build_demo_holdout(root / "data" / "01_raw" / "holdout")
+    write_demo_llm_data(root / "data" / "01_raw" / "llm" / "conversations.jsonl")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from kedro.pipeline import Pipeline
 
 from lora_pipeline.pipelines import (
-    captioning, evaluation, export, generation, merge, normalization, training,
+    captioning, evaluation, export, generation, llm_data, llm_eval, llm_export, llm_training, merge, normalization,
+    training,
 )
 
 
@@ -18,8 +19,17 @@ def register_pipelines() -> dict[str, Pipeline]:
         "evaluation": evaluation.create_pipeline(),
         "generation": generation.create_pipeline(),
         "merge": merge.create_pipeline(),
+        "llm_data": llm_data.create_pipeline(),
+        "llm_training": llm_training.create_pipeline(),
+        "llm_export": llm_export.create_pipeline(),
+        "llm_eval": llm_eval.create_pipeline(),
+        "llm_merge": llm_export.create_merge_pipeline(),
     }
+    image = ("captioning", "normalization", "training", "export", "evaluation", "generation")
+    llm = ("llm_data", "llm_training", "llm_export", "llm_eval")
     pipelines["data"] = pipelines["captioning"] + pipelines["normalization"]
-    # merge writes a multi-GB model for real bases: run it on purpose (kedro run --pipelines merge).
-    pipelines["__default__"] = sum((p for n, p in pipelines.items() if n not in ("data", "merge")), Pipeline([]))
+    pipelines["image"] = sum((pipelines[n] for n in image), Pipeline([]))
+    pipelines["llm"] = sum((pipelines[n] for n in llm), Pipeline([]))
+    # The merges write full-size models (GBs for real bases): run them on purpose, e.g. --pipelines merge.
+    pipelines["__default__"] = pipelines["image"]
     return pipelines

@@ -1,11 +1,12 @@
 """Custom Kedro datasets, only where kedro-datasets has none that fits."""
 
 from lora_pipeline.datasets.cache import CacheDataset
+from lora_pipeline.datasets.files import PretrainedFolderDataset, RawFileDataset
 from lora_pipeline.datasets.image_folder import ImageFolder, ImageFolderDataset
 from lora_pipeline.datasets.lora_weights import DiffusersLoraDataset, LoraWeightsDataset
 from lora_pipeline.datasets.reviewed_captions import ReviewedCaptionsDataset
 
 __all__ = [
     "CacheDataset", "DiffusersLoraDataset", "ImageFolder", "ImageFolderDataset", "LoraWeightsDataset",
-    "ReviewedCaptionsDataset",
+    "PretrainedFolderDataset", "RawFileDataset", "ReviewedCaptionsDataset",
 ]

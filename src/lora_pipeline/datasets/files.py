@@ -1,0 +1,66 @@
+"""Small path-level datasets: a raw input file handed to a node as a path, and a save_pretrained folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
+
+from lora_pipeline.errors import DataError
+
+
+class RawFileDataset(AbstractDataset[None, Path]):
+    """Load: the path of a user-provided file (checked to exist). Never written by the pipeline."""
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def load(self) -> Path:
+        if not self._filepath.is_file():
+            raise DataError(f"Input file {self._filepath} not found. Put your data there (see the README) or point "
+                            f"the catalog entry at your file.")
+        return self._filepath
+
+    def save(self, data: None) -> None:
+        raise DatasetError(f"{self._filepath} is raw input; the pipeline never writes it.")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+
+class PretrainedFolderDataset(AbstractVersionedDataset[Any, Path]):
+    """Save: anything with ``save_pretrained`` (a PeftModel, a model, a tokenizer pair), atomically.
+
+    Save also accepts ``(model, tokenizer)``. Load returns the folder, which ``from_pretrained`` takes.
+    """
+
+    def __init__(self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None):
+        super().__init__(filepath=PurePosixPath(filepath), version=version)
+        self.metadata = metadata
+
+    def load(self) -> Path:
+        return Path(self._get_load_path())
+
+    def save(self, data: Any) -> None:
+        target = Path(self._get_save_path())
+        tmp = target.with_name(f".{target.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        for part in data if isinstance(data, tuple) else (data,):
+            part.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(target)
+
+    def _exists(self) -> bool:
+        try:
+            return Path(self._get_load_path()).exists()
+        except Exception:  # noqa: BLE001 - no version saved yet
+            return False
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "version": self._version}

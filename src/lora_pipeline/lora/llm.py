@@ -1,0 +1,248 @@
+"""LoRA fine-tuning of causal LMs (PEFT): loss on response tokens only, per-epoch eval, exact resume.
+
+Plain Python, no Kedro. Determinism follows the image trainer: every micro-step seeds its own RNG from
+``(seed, micro_step)``, so a resumed run needs only weights, optimizer, scheduler and step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from lora_pipeline.config import LLMTrainingParams
+from lora_pipeline.lora.checkpoints import (
+    ResumeError, find_resume_checkpoint, load_checkpoint, resume_problem, save_checkpoint,
+)
+from lora_pipeline.lora.llm_data import pad_batch
+from lora_pipeline.lora.models import load_pretrained
+from lora_pipeline.lora.training import NonFiniteLossError, peak_memory_mb
+
+logger = logging.getLogger(__name__)
+
+
+def load_causal_lm(name: str, allow_download: bool = False, quantize_4bit: bool = False):
+    """Model + tokenizer through the one loader; 4-bit (QLoRA) only where bitsandbytes and CUDA exist."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = load_pretrained(AutoTokenizer, name, allow_download)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # Llama-2 tokenizers ship without a pad token
+    kwargs: dict[str, Any] = {}
+    if quantize_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+
+            if torch.cuda.is_available():
+                kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        except ImportError:
+            pass
+        if not kwargs:
+            logger.warning("quantize_4bit needs bitsandbytes and CUDA; loading the base model unquantized")
+    return load_pretrained(AutoModelForCausalLM, name, allow_download, **kwargs), tokenizer
+
+
+def lora_config_for(params: LLMTrainingParams):
+    from peft import LoraConfig
+
+    return LoraConfig(r=params.lora_rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
+                      target_modules=params.target_modules, task_type="CAUSAL_LM")
+
+
+def with_adapter(model, params: LLMTrainingParams, state: dict[str, torch.Tensor] | None = None):
+    """Wrap ``model`` in a PeftModel with this run's LoRA config, optionally loading adapter weights."""
+    from peft import get_peft_model
+    from peft.utils import set_peft_model_state_dict
+
+    torch.manual_seed(params.seed)  # lora_A's initial values come from the global RNG
+    peft_model = get_peft_model(model, lora_config_for(params))
+    if state is not None:
+        result = set_peft_model_state_dict(peft_model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter keys do not match this model, e.g. {result.unexpected_keys[0]}")
+    return peft_model
+
+
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+@torch.no_grad()
+def eval_loss(model, items: Sequence[dict[str, list[int]]], pad_id: int, batch_size: int = 8) -> float:
+    """Mean loss per response token over ``items`` (prompt and padding masked)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(items[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                 shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total += float(loss)
+        tokens += int((shift_labels != -100).sum())
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+@dataclass
+class LLMTrainResult:
+    adapter: dict[str, torch.Tensor]
+    losses: list[float]
+    eval_losses: list[float]
+    steps: int
+    tokens_per_second: float
+    peak_memory_mb: float
+    resumed_from: str | None
+
+
+def train_causal_lm(
+    model, tokenizer, train_items: Sequence[dict[str, list[int]]], val_items: Sequence[dict[str, list[int]]],
+    params: LLMTrainingParams, *, dataset_hash: str,
+    on_metrics: Callable[[dict[str, float], int], None] | None = None,
+    step_callback: Callable[[int, Any], None] | None = None,
+) -> LLMTrainResult:
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    if not train_items:
+        raise ValueError("No training samples. Run `kedro run --pipelines llm_data` and check its report.")
+    cpu = params.device == "cpu" or (params.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=params.mixed_precision, cpu=cpu,
+                              gradient_accumulation_steps=params.gradient_accumulation_steps)
+    if params.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = with_adapter(model, params)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.learning_rate)
+    per_epoch = max(1, math.ceil(len(train_items) / params.batch_size) // params.gradient_accumulation_steps)
+    total_steps = params.max_steps or params.epochs * per_epoch
+    scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps,
+                              num_training_steps=total_steps)
+    signature = {"base_model": params.base_model, "dataset": dataset_hash,
+                 **params.model_dump(include={"lora_rank", "alpha", "dropout", "target_modules", "batch_size",
+                                              "learning_rate", "lr_scheduler", "lr_warmup_steps", "seed",
+                                              "gradient_accumulation_steps"})}
+    folder = Path(params.checkpoint_dir) / params.output_name
+    start, resumed_from = 0, None
+    checkpoint = find_resume_checkpoint(params.resume, folder)
+    if checkpoint is not None:
+        problem = resume_problem(checkpoint, signature, total_steps)
+        if problem and params.resume == "auto":
+            logger.warning("Not resuming from %s: %s. Starting a new run (resume: auto).", checkpoint, problem)
+            checkpoint = None
+        elif problem:
+            raise ResumeError(f"Cannot resume from {checkpoint}: {problem}.")
+    if checkpoint is not None:
+        state, start = load_checkpoint(checkpoint, optimizer, scheduler)
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+        resumed_from = str(checkpoint)
+        logger.info("Resuming from %s at step %d of %d", checkpoint, start, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    device = accelerator.device
+    pad_id = tokenizer.pad_token_id
+    losses, eval_losses = [], []
+    tokens_seen, started = 0, time.perf_counter()
+    model.train()
+    bar = tqdm(total=total_steps, initial=start, desc=f"training {params.output_name}", unit="step",
+               disable=not accelerator.is_local_main_process)
+    micro_per_epoch = math.ceil(len(train_items) / params.batch_size)
+    for step in range(start, total_steps):
+        step_loss = 0.0
+        for accum in range(params.gradient_accumulation_steps):
+            micro = step * params.gradient_accumulation_steps + accum
+            epoch, index = divmod(micro, micro_per_epoch)
+            order = list(range(len(train_items)))
+            random.Random(params.seed * 1_000_003 + epoch).shuffle(order)
+            chosen = order[index * params.batch_size:(index + 1) * params.batch_size]
+            torch.manual_seed(params.seed * 7_919 + micro)  # LoRA dropout
+            batch = {k: v.to(device) for k, v in pad_batch([train_items[i] for i in chosen], pad_id).items()}
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"Loss became {loss.item()} at step {step}. Training stopped; the last good checkpoint in "
+                        f"{folder} is kept. Try mixed_precision: bf16, a lower learning_rate, then resume: latest.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and params.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach().float().item() / params.gradient_accumulation_steps
+            tokens_seen += int(batch["attention_mask"].sum())
+        losses.append(step_loss)
+        done = step + 1
+        rate = tokens_seen / (time.perf_counter() - started)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:.0f}")
+        metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_second": rate}
+        if val_items and (done % per_epoch == 0 or done == total_steps):
+            eval_losses.append(eval_loss(accelerator.unwrap_model(model), val_items, pad_id))
+            metrics.update(eval_loss=eval_losses[-1], eval_perplexity=math.exp(min(eval_losses[-1], 50)))
+        if on_metrics:
+            on_metrics(metrics, done)
+        if params.save_steps and done % params.save_steps == 0 and done < total_steps and accelerator.is_main_process:
+            save_checkpoint(folder, done, adapter_state(accelerator.unwrap_model(model)), optimizer, scheduler,
+                            signature, params.keep_checkpoints)
+        if step_callback:
+            step_callback(done, accelerator.unwrap_model(model))
+    bar.close()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        save_checkpoint(folder, total_steps, adapter_state(unwrapped), optimizer, scheduler, signature,
+                        params.keep_checkpoints)
+    elapsed = time.perf_counter() - started
+    return LLMTrainResult(adapter_state(unwrapped), losses, eval_losses, total_steps,
+                          tokens_seen / elapsed if elapsed else 0.0, peak_memory_mb(device), resumed_from)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                     constraint=None) -> list[str]:
+    """Greedy answers to chat prompts (the tokenizer's template), optionally JSON-constrained."""
+    device = next(model.parameters()).device
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=False)
+        else:
+            from lora_pipeline.lora.llm_data import DEFAULT_TEMPLATE
+
+            text = DEFAULT_TEMPLATE.format(system="", prompt=prompt)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        extra = constraint.generate_kwargs() if constraint is not None else {}
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, **extra)
+        answers.append(tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1 on whitespace tokens (characters for CJK text without spaces)."""
+    def tokens(text: str) -> list[str]:
+        parts = text.split()
+        return parts if len(parts) > 1 else list(text.replace(" ", ""))
+    pred, ref = tokens(prediction), tokens(reference)
+    common = sum(min(pred.count(t), ref.count(t)) for t in set(pred))
+    if not pred or not ref or not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)

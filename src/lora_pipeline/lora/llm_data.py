@@ -1,0 +1,166 @@
+"""LLM training data: JSONL validation with line numbers, cleaning, split, chat formatting, loss masks.
+
+Two input shapes per line: ``{"prompt": ..., "response": ..., "system"?: ...}`` or
+``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``. The training target is the
+final assistant turn; everything before it is prompt (masked out of the loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+IGNORE_INDEX = -100
+DEFAULT_TEMPLATE = "{system}### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+@dataclass(frozen=True)
+class Conversation:
+    line: int
+    messages: tuple[tuple[str, str], ...]  # (role, content); the last one is the assistant's answer
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages[:-1]]
+
+    @property
+    def response(self) -> str:
+        return self.messages[-1][1]
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.messages, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Reject:
+    line: int
+    reason: str
+
+
+def parse_record(record: Any, line: int) -> Conversation:
+    """One JSON value -> a Conversation, or ValueError naming what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list of {role, content}")
+        turns = []
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+                raise ValueError(f"messages[{index}] needs 'role' and 'content'")
+            if message["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"messages[{index}].role {message['role']!r} is not system, user or assistant")
+            if not isinstance(message["content"], str) or not message["content"].strip():
+                raise ValueError(f"messages[{index}].content is empty")
+            turns.append((message["role"], message["content"]))
+        if turns[-1][0] != "assistant":
+            raise ValueError("the last message must be the assistant's answer (the training target)")
+        if not any(role == "user" for role, _ in turns):
+            raise ValueError("no user message")
+        return Conversation(line, tuple(turns))
+    missing = [key for key in ("prompt", "response") if key not in record]
+    if missing:
+        raise ValueError(f"missing key(s) {', '.join(missing)}; each line needs 'prompt' and 'response' "
+                         f"(or 'messages')")
+    for key in ("prompt", "response"):
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise ValueError(f"'{key}' is empty")
+    turns = []
+    if isinstance(record.get("system"), str) and record["system"].strip():
+        turns.append(("system", record["system"]))
+    turns += [("user", record["prompt"]), ("assistant", record["response"])]
+    return Conversation(line, tuple(turns))
+
+
+def read_jsonl(path: str | Path) -> tuple[list[Conversation], list[Reject]]:
+    """Read every line; bad lines become rejects with their line number, good ones still load.
+
+    A UTF-8 BOM is accepted, blank lines are skipped; invalid UTF-8, invalid JSON (a trailing comma, say)
+    and missing or empty fields are rejected.
+    """
+    path = Path(path)
+    good, bad = [], []
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        if not line_bytes.strip():
+            continue
+        try:
+            text = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad.append(Reject(number, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+            continue
+        try:
+            good.append(parse_record(json.loads(text), number))
+        except json.JSONDecodeError as exc:
+            bad.append(Reject(number, f"invalid JSON: {exc.msg} at column {exc.colno}"))
+        except ValueError as exc:
+            bad.append(Reject(number, str(exc)))
+    return good, bad
+
+
+def render_prompt(tokenizer, conversation: Conversation, template: str | None) -> str:
+    """The prompt text up to where the answer starts: the tokenizer's chat template, else ``template``."""
+    if template is None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(conversation.prompt_messages, add_generation_prompt=True,
+                                             tokenize=False)
+    system = "".join(c + "\n\n" for r, c in conversation.messages[:-1] if r == "system")
+    user = "\n\n".join(c for r, c in conversation.messages[:-1] if r != "system")
+    return (template or DEFAULT_TEMPLATE).format(system=system, prompt=user)
+
+
+def tokenize(tokenizer, conversation: Conversation, template: str | None, max_length: int, overlong: str
+             ) -> dict[str, list[int]] | None:
+    """input_ids + labels (prompt tokens = -100) + attention mask. Returns None for a reject-able overlong one."""
+    prompt_ids = tokenizer(render_prompt(tokenizer, conversation, template), add_special_tokens=False).input_ids
+    if tokenizer.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    answer_ids = tokenizer(conversation.response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    if len(prompt_ids) + len(answer_ids) > max_length:
+        if overlong == "reject":
+            return None
+        # Keep the start of the answer: drop the oldest prompt tokens first, then cut the answer's end.
+        keep_prompt = max(min(len(prompt_ids), max_length // 2), max_length - len(answer_ids))
+        prompt_ids = prompt_ids[-keep_prompt:]
+        answer_ids = answer_ids[: max_length - len(prompt_ids)]
+    ids = prompt_ids + answer_ids
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+            "attention_mask": [1] * len(ids)}
+
+
+def dedupe(conversations: Sequence[Conversation]) -> tuple[list[Conversation], list[Reject]]:
+    seen: dict[str, int] = {}
+    kept, dropped = [], []
+    for conv in conversations:
+        key = conv.key()
+        if key in seen:
+            dropped.append(Reject(conv.line, f"duplicate of line {seen[key]}"))
+        else:
+            seen[key] = conv.line
+            kept.append(conv)
+    return kept, dropped
+
+
+def split(conversations: Sequence[Conversation], validation_fraction: float, seed: int
+          ) -> tuple[list[Conversation], list[Conversation]]:
+    order = list(conversations)
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(order) * validation_fraction)) if len(order) > 1 and validation_fraction > 0 else 0
+    return sorted(order[n_val:], key=lambda c: c.line), sorted(order[:n_val], key=lambda c: c.line)
+
+
+def pad_batch(items: Sequence[dict[str, list[int]]], pad_id: int):
+    """Right-pad a batch; padding gets attention 0 and label -100."""
+    import torch
+
+    width = max(len(item["input_ids"]) for item in items)
+    def pad(key, value):
+        return torch.tensor([item[key] + [value] * (width - len(item[key])) for item in items])
+    return {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", IGNORE_INDEX),
+            "attention_mask": pad("attention_mask", 0)}

@@ -1,0 +1,59 @@
+"""llm_data node: a thin adapter over ``lora_pipeline.lora.llm_data``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from transformers import AutoTokenizer
+
+from lora_pipeline.config import LLMDataParams, parse_params
+from lora_pipeline.errors import DataError
+from lora_pipeline.lora.llm_data import Conversation, Reject, dedupe, read_jsonl, split, tokenize
+from lora_pipeline.lora.models import load_pretrained
+from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def _as_records(conversations: list[Conversation]) -> list[dict[str, Any]]:
+    return [{"line": c.line, "messages": [{"role": r, "content": t} for r, t in c.messages]} for c in conversations]
+
+
+def prepare_llm_data(path: Path, params: dict[str, Any]):
+    """Validate every line (bad ones become report rows with their line number), dedupe, token-check, split."""
+    p = parse_params(LLMDataParams, params, "llm_data")
+    tokenizer = load_pretrained(AutoTokenizer, p.tokenizer, p.allow_download)
+    good, rejects = read_jsonl(path)
+    good, duplicates = dedupe(good)
+    rejects += duplicates
+    kept, lengths = [], {}
+    for conv in good:
+        item = tokenize(tokenizer, conv, p.template, p.max_length, p.overlong)
+        if item is None:
+            rejects.append(Reject(conv.line, f"longer than max_length={p.max_length} tokens "
+                                             f"(set overlong: truncate to keep it)"))
+            continue
+        lengths[conv.line] = len(item["input_ids"])
+        kept.append(conv)
+    if not kept:
+        raise DataError(f"No usable samples in {path} ({len(rejects)} rejected). See "
+                        f"data/08_reporting/llm_data_report.csv for each line's reason.")
+    train, validation = split(kept, p.validation_fraction, p.seed)
+    val_lines = {c.line for c in validation}
+    rows = [{"line": c.line, "status": "validation" if c.line in val_lines else "train", "reason": "",
+             "tokens": lengths[c.line]} for c in kept]
+    rows += [{"line": r.line, "status": "rejected", "reason": r.reason, "tokens": 0} for r in rejects]
+    report = pd.DataFrame(rows).sort_values("line").reset_index(drop=True)
+    for r in rejects:
+        logger.warning("%s, line %d: %s", path, r.line, r.reason)
+    token_counts = pd.Series(list(lengths.values()))
+    metrics = {"samples_in": len(kept) + len(rejects), "train": len(train), "validation": len(validation),
+               "rejected": len(rejects), "tokens_mean": float(token_counts.mean()),
+               "tokens_max": float(token_counts.max())}
+    logger.info("LLM data: %d train, %d validation, %d rejected; tokens mean %.0f, max %.0f", len(train),
+                len(validation), len(rejects), metrics["tokens_mean"], metrics["tokens_max"])
+    return _as_records(train), _as_records(validation), report, as_mlflow_metrics(metrics)
+

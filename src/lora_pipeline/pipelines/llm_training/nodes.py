@@ -1,0 +1,67 @@
+"""llm_training node: a thin adapter over ``lora_pipeline.lora.llm``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import mlflow
+
+from lora_pipeline.config import LLMDataParams, LLMTrainingParams, parse_params
+from lora_pipeline.lora.llm import load_causal_lm, train_causal_lm
+from lora_pipeline.lora.llm_data import parse_record, tokenize
+
+logger = logging.getLogger(__name__)
+
+
+def tokenized(records: list[dict[str, Any]], tokenizer, data: LLMDataParams) -> list[dict[str, list[int]]]:
+    items = []
+    for record in records:
+        item = tokenize(tokenizer, parse_record(record, record["line"]), data.template, data.max_length, "truncate")
+        items.append(item)
+    return items
+
+
+def records_hash(records: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(records, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def _log(metrics: dict[str, float], step: int) -> None:
+    if mlflow.active_run():
+        mlflow.log_metrics({f"llm.{k}": v for k, v in metrics.items()}, step=step)
+
+
+def train_llm_lora(train: list[dict[str, Any]], validation: list[dict[str, Any]], data_params: dict[str, Any],
+                   params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fine-tune; returns the adapter weights and a summary (LoRA config, losses, tokens/s)."""
+    data = parse_params(LLMDataParams, data_params, "llm_data")
+    p = parse_params(LLMTrainingParams, params, "llm_training")
+    model, tokenizer = load_causal_lm(p.base_model, p.allow_download, p.quantize_4bit)
+    train_items, val_items = tokenized(train, tokenizer, data), tokenized(validation, tokenizer, data)
+    data_hash = records_hash(train + validation)
+    if mlflow.active_run():
+        mlflow.log_params({"llm.dataset_hash": data_hash, "llm.train_samples": len(train_items)})
+    base_eval = None
+    if val_items:
+        from lora_pipeline.lora.llm import eval_loss
+
+        base_eval = eval_loss(model, val_items, tokenizer.pad_token_id)
+    result = train_causal_lm(model, tokenizer, train_items, val_items, p, dataset_hash=data_hash, on_metrics=_log)
+    summary = {
+        **p.model_dump(include={"base_model", "output_name", "lora_rank", "alpha", "dropout", "target_modules",
+                                "learning_rate", "seed"}),
+        "steps": result.steps, "train_samples": len(train_items), "validation_samples": len(val_items),
+        "dataset_hash": data_hash, "eval_loss_base": base_eval, "eval_losses": result.eval_losses,
+        "first_loss": result.losses[0], "final_loss": result.losses[-1],
+        "tokens_per_second": result.tokens_per_second, "peak_memory_mb": result.peak_memory_mb,
+        "resumed_from": result.resumed_from,
+    }
+    if mlflow.active_run():
+        mlflow.log_metrics({"llm.tokens_per_second_mean": result.tokens_per_second,
+                            "llm.peak_memory_mb": result.peak_memory_mb})
+        mlflow.log_dict(summary, "llm_training_summary.json")
+    logger.info("LLM LoRA: eval loss %s -> %s, %.0f tokens/s", base_eval,
+                result.eval_losses[-1] if result.eval_losses else None, result.tokens_per_second)
+    return {"state": result.adapter, "metadata": {"format": "peft"}}, summary
