@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from kedro.framework.startup import bootstrap_project
 
-from lora_pipeline.demo import build_demo_holdout, write_demo_prompts, write_demo_review
+from lora_pipeline.demo import build_demo_holdout, write_demo_llm_data, write_demo_prompts, write_demo_review
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +27,7 @@ def project(tmp_path, tiny_models, _demo_images_template, monkeypatch) -> Path:
     write_demo_review(root / "data" / "01_raw" / "reviewed_captions.csv")
     write_demo_prompts(root / "data" / "01_raw" / "prompts.yml")
     build_demo_holdout(root / "data" / "01_raw" / "holdout")
+    write_demo_llm_data(root / "data" / "01_raw" / "llm" / "conversations.jsonl")
     monkeypatch.chdir(root)  # the sqlite tracking URI and model paths are project-relative
     bootstrap_project(root)
     return root
