@@ -24,7 +24,7 @@ demo: setup
 	$(KEDRO) run --env demo --pipelines llm
 	@echo
 	@echo "Normalized dataset:   data/03_primary/dataset/ (metadata.csv + images)"
-	@echo "Data-quality report:  data/08_reporting/quality_report.csv"
+	@echo "Data-quality report:  $$(ls -td data/08_reporting/quality_report.csv/*/quality_report.csv | head -1)"
 	@echo "LoRA for WebUI/ComfyUI: $$(ls -t data/07_model_output/demo_lora.safetensors/*/demo_lora.safetensors | head -1)"
 	@echo "LoRA for diffusers:     $$(ls -td data/07_model_output/demo_lora_diffusers/*/demo_lora_diffusers | head -1)"
 	@echo "LLM adapter (PEFT):     $$(ls -td data/07_model_output/demo_llm_lora_adapter/*/demo_llm_lora_adapter | head -1)"

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny offline models (built once per session) and fresh demo image folders."""
+"""Shared fixtures: tiny offline models, demo image folders, a two-bucket dataset, a trained tiny LoRA."""
 
 from __future__ import annotations
 
@@ -12,8 +12,17 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from train_helpers import make_params, model_outputs  # noqa: E402
+
 from lora_pipeline.demo import build_demo_images  # noqa: E402
+from lora_pipeline.lora.cache import DiskCache  # noqa: E402
+from lora_pipeline.lora.files import sha256_file  # noqa: E402
+from lora_pipeline.lora.sd import load_sd  # noqa: E402
 from lora_pipeline.lora.tiny_models import build_all  # noqa: E402
+from lora_pipeline.lora.training import Example, train  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +43,55 @@ def demo_images(_demo_images_template, tmp_path) -> Path:
     target = tmp_path / "raw" / "images"
     shutil.copytree(_demo_images_template, target)
     return target
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Nothing in the suite may open a network connection: only loopback and local sockets are allowed."""
+    import socket
+
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and self.family in (socket.AF_INET, socket.AF_INET6) and host not in (
+                "127.0.0.1", "localhost", "::1"):
+            raise RuntimeError(f"test tried to open a network connection to {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    yield
+
+
+CAPTIONS = ["sks, red circle", "sks, blue square", "sks, green stripes", "sks, yellow circle"]
+
+
+@pytest.fixture(scope="session")
+def tiny_examples(tmp_path_factory) -> list[Example]:
+    folder = tmp_path_factory.mktemp("dataset")
+    rng = np.random.default_rng(0)
+    examples = []
+    for index in range(8):
+        size = (64, 64) if index < 6 else (96, 64)  # two aspect buckets
+        pixels = (rng.random((size[1], size[0], 3)) * 64 + index * 20).astype(np.uint8)
+        path = folder / f"img_{index}.png"
+        Image.fromarray(pixels).save(path)
+        examples.append(Example(path, CAPTIONS[index % 4], size[0], size[1], sha256_file(path)))
+    return examples
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_models, tiny_examples, tmp_path_factory):
+    """A LoRA trained on UNet and text encoder (alpha != rank), with its model and outputs."""
+    tmp = tmp_path_factory.mktemp("trained")
+    params = make_params(tiny_models, tmp, train_text_encoder=True, max_steps=8, text_encoder_lr=1e-3)
+    sd = load_sd(params.base_model)
+    result = train(sd, tiny_examples, params, DiskCache(tmp / "cache"), dataset_hash="d")
+    summary = {"lora_rank": 4, "alpha": 8.0, "dropout": 0.0, "unet_targets": params.unet_targets,
+               "text_encoder_targets": params.text_encoder_targets, "train_text_encoder": True,
+               "num_images": len(tiny_examples), "epochs": 2, "steps": 8, "learning_rate": 1e-3,
+               "text_encoder_lr": 1e-3, "resolution": [96, 64], "seed": 42, "trigger": "sks",
+               "tag_frequency": {"sks": 8}, "dataset_hash": "d", "started_at": "t0", "finished_at": "t1",
+               "base_model": params.base_model, "output_name": "test_lora"}
+    return {"sd": sd, "result": result, "params": params, "summary": summary, "outputs": model_outputs(sd),
+            "tmp": tmp}

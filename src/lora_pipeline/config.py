@@ -5,6 +5,7 @@ Unknown keys are errors (``extra="forbid"``): a typo such as ``lora_rnak`` must 
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -147,7 +148,8 @@ class TrainingParams(_Strict):
     keep_checkpoints: int = Field(3, ge=1)
     checkpoint_dir: str = "data/06_models/checkpoints"
     resume: str = Field("none", description="none | auto | latest | <checkpoint folder>")
-    init_lora: str | None = Field(None, description="kohya or diffusers LoRA file to start from")
+    init_lora: str | None = Field(None, description="kohya/diffusers LoRA file, or 'latest' (newest export)")
+    export_dir: str = Field("data/07_model_output", description="where init_lora: latest looks for exports")
     sample_prompts: list[str] = Field(default_factory=list)
     sample_every_steps: int = Field(0, ge=0, description="0 = samples only at the end")
     sample_inference_steps: int = Field(20, ge=1, le=200)
@@ -276,10 +278,25 @@ SCHEMAS: dict[str, type[_Strict]] = {
 P = TypeVar("P", bound=BaseModel)
 
 
-def _describe(error: Mapping[str, Any]) -> str:
+def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys at the level of an error location (nested models included)."""
+    model: Any = schema
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe(error: Mapping[str, Any], schema: type[BaseModel]) -> str:
     location = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
-        return f"{location}: unknown parameter (typo?)"
+        close = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(schema, error["loc"]), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{location}: unknown parameter{hint}"
     return f"{location}: {error['msg']} (got {error.get('input')!r})"
 
 
@@ -289,7 +306,7 @@ def parse_params(schema: type[P], raw: Mapping[str, Any] | None, group: str) -> 
         return schema.model_validate(dict(raw or {}))
     except ValidationError as exc:
         allowed = ", ".join(sorted(schema.model_fields))
-        problems = "\n".join(f"  - {group}.{_describe(err)}" for err in exc.errors())
+        problems = "\n".join(f"  - {group}.{_describe(err, schema)}" for err in exc.errors())
         raise ConfigError(
             f"Invalid parameters in conf/*/parameters_{group}.yml:\n{problems}\n"
             f"Known keys of '{group}': {allowed}. Fix the file (or your override in conf/local/) and re-run."

@@ -24,7 +24,8 @@ def test_captioning_then_normalization(project):
     run(project, "captioning")
     run(project, "normalization")
 
-    report = pd.read_csv(project / "data/08_reporting/quality_report.csv", keep_default_na=False)
+    [version] = sorted((project / "data/08_reporting/quality_report.csv").iterdir())
+    report = pd.read_csv(version / "quality_report.csv", keep_default_na=False)
     raw_names = sorted(p.name for p in (project / "data/01_raw/images").iterdir() if p.suffix != ".txt")
     assert sorted(report.file_name) == raw_names  # one row per input image
     rejected = report[report.status == "rejected"].set_index("file_name").reason_code.to_dict()
@@ -92,6 +93,7 @@ def test_bad_parameter_stops_before_any_node(project):
     with pytest.raises(ConfigError, match="normalization.min_sise: unknown parameter"):
         run(project, "normalization", runtime_params={"normalization": {"min_sise": 5}})
     assert not (project / "data/08_reporting/quality_report.csv").exists()
+    assert not (project / "data/03_primary/dataset").exists()
 
 
 def test_empty_raw_folder_is_a_clear_error(project):

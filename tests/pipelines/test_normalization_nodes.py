@@ -82,7 +82,8 @@ def test_build_training_metadata_normalizes_prompts_and_flags_captions(demo_imag
     captions.loc[captions.file_name == "blue_square_0.png", "sha256"] = "changed"
     captions = captions[captions.file_name != "palette.png"]
     params = {**PARAMS, "prompt": {"trigger": "sks", "front_keywords": ["simple background"], "keep_tokens": 2}}
-    metadata, report, info, metrics = nodes.build_training_metadata(checks, captions, params)
+    metadata, snapshot, report, info, metrics = nodes.build_training_metadata(checks, captions, params)
+    assert snapshot is metadata
     kept = checks[checks.status == "kept"]
     assert list(metadata.columns) == ["file_name", "text", "width", "height"]
     assert sorted(metadata.file_name) == sorted(kept.output_name)

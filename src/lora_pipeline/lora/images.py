@@ -40,11 +40,17 @@ def list_images(folder: str | os.PathLike) -> list[str]:
 
 
 def read_sidecar(image_path: str | os.PathLike) -> str | None:
-    """The kohya caption next to an image (``a.png`` -> ``a.txt``), or None."""
+    """The kohya caption next to an image (``a.png`` -> ``a.txt``), or None.
+
+    Raises ValueError for a file that is not UTF-8 (with a BOM it is fine), rather than guessing.
+    """
     sidecar = Path(image_path).with_suffix(".txt")
     if not sidecar.is_file():
         return None
-    return sidecar.read_text(encoding="utf-8", errors="replace").strip()
+    try:
+        return sidecar.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{sidecar} is not UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
 
 
 def decode(data: bytes) -> Image.Image:
@@ -145,8 +151,9 @@ def check_image(root: str | os.PathLike, file_name: str, min_size: int, want_pha
         with Image.open(io.BytesIO(data)) as probe:
             orig_width, orig_height = probe.size
         image = decode(data)
-    except (ValueError, UnidentifiedImageError, OSError) as exc:
-        reason = str(exc) if str(exc).startswith("corrupt") else f"corrupt or unreadable image ({exc})"
+    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        reason = str(exc) if str(exc).startswith("corrupt") else (
+            f"corrupt or unreadable image ({exc.__class__.__name__}: {exc})")
         return ImageCheck(file_name, digest, ok=False, reason_code="corrupt", reason=reason)
     width, height = image.size
     base = dict(orig_width=orig_width, orig_height=orig_height, width=width, height=height, mode=image.mode)

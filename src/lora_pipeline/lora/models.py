@@ -38,7 +38,8 @@ def resolve_model(name_or_path: str, allow_download: bool = False) -> str:
     if allow_download and _HUB_ID.match(name_or_path):
         return name_or_path
     hint = (
-        "set allow_download: true to fetch it from the Hugging Face hub"
+        "it looks like a Hugging Face hub id, which needs the network: set allow_download: true to fetch it "
+        "once, or give a local folder"
         if _HUB_ID.match(name_or_path)
         else "check the path (relative paths start at the project root)"
     )

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lora_pipeline.config import TrainingParams
-from lora_pipeline.errors import LoraPipelineError
+from lora_pipeline.errors import ConfigError, LoraPipelineError
 from lora_pipeline.lora.cache import DiskCache, settings_key
 from lora_pipeline.lora.checkpoints import (
     ResumeError, find_resume_checkpoint, list_checkpoints, load_checkpoint, resume_problem, save_checkpoint,
@@ -58,6 +58,7 @@ class TrainResult:
     peak_memory_mb: float
     samples: list[Any] = field(default_factory=list)
     resumed_from: str | None = None
+    latents_encoded: int = 0
 
 
 # ----------------------------------------------------------------------------- LoRA injection
@@ -263,6 +264,9 @@ def train(
 
     if not examples:
         raise LoraPipelineError("No training images. Run the normalization pipeline first.")
+    if params.batch_size > len(examples) * params.repeats:
+        raise ConfigError(f"training.batch_size ({params.batch_size}) is larger than the training set "
+                          f"({len(examples)} images x repeats {params.repeats}); lower batch_size or raise repeats.")
     cpu = params.device == "cpu" or (params.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=params.mixed_precision, cpu=cpu,
                               gradient_accumulation_steps=params.gradient_accumulation_steps)
@@ -277,7 +281,7 @@ def train(
         load_lora_state(sd, init_state, f"init_lora {params.init_lora}")
     signature = run_signature(params, base_id, dataset_hash)
 
-    latent_keys, _ = encode_latents(sd, examples, cache, device)
+    latent_keys, latents_encoded = encode_latents(sd, examples, cache, device)
     sd.vae.to("cpu")
     scaling = sd.vae.config.scaling_factor
     text_cache = None if params.train_text_encoder else TextEncoderCache(sd, cache, device)
@@ -431,7 +435,7 @@ def train(
         lora_state=lora_state_dict(sd), losses=losses, steps=total_steps,
         epochs_done=total_steps * params.gradient_accumulation_steps / batches_per_epoch,
         images_per_second=images_seen / elapsed if elapsed else 0.0, peak_memory_mb=peak_memory_mb(device),
-        samples=samples, resumed_from=resumed_from,
+        samples=samples, resumed_from=resumed_from, latents_encoded=latents_encoded,
     )
 
 

@@ -29,7 +29,11 @@ def scan_images(raw_images: ImageFolder) -> pd.DataFrame:
     """One row per raw image: ``file_name``, content ``sha256``, ``has_sidecar`` and the kohya ``sidecar`` text."""
 
     def row(name: str) -> tuple[str, str, bool, str]:
-        sidecar = read_sidecar(raw_images.path(name))
+        try:
+            sidecar = read_sidecar(raw_images.path(name))
+        except ValueError as exc:
+            logger.warning("Ignoring the sidecar caption of %s: %s", name, exc)
+            sidecar = None
         return name, sha256_file(raw_images.path(name)), sidecar is not None, sidecar or ""
 
     with ThreadPoolExecutor() as pool:

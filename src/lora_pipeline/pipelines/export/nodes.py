@@ -10,6 +10,7 @@ import mlflow
 
 from lora_pipeline.config import ExportParams, parse_params
 from lora_pipeline.lora.export import build_kohya_file, model_card, save_lora_file
+from lora_pipeline.pipelines.metrics import log_lineage_tags
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ def export_kohya(lora_weights: dict[str, Any], training_summary: dict[str, Any],
     title = training_summary["output_name"]
     state, metadata = build_kohya_file(lora_weights["state"], training_summary, p.precision, title,
                                        _base_name(training_summary, p))
+    metadata["lora_pipeline.training_run_id"] = training_summary.get("mlflow_run_id")
+    # `python -m lora_pipeline.lineage <file>` finds this run from the file's sshs_model_hash.
+    log_lineage_tags(**{"lora.sshs_model_hash": metadata["sshs_model_hash"], "lora.output_name": title,
+                        "lora.dataset_hash": training_summary["dataset_hash"]})
     if p.webui_lora_dir:
         target = Path(p.webui_lora_dir).expanduser() / f"{title}.safetensors"
         save_lora_file(target, state, metadata)

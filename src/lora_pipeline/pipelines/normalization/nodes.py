@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import PurePosixPath
 from typing import Any, Callable
 
+import mlflow
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -119,8 +120,8 @@ def render_images(
         summary = ", ".join(f"{count}x {reason}" for reason, count in reasons.most_common(3))
         raise DataError(
             f"All {len(quality_report)} images in {raw_images.root} were rejected ({summary}). "
-            f"See data/08_reporting/quality_report.csv for each file's reason; fix or replace the images, or "
-            f"adjust parameters_normalization.yml (e.g. min_size), and re-run."
+            f"See the newest data/08_reporting/quality_report.csv/<version>/ for each file's reason; fix or "
+            f"replace the images, or adjust parameters_normalization.yml (e.g. min_size), and re-run."
         )
     return {
         row.output_name: partial(_render, raw_images.root, row.file_name,
@@ -131,8 +132,9 @@ def render_images(
 
 def build_training_metadata(
     image_checks: pd.DataFrame, captions: pd.DataFrame, params: dict[str, Any]
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], dict[str, dict[str, float]]]:
-    """Normalize each kept image's prompt; return metadata.csv, the quality report, dataset info, metrics.
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any], dict[str, dict[str, float]]]:
+    """Normalize each kept image's prompt; return metadata.csv (twice: in the dataset folder and as a versioned
+    snapshot), the quality report, dataset info and metrics.
 
     Prompts: trigger word first, then ``front_keywords``, then the remaining tags, lower-cased, stripped and
     de-duplicated. A caption that is empty, stale (image changed since captioning) or missing is flagged
@@ -176,4 +178,6 @@ def build_training_metadata(
     }
     for code, count in Counter(code for code in report.reason_code if code).items():
         metrics[f"rejected_{code}"] = count
-    return metadata, report, info, as_mlflow_metrics(metrics)
+    if mlflow.active_run():
+        mlflow.log_text(report.to_csv(index=False), "quality_report.csv")
+    return metadata, metadata, report, info, as_mlflow_metrics(metrics)

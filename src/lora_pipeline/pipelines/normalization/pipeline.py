@@ -10,7 +10,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 build_training_metadata,
                 ["image_checks", "captions", "params:normalization"],
-                ["train_metadata", "quality_report", "dataset_info", "normalization_metrics"],
+                ["train_metadata", "train_metadata_snapshot", "quality_report", "dataset_info",
+                 "normalization_metrics"],
                 name="build_training_metadata",
             ),
             node(

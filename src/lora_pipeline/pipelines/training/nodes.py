@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,8 +17,10 @@ from lora_pipeline.errors import DataError
 from lora_pipeline.lora.cache import DiskCache
 from lora_pipeline.lora.export import load_lora_for_training
 from lora_pipeline.lora.files import sha256_file
+from lora_pipeline.lora.prompts import lora_index
 from lora_pipeline.lora.sd import load_sd
 from lora_pipeline.lora.training import Example, train
+from lora_pipeline.pipelines.metrics import log_lineage_tags
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,17 @@ def build_examples(images: ImageFolder, metadata: pd.DataFrame) -> list[Example]
                         f"{missing[0]}. Re-run the normalization pipeline.")
     return [Example(images.path(row.file_name), str(row.text), int(row.width), int(row.height),
                     sha256_file(images.path(row.file_name))) for row in metadata.itertuples()]
+
+
+def resolve_init_lora(p: TrainingParams) -> Path:
+    """``init_lora: latest`` -> the newest exported version of ``output_name``; else the path as given."""
+    if p.init_lora != "latest":
+        return Path(p.init_lora)
+    found = lora_index([p.export_dir]).get(p.output_name)
+    if found is None:
+        raise DataError(f"init_lora: latest, but {p.export_dir} has no export of '{p.output_name}' yet. Train and "
+                        f"export once (kedro run), or set init_lora: null.")
+    return found
 
 
 def dataset_hash(examples: list[Example]) -> str:
@@ -68,10 +82,14 @@ def train_lora(
     sd = load_sd(p.base_model, p.allow_download, p.single_file_config)
     init_state = None
     if p.init_lora:
+        init_path = resolve_init_lora(p)
         init_state = load_lora_for_training(
-            p.init_lora, [n for n, _ in sd.unet.named_modules()], [n for n, _ in sd.text_encoder.named_modules()],
+            init_path, [n for n, _ in sd.unet.named_modules()], [n for n, _ in sd.text_encoder.named_modules()],
             p.alpha, p.lora_rank)
-        logger.info("Starting from LoRA %s (%d tensors)", p.init_lora, len(init_state))
+        logger.info("Starting from LoRA %s (%d tensors)", init_path, len(init_state))
+        if mlflow.active_run():
+            mlflow.set_tag("lora.init_from", str(init_path))
+    log_lineage_tags(**{"lora.dataset_hash": data_hash})
     if mlflow.active_run():
         mlflow.log_params({"training.dataset_hash": data_hash, "training.num_images": len(examples)})
     keep_tokens = p.keep_tokens if p.keep_tokens is not None else int(dataset_info.get("keep_tokens", 0))
@@ -79,7 +97,9 @@ def train_lora(
                    init_state=init_state, on_metrics=_log_metrics, on_samples=_log_samples)
     if mlflow.active_run():
         mlflow.log_metrics({"train.final_loss": result.losses[-1], "train.peak_memory_mb": result.peak_memory_mb,
-                            "train.images_per_second_mean": result.images_per_second})
+                            "train.images_per_second_mean": result.images_per_second,
+                            "train.latents_encoded": result.latents_encoded,
+                            "train.latents_cached": len(examples) - result.latents_encoded})
     sizes = sorted({(ex.width, ex.height) for ex in examples}, key=lambda s: s[0] * s[1])
     summary = {
         **p.model_dump(include={"base_model", "lora_rank", "alpha", "dropout", "unet_targets", "train_text_encoder",
@@ -90,7 +110,7 @@ def train_lora(
         "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "final_loss": result.losses[-1], "first_loss": result.losses[0] if result.losses else None,
         "images_per_second": result.images_per_second, "peak_memory_mb": result.peak_memory_mb,
-        "resumed_from": result.resumed_from,
+        "resumed_from": result.resumed_from, "latents_encoded": result.latents_encoded,
         "mlflow_run_id": mlflow.active_run().info.run_id if mlflow.active_run() else None,
     }
     if mlflow.active_run():

@@ -1,0 +1,182 @@
+"""Faults and bad input: kill -9, a full disk, odd paths, broken files, non-reproducible outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lora_pipeline.config import TrainingParams
+from lora_pipeline.datasets.image_folder import ImageFolderDataset
+from lora_pipeline.errors import ConfigError, DataError, ModelNotFoundError
+from lora_pipeline.lora import files as files_module
+from lora_pipeline.lora.cache import DiskCache
+from lora_pipeline.lora.checkpoints import list_checkpoints
+from lora_pipeline.lora.export import build_kohya_file, load_lora_file, save_lora_file
+from lora_pipeline.lora.formats import tensor_hash
+from lora_pipeline.lora.sd import load_sd
+from lora_pipeline.lora.training import train
+from lora_pipeline.pipelines.captioning.nodes import scan_images
+from lora_pipeline.pipelines.normalization.nodes import build_training_metadata, inspect_images, render_images
+from lora_pipeline.pipelines.training.nodes import build_examples, resolve_init_lora
+from train_helpers import make_params
+
+KILL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from lora_pipeline.config import TrainingParams
+    from lora_pipeline.lora.cache import DiskCache
+    from lora_pipeline.lora.sd import load_sd
+    from lora_pipeline.lora.training import Example, train
+    args = json.loads(sys.argv[1])
+    params = TrainingParams(**args["params"])
+    examples = [Example(Path(e[0]), e[1], e[2], e[3], e[4]) for e in args["examples"]]
+    train(load_sd(params.base_model), examples, params, DiskCache(args["cache"]), dataset_hash="d")
+""")
+
+
+def _summary(params: TrainingParams) -> dict:
+    return {"lora_rank": params.lora_rank, "alpha": params.alpha, "dropout": 0.0, "unet_targets": params.unet_targets,
+            "text_encoder_targets": [], "train_text_encoder": False, "num_images": 8, "epochs": 1, "steps": 1,
+            "learning_rate": 1e-3, "text_encoder_lr": 1e-4, "resolution": [64, 64], "seed": 42,
+            "tag_frequency": {}, "dataset_hash": "d", "started_at": "now", "finished_at": "later"}
+
+
+def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_models, tiny_examples, tmp_path):
+    settings = dict(max_steps=40, save_steps=4, dropout=0.1)
+    params = make_params(tiny_models, tmp_path / "killed", **settings)
+    payload = {"params": params.model_dump(), "cache": str(tmp_path / "killed" / "cache"),
+               "examples": [[str(e.path), e.text, e.width, e.height, e.sha256] for e in tiny_examples]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    log = open(tmp_path / "child.log", "w+")  # a file, not a pipe: a full pipe would stall the child
+    child = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(payload)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=log)
+    folder = tmp_path / "killed" / "checkpoints" / "test_lora"
+    deadline = time.time() + 240
+    while not list_checkpoints(folder) and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.6))
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, f"training ended before the kill: {(tmp_path / 'child.log').read_text()[-2000:]}"
+    log.close()
+    assert list_checkpoints(folder)  # at least one intact checkpoint survived
+    resumed = train(load_sd(params.base_model), tiny_examples,
+                    make_params(tiny_models, tmp_path / "killed", resume="latest", **settings),
+                    DiskCache(tmp_path / "killed" / "cache"), dataset_hash="d")
+    assert resumed.resumed_from is not None
+    straight = train(load_sd(params.base_model), tiny_examples, make_params(tiny_models, tmp_path / "a", **settings),
+                     DiskCache(tmp_path / "a" / "cache"), dataset_hash="d")
+    for key, tensor in straight.lora_state.items():
+        assert torch.equal(tensor, resumed.lora_state[key]), key
+
+
+def test_full_disk_while_saving_keeps_the_earlier_file(tmp_path, monkeypatch):
+    target = tmp_path / "hero.safetensors"
+    save_lora_file(target, {"lora_unet_x.alpha": torch.tensor(1.0)}, {"v": "1"})
+    before = target.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files_module.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        save_lora_file(target, {"lora_unet_x.alpha": torch.tensor(2.0)}, {"v": "2"})
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hero.safetensors"]
+
+
+def test_identical_inputs_give_a_bitwise_identical_lora(tiny_models, tiny_examples, tmp_path):
+    hashes = []
+    for run in ("a", "b"):
+        params = make_params(tiny_models, tmp_path / run, max_steps=4, dropout=0.1, shuffle_tags=True)
+        result = train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / run / "cache"),
+                       dataset_hash="d")
+        state, metadata = build_kohya_file(result.lora_state, _summary(params), "fp16", "t", "tiny")
+        hashes.append((tensor_hash(state), metadata["sshs_model_hash"]))
+    assert hashes[0] == hashes[1]
+
+
+def test_odd_paths_spaces_and_chinese_names_work_end_to_end(tiny_models, tmp_path):
+    raw = tmp_path / "my photos 图片" / "原始 数据"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(["猫 的 照片.png", "dog photo (1).jpg", "画.webp", "mixed 名字 2.png"]):
+        size = (640, 512) if index % 2 else (512, 512)
+        Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(raw / name)
+    (raw / "猫 的 照片.txt").write_text("sks, 猫, cat", encoding="utf-8")
+    folder = ImageFolderDataset(str(raw)).load()
+    manifest = scan_images(folder)
+    assert manifest.set_index("file_name").loc["猫 的 照片.png"].sidecar == "sks, 猫, cat"
+    params = {"resolution": 64, "bucket_min": 64, "bucket_max": 128, "bucket_step": 32}
+    checks = inspect_images(folder, params)
+    assert (checks.status == "kept").all()
+    captions = manifest.assign(text="sks, photo")[["file_name", "sha256", "text"]]
+    metadata, *_ = build_training_metadata(checks, captions, params)
+    out = ImageFolderDataset(str(tmp_path / "输出 dataset"))
+    out.save(render_images(folder, checks, params))
+    examples = build_examples(out.load(), metadata)
+    training = make_params(tiny_models, tmp_path / "训练 run", max_steps=2, batch_size=1)
+    result = train(load_sd(training.base_model), examples, training, DiskCache(tmp_path / "缓存 cache"),
+                   dataset_hash="d")
+    state, metadata_header = build_kohya_file(result.lora_state, _summary(training), "fp16", "名字 lora", "tiny")
+    save_lora_file(tmp_path / "导出 out" / "名字 lora.safetensors", state, metadata_header)
+    assert load_lora_file(tmp_path / "导出 out" / "名字 lora.safetensors")[1]["ss_output_name"] == "名字 lora"
+
+
+def test_bad_image_files_become_report_rows(tmp_path, monkeypatch):
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(tmp_path / "good.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    whole = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 3])
+    Image.new("RGB", (700, 700), (9, 9, 9)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 700x700 = 490k > 2x the limit: a "bomb"
+    checks = inspect_images(ImageFolderDataset(str(tmp_path)).load(), {"min_size": 64}).set_index("file_name")
+    assert checks.loc["good.png"].status == "kept"
+    for name in ("empty.png", "truncated.png", "bomb.png"):
+        assert checks.loc[name].reason_code == "corrupt", name
+    assert "DecompressionBomb" in checks.loc["bomb.png"].reason
+
+
+def test_non_utf8_caption_and_non_image_folders(tmp_path, caplog):
+    Image.new("RGB", (600, 600)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("caf\xe9 latin-1".encode("latin-1"))
+    manifest = scan_images(ImageFolderDataset(str(tmp_path)).load())
+    assert not manifest.iloc[0].has_sidecar
+    assert "a.txt is not UTF-8" in caplog.text
+    only_text = tmp_path / "texts"
+    only_text.mkdir()
+    (only_text / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="holds no images"):
+        ImageFolderDataset(str(only_text)).load()
+
+
+def test_bad_training_settings_stop_early(tiny_models, tiny_examples, tmp_path):
+    with pytest.raises(ConfigError, match="lora_rank"):
+        from lora_pipeline.config import parse_params
+        parse_params(TrainingParams, {"base_model": "x", "lora_rank": -4}, "training")
+    with pytest.raises(ConfigError, match="batch_size \\(64\\) is larger than the training set"):
+        params = make_params(tiny_models, tmp_path, batch_size=64)
+        train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "c"), dataset_hash="d")
+    with pytest.raises(ModelNotFoundError, match="needs the network"):
+        load_sd("someone/some-sd-model")
+
+
+def test_init_lora_latest_resolves_the_newest_export(tmp_path):
+    for version in ("2026-01-01T00.00.00.000Z", "2026-03-01T00.00.00.000Z"):
+        folder = tmp_path / "hero.safetensors" / version
+        folder.mkdir(parents=True)
+        (folder / "hero.safetensors").write_bytes(b"x")
+    params = TrainingParams(base_model="x", output_name="hero", init_lora="latest", export_dir=str(tmp_path))
+    assert resolve_init_lora(params).parent.name == "2026-03-01T00.00.00.000Z"
+    with pytest.raises(DataError, match="no export of 'other'"):
+        resolve_init_lora(params.model_copy(update={"output_name": "other"}))
+
