@@ -46,7 +46,7 @@ def test_image_folder_save_writes_lazily_and_removes_stale_images(tmp_path):
     ImageFolderDataset(str(out)).save({"a.png": render, "sub/b.png": Image.new("RGB", (2, 2))})
     assert calls == [1]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "a.png", "metadata.csv", "sub/b.png"]
+        ".manifest.json", "a.png", "metadata.csv", "sub/b.png"]
     assert not [p for p in out.rglob("*.tmp")]
 
 
@@ -64,3 +64,23 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
             raise RuntimeError("killed")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["weights.bin"]
+
+
+def test_image_folder_skips_unchanged_keyed_renders(tmp_path):
+    calls = []
+
+    class Render:
+        def __init__(self, key):
+            self.cache_key = key
+
+        def __call__(self):
+            calls.append(self.cache_key)
+            return Image.new("RGB", (4, 4))
+
+    dataset = ImageFolderDataset(str(tmp_path / "out"))
+    dataset.save({"a.png": Render("k1"), "b.png": Render("k2")})
+    dataset.save({"a.png": Render("k1"), "b.png": Render("k2-changed"), "c.png": Render("k3")})
+    assert calls == ["k1", "k2", "k2-changed", "k3"]
+    (tmp_path / "out" / "a.png").unlink()
+    dataset.save({"a.png": Render("k1")})
+    assert calls[-1] == "k1" and not (tmp_path / "out" / "b.png").exists()

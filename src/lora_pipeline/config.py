@@ -144,6 +144,7 @@ class TrainingParams(_Strict):
     keep_tokens: int | None = Field(None, ge=0, description="None: the value normalization recorded")
     repeats: int = Field(1, ge=1, le=1000)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    cache_latents: bool = Field(True, description="encode each image once (disk cache) instead of every step")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
     keep_checkpoints: int = Field(3, ge=1)
     checkpoint_dir: str = "data/06_models/checkpoints"

@@ -7,6 +7,7 @@ per-file atomic writes, parallel encoding, and removal of stale outputs. Hence t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +19,13 @@ from kedro.io import AbstractDataset, DatasetError
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from lora_pipeline.lora.files import atomic_path
+from lora_pipeline.lora.files import atomic_path, atomic_write_text
 from lora_pipeline.lora.images import IMAGE_EXTENSIONS, list_images
 
 logger = logging.getLogger(__name__)
 
 ImageSource = Image.Image | Callable[[], Image.Image]
+MANIFEST = ".manifest.json"
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
 
     Saving writes each file atomically (temp file + rename), in ``workers`` threads (PIL releases the GIL
     while encoding), and deletes image files of an earlier run that are not in the new mapping.
-    Callables let a node hand over lazy work so the whole set is never held in memory.
+    Callables let a node hand over lazy work so the whole set is never held in memory. A callable with a
+    ``cache_key`` attribute is skipped when the file exists and ``.manifest.json`` records the same key, so
+    a re-run after adding images only renders the new ones.
     """
 
     def __init__(
@@ -67,8 +71,20 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
             if relative.is_absolute() or ".." in relative.parts:
                 raise DatasetError(f"Refusing to write '{name}' outside {self._path}")
 
-        def write(item: tuple[str, ImageSource]) -> None:
+        manifest_path = self._path / MANIFEST
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        manifest: dict[str, str] = {}
+
+        def write(item: tuple[str, ImageSource]) -> bool:
             name, source = item
+            key = getattr(source, "cache_key", None)
+            if key is not None:
+                manifest[name] = key
+                if previous.get(name) == key and (self._path / name).is_file():
+                    return False
             image = source() if callable(source) else source
             target = self._path / name
             with atomic_path(target) as tmp:
@@ -79,10 +95,12 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
                     info.add_text("parameters", image.info["parameters"])
                     extra["pnginfo"] = info
                 image.save(tmp, format=fmt, **extra)
+            return True
 
         with ThreadPoolExecutor(self._workers) as pool:
-            for _ in tqdm(pool.map(write, data.items()), total=len(data), desc="writing images", unit="img"):
-                pass
+            written = sum(tqdm(pool.map(write, data.items()), total=len(data), desc="writing images", unit="img"))
+        atomic_write_text(manifest_path, json.dumps(manifest, sort_keys=True))
+        logger.info("Images in %s: %d written, %d unchanged", self._path, written, len(data) - written)
         wanted = set(data)
         for stale in self._path.rglob("*"):
             name = stale.relative_to(self._path).as_posix()

@@ -281,10 +281,15 @@ def train(
         load_lora_state(sd, init_state, f"init_lora {params.init_lora}")
     signature = run_signature(params, base_id, dataset_hash)
 
-    latent_keys, latents_encoded = encode_latents(sd, examples, cache, device)
-    sd.vae.to("cpu")
+    if params.cache_latents:
+        latent_keys, latents_encoded = encode_latents(sd, examples, cache, device)
+        sd.vae.to("cpu")
+    else:
+        latent_keys, latents_encoded = {}, 0
+        sd.vae.to(device)
     scaling = sd.vae.config.scaling_factor
-    text_cache = None if params.train_text_encoder else TextEncoderCache(sd, cache, device)
+    use_text_cache = params.cache_latents and not params.train_text_encoder
+    text_cache = TextEncoderCache(sd, cache, device) if use_text_cache else None
 
     sd.unet.to(device, dtype=weight_dtype)
     sd.text_encoder.to(device, dtype=weight_dtype)
@@ -361,9 +366,15 @@ def train(
             rng = random.Random(params.seed * 104_729 + micro)
             indices = batch_for(micro)
             with accelerator.accumulate(*([unet, text_encoder] if params.train_text_encoder else [unet])):
-                stats = [cache.get_tensors(latent_keys[examples[i].sha256]) for i in indices]
-                mean = torch.stack([s["mean"] for s in stats])
-                std = torch.stack([s["std"] for s in stats])
+                if params.cache_latents:
+                    stats = [cache.get_tensors(latent_keys[examples[i].sha256]) for i in indices]
+                    mean = torch.stack([s["mean"] for s in stats])
+                    std = torch.stack([s["std"] for s in stats])
+                else:  # the textbook loop: VAE-encode the batch every step
+                    with torch.no_grad():
+                        pixels = torch.stack([_to_tensor(load_rgb(examples[i].path)) for i in indices])
+                        dist = sd.vae.encode(pixels.to(device, sd.vae.dtype)).latent_dist
+                        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
                 latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
                 noise = torch.randn(latents.shape, generator=generator)
                 if params.noise_offset:
@@ -378,6 +389,9 @@ def train(
                 with accelerator.autocast():
                     if text_cache is not None:
                         hidden = text_cache(texts).to(weight_dtype)
+                    elif not params.train_text_encoder:
+                        with torch.no_grad():
+                            hidden = encode_text(sd, texts, device).to(weight_dtype)
                     else:
                         hidden = encode_text(SDComponents(unet, sd.vae, text_encoder, sd.tokenizer,
                                                           noise_scheduler, sd.source), texts, device)

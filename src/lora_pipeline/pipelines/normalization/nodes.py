@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -20,8 +21,10 @@ from lora_pipeline.config import NormalizationParams, parse_params
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.errors import DataError
 from lora_pipeline.lora.captions import normalize_prompt, split_tags, tag_frequency
+from lora_pipeline.lora.cache import DiskCache, settings_key
+from lora_pipeline.lora.files import sha256_file
 from lora_pipeline.lora.images import (
-    check_image, choose_bucket, fit_to, hamming_matches, load_rgb, make_buckets,
+    ImageCheck, check_image, choose_bucket, fit_to, hamming_matches, load_rgb, make_buckets,
 )
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
 
@@ -31,6 +34,19 @@ CHECK_COLUMNS = [
     "file_name", "sha256", "status", "reason_code", "reason", "orig_width", "orig_height", "width", "height",
     "bucket_width", "bucket_height", "output_name", "note",
 ]
+
+
+def _cached_check(root: Any, cache: DiskCache | None, min_size: int, want_phash: bool, name: str) -> ImageCheck:
+    """``check_image`` with its result cached by file hash: a re-run only decodes new or changed files."""
+    if cache is None:
+        return check_image(root, name, min_size=min_size, want_phash=want_phash)
+    key = f"check-{sha256_file(root / name)}-{settings_key({'min': min_size, 'phash': want_phash})}"
+    hit = cache.get_json(key)
+    if hit is not None:
+        return ImageCheck(**{**hit, "file_name": name})
+    result = check_image(root, name, min_size=min_size, want_phash=want_phash)
+    cache.put_json(key, dataclasses.asdict(result))
+    return result
 
 
 def _output_name(file_name: str, fmt: str, taken: set[str]) -> str:
@@ -43,14 +59,15 @@ def _output_name(file_name: str, fmt: str, taken: set[str]) -> str:
     return name
 
 
-def inspect_images(raw_images: ImageFolder, params: dict[str, Any]) -> pd.DataFrame:
+def inspect_images(raw_images: ImageFolder, params: dict[str, Any], check_cache: DiskCache | None = None
+                   ) -> pd.DataFrame:
     """Decode every image once (in parallel) and decide kept/rejected with a reason and a target size.
 
     Rejections: corrupt file, below ``min_size``, exact duplicate (same bytes), near duplicate
     (perceptual hash, optional), and in ``crop`` mode an image that would need upscaling.
     """
     p = parse_params(NormalizationParams, params, "normalization")
-    check = partial(check_image, raw_images.root, min_size=p.min_size, want_phash=p.near_duplicates)
+    check = partial(_cached_check, raw_images.root, check_cache, p.min_size, p.near_duplicates)
     with ThreadPoolExecutor(p.workers or os.cpu_count()) as pool:
         checks = list(tqdm(pool.map(check, raw_images.names), total=len(raw_images.names),
                            desc="checking images", unit="img"))
@@ -102,13 +119,21 @@ def inspect_images(raw_images: ImageFolder, params: dict[str, Any]) -> pd.DataFr
     return checks_table
 
 
-def _render(root: Any, file_name: str, size: tuple[int, int], background: tuple[int, int, int]) -> Image.Image:
-    return fit_to(load_rgb(root / file_name, background), size)
+class _Render:
+    """Lazy render of one kept image; ``cache_key`` lets the image folder skip it when nothing changed."""
+
+    def __init__(self, root: Any, file_name: str, sha256: str, size: tuple[int, int],
+                 background: tuple[int, int, int]):
+        self.root, self.file_name, self.size, self.background = root, file_name, size, background
+        self.cache_key = f"{sha256}|{size[0]}x{size[1]}|{background}"
+
+    def __call__(self) -> Image.Image:
+        return fit_to(load_rgb(self.root / self.file_name, self.background), self.size)
 
 
 def render_images(
     raw_images: ImageFolder, quality_report: pd.DataFrame, params: dict[str, Any]
-) -> dict[str, Callable[[], Image.Image]]:
+) -> dict[str, _Render]:
     """Lazy RGB renders of the kept images at their bucket size, keyed by output name.
 
     Takes the saved quality report as input so the report is on disk even when this node stops the run.
@@ -124,7 +149,7 @@ def render_images(
             f"replace the images, or adjust parameters_normalization.yml (e.g. min_size), and re-run."
         )
     return {
-        row.output_name: partial(_render, raw_images.root, row.file_name,
+        row.output_name: _Render(raw_images.root, row.file_name, row.sha256,
                                  (int(row.bucket_width), int(row.bucket_height)), p.background)
         for row in kept.itertuples()
     }

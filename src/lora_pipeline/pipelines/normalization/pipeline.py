@@ -6,7 +6,8 @@ from lora_pipeline.pipelines.normalization.nodes import build_training_metadata,
 def create_pipeline(**kwargs) -> Pipeline:
     return pipeline(
         [
-            node(inspect_images, ["raw_images", "params:normalization"], "image_checks", name="inspect_images"),
+            node(inspect_images, ["raw_images", "params:normalization", "image_check_cache"], "image_checks",
+                 name="inspect_images"),
             node(
                 build_training_metadata,
                 ["image_checks", "captions", "params:normalization"],
