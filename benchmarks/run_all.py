@@ -154,7 +154,7 @@ def data_stages_once(raw: Path, out: Path, cache: Path) -> dict[str, float]:
 
     started = time.perf_counter()
     folder = ImageFolderDataset(str(raw)).load()
-    manifest = scan_images(folder)
+    manifest = scan_images(folder, DiskCache(cache / "cap"))
     captions, _ = caption_images(manifest, pd.DataFrame(columns=["file_name", "text"]), DiskCache(cache / "cap"),
                                  folder, {"backend": "sidecar", "trigger": "sks"})
     t_caption = time.perf_counter() - started

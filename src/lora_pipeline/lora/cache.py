@@ -63,3 +63,18 @@ class DiskCache:
 
     def __repr__(self) -> str:
         return f"DiskCache({str(self.root)!r})"
+
+
+def file_sha256(path: str | os.PathLike, cache: "DiskCache | None") -> str:
+    """sha256 of a file, remembered by (path, size, mtime) as git does, so unchanged files are not re-read."""
+    from lora_pipeline.lora.files import sha256_file
+
+    if cache is None:
+        return sha256_file(path)
+    stat = Path(path).stat()
+    key = "sha-" + settings_key({"path": str(Path(path).resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns})
+    hit = cache.get_json(key)
+    if hit is None:
+        hit = sha256_file(path)
+        cache.put_json(key, hit)
+    return hit

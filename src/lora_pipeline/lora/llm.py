@@ -153,6 +153,8 @@ def train_causal_lm(
         resumed_from = str(checkpoint)
         logger.info("Resuming from %s at step %d of %d", checkpoint, start, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    orders: dict[int, list[int]] = {}
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
     losses, eval_losses = [], []
@@ -166,8 +168,11 @@ def train_causal_lm(
         for accum in range(params.gradient_accumulation_steps):
             micro = step * params.gradient_accumulation_steps + accum
             epoch, index = divmod(micro, micro_per_epoch)
-            order = list(range(len(train_items)))
-            random.Random(params.seed * 1_000_003 + epoch).shuffle(order)
+            if epoch not in orders:
+                orders.clear()
+                orders[epoch] = list(range(len(train_items)))
+                random.Random(params.seed * 1_000_003 + epoch).shuffle(orders[epoch])
+            order = orders[epoch]
             chosen = order[index * params.batch_size:(index + 1) * params.batch_size]
             torch.manual_seed(params.seed * 7_919 + micro)  # LoRA dropout
             batch = {k: v.to(device) for k, v in pad_batch([train_items[i] for i in chosen], pad_id).items()}
@@ -180,7 +185,7 @@ def train_causal_lm(
                         f"{folder} is kept. Try mixed_precision: bf16, a lower learning_rate, then resume: latest.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and params.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

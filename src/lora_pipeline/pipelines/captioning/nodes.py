@@ -11,11 +11,10 @@ from tqdm.auto import tqdm
 
 from lora_pipeline.config import CaptioningParams, parse_params
 from lora_pipeline.datasets.image_folder import ImageFolder
-from lora_pipeline.lora.cache import DiskCache, settings_key
+from lora_pipeline.lora.cache import DiskCache, file_sha256, settings_key
 from lora_pipeline.lora.captions import (
     BlipCaptioner, Captioner, ClipTagger, apply_template, caption_in_batches,
 )
-from lora_pipeline.lora.files import sha256_file
 from lora_pipeline.lora.images import load_rgb, read_sidecar
 from lora_pipeline.lora.models import resolve_model
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
@@ -25,7 +24,7 @@ logger = logging.getLogger(__name__)
 CAPTION_COLUMNS = ["file_name", "sha256", "text", "source", "reviewed", "auto_caption"]
 
 
-def scan_images(raw_images: ImageFolder) -> pd.DataFrame:
+def scan_images(raw_images: ImageFolder, caption_cache: DiskCache | None = None) -> pd.DataFrame:
     """One row per raw image: ``file_name``, content ``sha256``, ``has_sidecar`` and the kohya ``sidecar`` text."""
 
     def row(name: str) -> tuple[str, str, bool, str]:
@@ -34,7 +33,7 @@ def scan_images(raw_images: ImageFolder) -> pd.DataFrame:
         except ValueError as exc:
             logger.warning("Ignoring the sidecar caption of %s: %s", name, exc)
             sidecar = None
-        return name, sha256_file(raw_images.path(name)), sidecar is not None, sidecar or ""
+        return name, file_sha256(raw_images.path(name), caption_cache), sidecar is not None, sidecar or ""
 
     with ThreadPoolExecutor() as pool:
         rows = list(tqdm(pool.map(row, raw_images.names), total=len(raw_images.names), desc="hashing", unit="img"))

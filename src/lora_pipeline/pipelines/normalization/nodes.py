@@ -22,7 +22,6 @@ from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.errors import DataError
 from lora_pipeline.lora.captions import normalize_prompt, split_tags, tag_frequency
 from lora_pipeline.lora.cache import DiskCache, settings_key
-from lora_pipeline.lora.files import sha256_file
 from lora_pipeline.lora.images import (
     ImageCheck, check_image, choose_bucket, fit_to, hamming_matches, load_rgb, make_buckets,
 )
@@ -37,10 +36,13 @@ CHECK_COLUMNS = [
 
 
 def _cached_check(root: Any, cache: DiskCache | None, min_size: int, want_phash: bool, name: str) -> ImageCheck:
-    """``check_image`` with its result cached by file hash: a re-run only decodes new or changed files."""
+    """``check_image`` cached by the file's path, size and mtime (as git and make do): a re-run reads only new
+    or changed files. Any write to a file changes its mtime, so a changed image is always checked again."""
     if cache is None:
         return check_image(root, name, min_size=min_size, want_phash=want_phash)
-    key = f"check-{sha256_file(root / name)}-{settings_key({'min': min_size, 'phash': want_phash})}"
+    stat = (root / name).stat()
+    identity = {"name": name, "size": stat.st_size, "mtime": stat.st_mtime_ns, "min": min_size, "phash": want_phash}
+    key = f"check-{settings_key(identity)}"
     hit = cache.get_json(key)
     if hit is not None:
         return ImageCheck(**{**hit, "file_name": name})
