@@ -146,11 +146,12 @@ def make_images(folder: Path, start: int, count: int) -> None:
 
 def data_stages_once(raw: Path, out: Path, cache: Path) -> dict[str, float]:
     """captioning (sidecar) + normalization on ``raw``; run in a fresh process for a clean peak RSS."""
+    import pandas as pd
+
     from lora_pipeline.datasets.image_folder import ImageFolderDataset
     from lora_pipeline.lora.cache import DiskCache
     from lora_pipeline.pipelines.captioning.nodes import caption_images, scan_images
     from lora_pipeline.pipelines.normalization.nodes import build_training_metadata, inspect_images, render_images
-    import pandas as pd
 
     started = time.perf_counter()
     folder = ImageFolderDataset(str(raw)).load()

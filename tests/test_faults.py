@@ -10,10 +10,12 @@ import subprocess
 import sys
 import textwrap
 import time
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import make_params
 
 from lora_pipeline.config import TrainingParams
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
@@ -28,7 +30,6 @@ from lora_pipeline.lora.training import train
 from lora_pipeline.pipelines.captioning.nodes import scan_images
 from lora_pipeline.pipelines.normalization.nodes import build_training_metadata, inspect_images, render_images
 from lora_pipeline.pipelines.training.nodes import build_examples, resolve_init_lora
-from train_helpers import make_params
 
 KILL_SCRIPT = textwrap.dedent("""
     import json, sys

@@ -5,7 +5,16 @@ from __future__ import annotations
 from kedro.pipeline import Pipeline
 
 from lora_pipeline.pipelines import (
-    captioning, evaluation, export, generation, llm_data, llm_eval, llm_export, llm_training, merge, normalization,
+    captioning,
+    evaluation,
+    export,
+    generation,
+    llm_data,
+    llm_eval,
+    llm_export,
+    llm_training,
+    merge,
+    normalization,
     training,
 )
 

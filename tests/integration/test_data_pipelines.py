@@ -14,6 +14,7 @@ from PIL import Image
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.lora.files import sha256_file
 
+
 def latest_captions(root: Path) -> pd.DataFrame:
     versions = sorted((root / "data/02_intermediate/captions.csv").iterdir())
     return pd.read_csv(versions[-1] / "captions.csv", keep_default_na=False)

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import mlflow
 import nbformat
-from nbclient import NotebookClient
 import numpy as np
 import torch
-from PIL import Image
+from kedro_helpers import run
 from mlflow.tracking import MlflowClient
+from nbclient import NotebookClient
+from PIL import Image
 
 from lora_pipeline import train_launch
 from lora_pipeline.lora.export import load_lora_file
-from kedro_helpers import run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

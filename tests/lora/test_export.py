@@ -4,15 +4,18 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
+from train_helpers import model_outputs, webui_merge
 
 from lora_pipeline.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
 from lora_pipeline.lora.export import (
-    build_kohya_file, load_lora_file, save_diffusers_lora, save_lora_file,
+    build_kohya_file,
+    load_lora_file,
+    save_diffusers_lora,
+    save_lora_file,
 )
 from lora_pipeline.lora.formats import from_kohya_state_dict, kohya_modules, tensor_hash, to_kohya_state_dict
 from lora_pipeline.lora.sd import load_sd
 from lora_pipeline.lora.tiny_models import build_sd15_architecture
-from train_helpers import model_outputs, webui_merge
 
 REQUIRED_HEADER = [
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_dropout", "ss_base_model_version",

@@ -9,7 +9,13 @@ from lora_pipeline.config import LLMTrainingParams
 from lora_pipeline.lora.checkpoints import ResumeError
 from lora_pipeline.lora.constrained import JsonConstraint, parses
 from lora_pipeline.lora.llm import (
-    adapter_state, eval_loss, generate_answers, load_causal_lm, token_f1, train_causal_lm, with_adapter,
+    adapter_state,
+    eval_loss,
+    generate_answers,
+    load_causal_lm,
+    token_f1,
+    train_causal_lm,
+    with_adapter,
 )
 from lora_pipeline.lora.llm_data import IGNORE_INDEX, dedupe, parse_record, read_jsonl, split, tokenize
 

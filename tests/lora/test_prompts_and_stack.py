@@ -1,13 +1,13 @@
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from train_helpers import model_outputs, random_kohya_lora, webui_merge
 
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.lora.export import save_lora_file
 from lora_pipeline.lora.prompts import LoraRef, lora_index, parse_prompt, resolve_loras
 from lora_pipeline.lora.sd import load_sd
 from lora_pipeline.lora.stack import load_stack, merge_into_base, set_weights
-from train_helpers import model_outputs, random_kohya_lora, webui_merge
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from lora_pipeline.errors import ModelNotFoundError
-from lora_pipeline.lora.sd import load_sd
 from lora_pipeline.lora.ldm import write_ldm_checkpoint
+from lora_pipeline.lora.sd import load_sd
 
 
 def test_single_file_ldm_checkpoint_loads_the_same_weights(tiny_models, tmp_path):

@@ -2,18 +2,23 @@ import shutil
 
 import pytest
 import torch
+from train_helpers import make_params, model_outputs
 
 from lora_pipeline.errors import LoraPipelineError
 from lora_pipeline.lora.cache import DiskCache
-from lora_pipeline.lora.export import build_kohya_file, load_lora_for_training, save_lora_file
 from lora_pipeline.lora.checkpoints import ResumeError, find_resume_checkpoint, list_checkpoints
+from lora_pipeline.lora.export import build_kohya_file, load_lora_for_training, save_lora_file
 from lora_pipeline.lora.sd import load_sd
 from lora_pipeline.lora.training import (
-    NonFiniteLossError, bucket_batches, denoising_loss, encode_latents,
-    inject_lora, list_checkpoints, load_lora_state, prepare_caption, train,
+    NonFiniteLossError,
+    bucket_batches,
+    denoising_loss,
+    encode_latents,
+    inject_lora,
+    load_lora_state,
+    prepare_caption,
+    train,
 )
-
-from train_helpers import make_params, model_outputs
 
 
 def test_bucket_batches_never_mix_buckets_and_are_reproducible(tiny_examples):

@@ -31,15 +31,28 @@ class RawFileDataset(AbstractDataset[None, Path]):
         return {"filepath": str(self._filepath)}
 
 
-class PretrainedFolderDataset(AbstractVersionedDataset[Any, Path]):
-    """Save: anything with ``save_pretrained`` (a PeftModel, a model, a tokenizer pair), atomically.
-
-    Save also accepts ``(model, tokenizer)``. Load returns the folder, which ``from_pretrained`` takes.
-    """
+class VersionedPathDataset(AbstractVersionedDataset[Any, Any]):
+    """Shared plumbing of the project's versioned file/folder datasets."""
 
     def __init__(self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None):
         super().__init__(filepath=PurePosixPath(filepath), version=version)
         self.metadata = metadata
+
+    def _exists(self) -> bool:
+        try:
+            return Path(self._get_load_path()).exists()
+        except DatasetError:  # no version saved yet
+            return False
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "version": self._version}
+
+
+class PretrainedFolderDataset(VersionedPathDataset):
+    """Save: anything with ``save_pretrained`` (a PeftModel, a model, a tokenizer pair), atomically.
+
+    Save also accepts ``(model, tokenizer)``. Load returns the folder, which ``from_pretrained`` takes.
+    """
 
     def load(self) -> Path:
         return Path(self._get_load_path())
@@ -55,12 +68,3 @@ class PretrainedFolderDataset(AbstractVersionedDataset[Any, Path]):
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(target)
-
-    def _exists(self) -> bool:
-        try:
-            return Path(self._get_load_path()).exists()
-        except Exception:  # noqa: BLE001 - no version saved yet
-            return False
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "version": self._version}

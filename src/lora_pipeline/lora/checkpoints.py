@@ -106,6 +106,28 @@ def resume_problem(checkpoint: Path, signature: dict, total_steps: int) -> str |
     return None
 
 
+def choose_resume(resume: str, folder: Path, signature: dict, total_steps: int) -> Path | None:
+    """The checkpoint this run continues from, or None to start at step 0.
+
+    ``auto`` continues an unfinished run of the same settings and data and otherwise starts a new one (saying
+    so); ``latest`` and an explicit folder must continue, or fail with the reason.
+    """
+    checkpoint = find_resume_checkpoint(resume, folder)
+    if checkpoint is None:
+        if resume != "none":
+            logger.info("No checkpoint to resume in %s: starting at step 0", folder)
+        return None
+    problem = resume_problem(checkpoint, signature, total_steps)
+    if problem and resume == "auto":
+        logger.warning("Not resuming from %s: %s. Starting a new run (resume: auto).", checkpoint, problem)
+        return None
+    if problem:
+        raise ResumeError(f"Cannot resume from {checkpoint}: {problem}. Restore those settings, or set "
+                          f"resume: none (or another output_name) to start a new run on purpose.")
+    logger.info("Resuming from %s", checkpoint)
+    return checkpoint
+
+
 def load_checkpoint(checkpoint: Path, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], int]:
     """Restore optimizer, scheduler and RNG in place; return the LoRA weights and the step."""
     from safetensors.torch import load_file

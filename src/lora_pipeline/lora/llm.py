@@ -18,12 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_pipeline.config import LLMTrainingParams
-from lora_pipeline.lora.checkpoints import (
-    ResumeError, find_resume_checkpoint, load_checkpoint, resume_problem, save_checkpoint,
-)
+from lora_pipeline.lora.checkpoints import choose_resume, load_checkpoint, save_checkpoint
 from lora_pipeline.lora.llm_data import pad_batch
 from lora_pipeline.lora.models import load_pretrained
-from lora_pipeline.lora.training import NonFiniteLossError, peak_memory_mb
+from lora_pipeline.lora.training import guarded_step, peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
@@ -137,21 +135,13 @@ def train_causal_lm(
                                               "gradient_accumulation_steps"})}
     folder = Path(params.checkpoint_dir) / params.output_name
     start, resumed_from = 0, None
-    checkpoint = find_resume_checkpoint(params.resume, folder)
-    if checkpoint is not None:
-        problem = resume_problem(checkpoint, signature, total_steps)
-        if problem and params.resume == "auto":
-            logger.warning("Not resuming from %s: %s. Starting a new run (resume: auto).", checkpoint, problem)
-            checkpoint = None
-        elif problem:
-            raise ResumeError(f"Cannot resume from {checkpoint}: {problem}.")
+    checkpoint = choose_resume(params.resume, folder, signature, total_steps)
     if checkpoint is not None:
         state, start = load_checkpoint(checkpoint, optimizer, scheduler)
         from peft.utils import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, state)
         resumed_from = str(checkpoint)
-        logger.info("Resuming from %s at step %d of %d", checkpoint, start, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     orders: dict[int, list[int]] = {}
@@ -178,17 +168,8 @@ def train_causal_lm(
             batch = {k: v.to(device) for k, v in pad_batch([train_items[i] for i in chosen], pad_id).items()}
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise NonFiniteLossError(
-                        f"Loss became {loss.item()} at step {step}. Training stopped; the last good checkpoint in "
-                        f"{folder} is kept. Try mixed_precision: bf16, a lower learning_rate, then resume: latest.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and params.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                guarded_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm, step, folder,
+                             "mixed_precision: bf16 and a lower learning_rate")
             step_loss += loss.detach().float().item() / params.gradient_accumulation_steps
             tokens_seen += int(batch["attention_mask"].sum())
         losses.append(step_loss)

@@ -135,7 +135,11 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
 def build_tiny_blip(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny BLIP image-captioning model + processor (BERT word-piece tokenizer from a local vocab)."""
     from transformers import (
-        BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
     )
 
     out_dir = Path(out_dir)

@@ -9,7 +9,6 @@ optimizer and scheduler states and the step, and it continues bit-for-bit like a
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import resource
@@ -25,9 +24,7 @@ from tqdm.auto import tqdm
 from lora_pipeline.config import TrainingParams
 from lora_pipeline.errors import ConfigError, LoraPipelineError
 from lora_pipeline.lora.cache import DiskCache, settings_key
-from lora_pipeline.lora.checkpoints import (
-    ResumeError, find_resume_checkpoint, list_checkpoints, load_checkpoint, resume_problem, save_checkpoint,
-)
+from lora_pipeline.lora.checkpoints import choose_resume, list_checkpoints, load_checkpoint, save_checkpoint
 from lora_pipeline.lora.images import load_rgb
 from lora_pipeline.lora.sd import SDComponents, module_fingerprint
 
@@ -314,23 +311,11 @@ def train(
                               num_training_steps=total_steps)
 
     start_step, resumed_from = 0, None
-    checkpoint = find_resume_checkpoint(params.resume, checkpoint_folder)
-    if checkpoint is not None:
-        problem = resume_problem(checkpoint, signature, total_steps)
-        if problem and params.resume == "auto":
-            # auto continues an unfinished run of the same settings and data, and otherwise starts a new one.
-            logger.warning("Not resuming from %s: %s. Starting a new run (resume: auto).", checkpoint, problem)
-            checkpoint = None
-        elif problem:
-            raise ResumeError(f"Cannot resume from {checkpoint}: {problem}. Restore those settings, or set "
-                              f"resume: none (or another output_name) to start a new run on purpose.")
+    checkpoint = choose_resume(params.resume, checkpoint_folder, signature, total_steps)
     if checkpoint is not None:
         restored, start_step = load_checkpoint(checkpoint, optimizer, scheduler)
         load_lora_state(sd, restored, f"checkpoint {checkpoint}")
         resumed_from = str(checkpoint)
-        logger.info("Resuming from %s at step %d of %d", checkpoint, start_step, total_steps)
-    elif params.resume != "none":
-        logger.info("No checkpoint to resume in %s: starting at step 0", checkpoint_folder)
 
     prepared = accelerator.prepare(*models, optimizer, scheduler)
     unet = prepared[0]
@@ -404,20 +389,9 @@ def train(
                     weight = snr.clamp(max=params.min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
                     loss = loss * weight
                 loss = loss.mean()
-                if not torch.isfinite(loss):
-                    bar.close()
-                    last = list_checkpoints(checkpoint_folder)
-                    raise NonFiniteLossError(
-                        f"Loss became {loss.item()} at step {step}. Training stopped; the last good checkpoint "
-                        f"is kept ({last[-1] if last else 'none saved yet'}). Try mixed_precision: bf16 instead "
-                        f"of fp16, a lower learning_rate, or an fp32 VAE, then resume: latest."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and params.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                guarded_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm, step,
+                             checkpoint_folder, "mixed_precision: bf16 instead of fp16, a lower learning_rate, "
+                             "or an fp32 VAE")
             step_loss += loss.detach().float().item() / params.gradient_accumulation_steps
             images_seen += len(indices)
         losses.append(step_loss)
@@ -451,6 +425,22 @@ def train(
         images_per_second=images_seen / elapsed if elapsed else 0.0, peak_memory_mb=peak_memory_mb(device),
         samples=samples, resumed_from=resumed_from, latents_encoded=latents_encoded,
     )
+
+
+def guarded_step(accelerator, loss: torch.Tensor, trainable, optimizer, scheduler, max_grad_norm: float, step: int,
+                 checkpoint_folder: Path, advice: str) -> None:
+    """Backward, clip, optimizer and scheduler step; a NaN/inf loss stops the run first, checkpoints kept."""
+    if not torch.isfinite(loss):
+        last = list_checkpoints(checkpoint_folder)
+        raise NonFiniteLossError(
+            f"Loss became {loss.item()} at step {step}. Training stopped; the last good checkpoint is kept "
+            f"({last[-1] if last else 'none saved yet'}). Try {advice}, then resume: latest.")
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm:
+        accelerator.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _make_optimizer(params: TrainingParams, groups: list[dict]) -> torch.optim.Optimizer:

@@ -13,7 +13,11 @@ from lora_pipeline.config import CaptioningParams, parse_params
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.lora.cache import DiskCache, file_sha256, settings_key
 from lora_pipeline.lora.captions import (
-    BlipCaptioner, Captioner, ClipTagger, apply_template, caption_in_batches,
+    BlipCaptioner,
+    Captioner,
+    ClipTagger,
+    apply_template,
+    caption_in_batches,
 )
 from lora_pipeline.lora.images import load_rgb, read_sidecar
 from lora_pipeline.lora.models import resolve_model

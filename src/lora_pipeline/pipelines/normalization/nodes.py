@@ -20,10 +20,16 @@ from tqdm.auto import tqdm
 from lora_pipeline.config import NormalizationParams, parse_params
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.errors import DataError
-from lora_pipeline.lora.captions import normalize_prompt, split_tags, tag_frequency
 from lora_pipeline.lora.cache import DiskCache, settings_key
+from lora_pipeline.lora.captions import normalize_prompt, split_tags, tag_frequency
 from lora_pipeline.lora.images import (
-    ImageCheck, check_image, choose_bucket, fit_to, hamming_matches, load_rgb, make_buckets,
+    ImageCheck,
+    check_image,
+    choose_bucket,
+    fit_to,
+    hamming_matches,
+    load_rgb,
+    make_buckets,
 )
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import mlflow
