@@ -249,6 +249,8 @@ class LLMTrainingParams(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     quantize_4bit: bool = Field(False, description="QLoRA: 4-bit base weights (needs bitsandbytes + CUDA)")
+    packing: bool = Field(False, description="pack several samples per row (block-diagonal attention)")
+    pack_length: int = Field(0, ge=0, description="tokens per packed row; 0 = the longest sample")
     save_steps: int = Field(0, ge=0)
     keep_checkpoints: int = Field(3, ge=1)
     checkpoint_dir: str = "data/06_models/checkpoints"

@@ -17,7 +17,9 @@ from lora_pipeline.lora.llm import (
     train_causal_lm,
     with_adapter,
 )
-from lora_pipeline.lora.llm_data import IGNORE_INDEX, dedupe, parse_record, read_jsonl, split, tokenize
+from lora_pipeline.lora.llm_data import (
+    IGNORE_INDEX, dedupe, pack, pad_packed_batch, parse_record, read_jsonl, split, tokenize,
+)
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +155,30 @@ def test_token_f1():
     assert token_f1("rest and fluids", "rest and fluids") == 1.0
     assert token_f1("多喝水", "多喝水，注意休息") == pytest.approx(2 * 1 * 3 / 8 / (1 + 3 / 8))
     assert token_f1("", "x") == 0.0
+
+
+def test_packing_keeps_samples_apart(tiny_models, llm_items):
+    tokenizer, train_items, _ = llm_items
+    model, _ = load_causal_lm(str(tiny_models["tiny-llm"]))
+    model.eval()
+    rows = pack(train_items[:5], length=256)
+    assert len(rows) < 5 and sum(len(r["segments"]) for r in rows) == 5  # several samples share a row
+    batch = pad_packed_batch(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              attention_mask=batch["attention_mask"]).logits
+        start = 0
+        for size, item in zip(rows[0]["segments"], train_items):
+            alone = model(input_ids=torch.tensor([item["input_ids"]])).logits[0]
+            assert (packed_logits[0, start:start + size] - alone).abs().max() < 1e-4
+            start += size
+    assert batch["labels"][0, : rows[0]["segments"][0]].tolist() == train_items[0]["labels"]
+
+
+def test_training_with_packing_lowers_validation_loss(tiny_models, llm_items, tmp_path):
+    tokenizer, train_items, val_items = llm_items
+    base, _ = load_causal_lm(str(tiny_models["tiny-llm"]))
+    before = eval_loss(base, val_items, tokenizer.pad_token_id)
+    result = train_causal_lm(base, tokenizer, train_items, val_items,
+                             _params(tiny_models, tmp_path, packing=True, batch_size=2), dataset_hash="d")
+    assert result.eval_losses[-1] < before * 0.9

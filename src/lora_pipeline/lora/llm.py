@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lora_pipeline.config import LLMTrainingParams
 from lora_pipeline.lora.checkpoints import choose_resume, load_checkpoint, save_checkpoint
-from lora_pipeline.lora.llm_data import pad_batch
+from lora_pipeline.lora.llm_data import pack, pad_batch, pad_packed_batch
 from lora_pipeline.lora.models import load_pretrained
 from lora_pipeline.lora.training import guarded_step, peak_memory_mb
 
@@ -117,6 +117,11 @@ def train_causal_lm(
 
     if not train_items:
         raise ValueError("No training samples. Run `kedro run --pipelines llm_data` and check its report.")
+    if params.packing:
+        length = params.pack_length or max(len(item["input_ids"]) for item in train_items)
+        packed = pack(train_items, length)
+        logger.info("Packing: %d samples into %d rows of <= %d tokens", len(train_items), len(packed), length)
+        train_items = packed
     cpu = params.device == "cpu" or (params.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=params.mixed_precision, cpu=cpu,
                               gradient_accumulation_steps=params.gradient_accumulation_steps)
@@ -132,7 +137,7 @@ def train_causal_lm(
     signature = {"base_model": params.base_model, "dataset": dataset_hash,
                  **params.model_dump(include={"lora_rank", "alpha", "dropout", "target_modules", "batch_size",
                                               "learning_rate", "lr_scheduler", "lr_warmup_steps", "seed",
-                                              "gradient_accumulation_steps"})}
+                                              "gradient_accumulation_steps", "packing", "pack_length"})}
     folder = Path(params.checkpoint_dir) / params.output_name
     start, resumed_from = 0, None
     checkpoint = choose_resume(params.resume, folder, signature, total_steps)
@@ -165,13 +170,14 @@ def train_causal_lm(
             order = orders[epoch]
             chosen = order[index * params.batch_size:(index + 1) * params.batch_size]
             torch.manual_seed(params.seed * 7_919 + micro)  # LoRA dropout
-            batch = {k: v.to(device) for k, v in pad_batch([train_items[i] for i in chosen], pad_id).items()}
+            collate = pad_packed_batch if params.packing else pad_batch
+            batch = {k: v.to(device) for k, v in collate([train_items[i] for i in chosen], pad_id).items()}
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 guarded_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm, step, folder,
                              "mixed_precision: bf16 and a lower learning_rate")
             step_loss += loss.detach().float().item() / params.gradient_accumulation_steps
-            tokens_seen += int(batch["attention_mask"].sum())
+            tokens_seen += sum(len(train_items[i]["input_ids"]) for i in chosen)
         losses.append(step_loss)
         done = step + 1
         rate = tokens_seen / (time.perf_counter() - started)

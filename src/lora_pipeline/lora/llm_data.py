@@ -164,3 +164,48 @@ def pad_batch(items: Sequence[dict[str, list[int]]], pad_id: int):
         return torch.tensor([item[key] + [value] * (width - len(item[key])) for item in items])
     return {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", IGNORE_INDEX),
             "attention_mask": pad("attention_mask", 0)}
+
+
+def pack(items: Sequence[dict[str, list[int]]], length: int) -> list[dict[str, list[int]]]:
+    """Greedy packing of tokenized samples into rows of at most ``length`` tokens (order kept).
+
+    Each row remembers its segments, so the collate step can build a block-diagonal causal mask and restart
+    position ids: a sample never attends to the one packed before it.
+    """
+    rows: list[dict[str, list[int]]] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "segments": []}
+    for item in items:
+        n = len(item["input_ids"])
+        if current["input_ids"] and len(current["input_ids"]) + n > length:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "segments": []}
+        current["input_ids"] += item["input_ids"]
+        current["labels"] += item["labels"]
+        current["segments"].append(n)
+    if current["input_ids"]:
+        rows.append(current)
+    return rows
+
+
+def pad_packed_batch(rows: Sequence[dict[str, list[int]]], pad_id: int):
+    """Packed rows -> input_ids, labels, position_ids and a 4D boolean mask (block-diagonal and causal)."""
+    import torch
+
+    width = max(len(row["input_ids"]) for row in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment_of = torch.full((len(rows), width), -1)
+    for r, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[r, :n] = torch.tensor(row["input_ids"])
+        labels[r, :n] = torch.tensor(row["labels"])
+        start = 0
+        for s, size in enumerate(row["segments"]):
+            positions[r, start:start + size] = torch.arange(size)
+            segment_of[r, start:start + size] = s
+            start += size
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment_of[:, :, None] == segment_of[:, None, :]
+    mask = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding attends to itself only: no NaN rows
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask[:, None]}
