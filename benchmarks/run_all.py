@@ -71,7 +71,8 @@ def bare_loop(model_dir: str, examples, steps: int, batch: int, rank: int) -> fl
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=KOHYA_UNET_TARGETS))
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     unet.train()
 
     def step(i: int) -> None:
@@ -88,6 +89,7 @@ def bare_loop(model_dir: str, examples, steps: int, batch: int, rank: int) -> fl
         pred = unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as diffusers' train_text_to_image_lora.py does
         optimizer.step()
         optimizer.zero_grad()
 
@@ -216,11 +218,15 @@ def bench_llm(models: dict[str, Path], quick: bool) -> dict[str, float]:
                                           dataset_hash="b").tokens_per_second)
         model = get_peft_model(load_causal_lm(model_dir)[0], LoraConfig(r=16, lora_alpha=32, lora_dropout=0.2,
                                                                         target_modules="all-linear"))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=2e-4)
         tokens, started = 0, time.perf_counter()
         for s in range(steps):
+            if s == 1:
+                tokens, started = 0, time.perf_counter()  # steady state, like the loop under test
             chunk = pad_batch(items[(s * batch) % len(items):(s * batch) % len(items) + batch], tokenizer.pad_token_id)
             model(**chunk).loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as TRL/transformers Trainer do by default
             optimizer.step()
             optimizer.zero_grad()
             tokens += int(chunk["attention_mask"].sum())

@@ -180,7 +180,9 @@ def train_causal_lm(
             tokens_seen += sum(len(train_items[i]["input_ids"]) for i in chosen)
         losses.append(step_loss)
         done = step + 1
-        rate = tokens_seen / (time.perf_counter() - started)
+        if done == start + 1 and total_steps - start > 1:
+            tokens_seen, started = 0, time.perf_counter()  # steady-state throughput, as in the image loop
+        rate = tokens_seen / (time.perf_counter() - started) if tokens_seen else 0.0
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:.0f}")
         metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_second": rate}

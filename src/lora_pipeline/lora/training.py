@@ -396,8 +396,11 @@ def train(
             images_seen += len(indices)
         losses.append(step_loss)
         done = step + 1
+        if done == start_step + 1 and total_steps - start_step > 1:
+            # Throughput is steady-state: the first step pays one-off costs (allocator warm-up, lazy init).
+            images_seen, started = 0, time.perf_counter()
         elapsed = time.perf_counter() - started
-        rate = images_seen / elapsed if elapsed else 0.0
+        rate = images_seen / elapsed if elapsed and images_seen else 0.0
         lr = scheduler.get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
