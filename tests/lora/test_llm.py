@@ -18,7 +18,14 @@ from lora_pipeline.lora.llm import (
     with_adapter,
 )
 from lora_pipeline.lora.llm_data import (
-    IGNORE_INDEX, dedupe, pack, pad_packed_batch, parse_record, read_jsonl, split, tokenize,
+    IGNORE_INDEX,
+    dedupe,
+    pack,
+    pad_packed_batch,
+    parse_record,
+    read_jsonl,
+    split,
+    tokenize,
 )
 
 

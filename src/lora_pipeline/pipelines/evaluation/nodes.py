@@ -50,14 +50,18 @@ def evaluate_lora(
         keys.update(encode_latents(sd, examples, latent_cache, device)[0])
     sd.vae.to("cpu")
 
+    clip = None
+    if p.clip_model and p.eval_prompts:
+        references = [Image.open(ex.path).convert("RGB") for ex in train_examples[:32]]
+        clip = (ClipScorer(p.clip_model, device), references)
     figures: dict[str, float] = {}
-    for label in ("base", "lora"):
+    for label in ("base", "lora"):  # one base model, evaluated, then merged with the LoRA and evaluated again
         if label == "lora":
             merge_state_into_base(sd, lora_kohya["state"], 1.0, training_summary["output_name"])
         for name, examples in sets.items():
             figures[f"loss_{name}_{label}"] = denoising_loss(sd, examples, latent_cache, keys, p.seed, p.timesteps)
-    if p.clip_model and p.eval_prompts:
-        figures.update(_clip_figures(p, training_summary, lora_kohya["state"], train_examples, device))
+        if clip is not None:
+            figures.update(_clip_figures(p, sd, *clip, label))
     for name in sets:
         figures[f"loss_{name}_change_pct"] = 100 * (figures[f"loss_{name}_lora"] / figures[f"loss_{name}_base"] - 1)
     report = _report(training_summary, figures, {k: len(v) for k, v in sets.items()})
@@ -69,22 +73,14 @@ def evaluate_lora(
     return report, as_mlflow_metrics({f"{k}": v for k, v in figures.items()})
 
 
-def _clip_figures(p: EvaluationParams, summary: dict[str, Any], lora_state: dict[str, Any], train_examples,
-                  device) -> dict[str, float]:
-    """CLIP score of generated images (base vs LoRA, same seeds) and their similarity to the training images."""
-    scorer = ClipScorer(p.clip_model, device)
-    references = [Image.open(ex.path).convert("RGB") for ex in train_examples[:32]]
+def _clip_figures(p: EvaluationParams, sd, scorer: ClipScorer, references, label: str) -> dict[str, float]:
+    """CLIP score of images generated with fixed seeds, and their similarity to the training images."""
+    pipe = sd.pipeline()
+    pipe.set_progress_bar_config(disable=True)
     spec = PromptSpec(prompt="-", steps=p.eval_steps, width=p.eval_size, height=p.eval_size)
-    out = {}
-    for label in ("base", "lora"):
-        pipe = load_sd(summary["base_model"]).pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        if label == "lora":
-            merge_state_into_base(pipe, lora_state, 1.0, summary["output_name"])
-        images = [render(pipe, prompt, spec, p.seed + i) for i, prompt in enumerate(p.eval_prompts)]
-        out[f"clip_score_{label}"] = scorer.clip_score(images, p.eval_prompts)
-        out[f"style_similarity_{label}"] = scorer.similarity(images, references)
-    return out
+    images = [render(pipe, prompt, spec, p.seed + i) for i, prompt in enumerate(p.eval_prompts)]
+    return {f"clip_score_{label}": scorer.clip_score(images, p.eval_prompts),
+            f"style_similarity_{label}": scorer.similarity(images, references)}
 
 
 def _report(summary: dict[str, Any], figures: dict[str, float], sizes: dict[str, int]) -> str:
