@@ -4,6 +4,7 @@ from PIL import Image
 
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
 from lora_pipeline.errors import DataError
+from lora_pipeline.lora.cache import DiskCache
 from lora_pipeline.lora.files import sha256_file
 from lora_pipeline.pipelines.normalization import nodes
 
@@ -98,3 +99,17 @@ def test_build_training_metadata_normalizes_prompts_and_flags_captions(demo_imag
     assert info["keep_tokens"] == 2 and info["num_images"] == len(kept)
     assert info["tag_frequency"]["sks"] == len(kept) - 1  # palette.png has no caption at all
     assert metrics["images_rejected"]["value"] == 3 and metrics["rejected_duplicate"]["value"] == 1
+
+
+def test_a_rerun_decodes_only_new_images(demo_images, tmp_path, monkeypatch):
+    cache = DiskCache(tmp_path / "checks")
+    first = nodes.inspect_images(ImageFolderDataset(str(demo_images)).load(), PARAMS, cache)
+    Image.new("RGB", (600, 600), "red").save(demo_images / "zz_new.png")
+    decoded = []
+    real_check = nodes.check_image
+    monkeypatch.setattr(nodes, "check_image", lambda root, name, **kw: decoded.append(name) or real_check(
+        root, name, **kw))
+    again = nodes.inspect_images(ImageFolderDataset(str(demo_images)).load(), PARAMS, cache)
+    assert decoded == ["zz_new.png"]
+    pd.testing.assert_frame_equal(again[again.file_name != "zz_new.png"].reset_index(drop=True), first)
+    assert again.set_index("file_name").loc["zz_new.png"].status == "kept"

@@ -77,14 +77,17 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
         except (OSError, ValueError):
             previous = {}
         manifest: dict[str, str] = {}
-
-        def write(item: tuple[str, ImageSource]) -> bool:
-            name, source = item
+        todo = []
+        for name, source in data.items():
             key = getattr(source, "cache_key", None)
             if key is not None:
                 manifest[name] = key
                 if previous.get(name) == key and (self._path / name).is_file():
-                    return False
+                    continue  # unchanged since the last run: no decode, no encode
+            todo.append((name, source))
+
+        def write(item: tuple[str, ImageSource]) -> None:
+            name, source = item
             image = source() if callable(source) else source
             target = self._path / name
             with atomic_path(target) as tmp:
@@ -95,10 +98,11 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
                     info.add_text("parameters", image.info["parameters"])
                     extra["pnginfo"] = info
                 image.save(tmp, format=fmt, **extra)
-            return True
 
         with ThreadPoolExecutor(self._workers) as pool:
-            written = sum(tqdm(pool.map(write, data.items()), total=len(data), desc="writing images", unit="img"))
+            for _ in tqdm(pool.map(write, todo), total=len(todo), desc="writing images", unit="img"):
+                pass
+        written = len(todo)
         atomic_write_text(manifest_path, json.dumps(manifest, sort_keys=True))
         logger.info("Images in %s: %d written, %d unchanged", self._path, written, len(data) - written)
         wanted = set(data)

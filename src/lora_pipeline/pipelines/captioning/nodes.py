@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from lora_pipeline.config import CaptioningParams, parse_params
 from lora_pipeline.datasets.image_folder import ImageFolder
-from lora_pipeline.lora.cache import DiskCache, file_sha256, settings_key
+from lora_pipeline.lora.cache import DiskCache, FileMemo, settings_key
 from lora_pipeline.lora.captions import (
     BlipCaptioner,
     Captioner,
@@ -19,6 +17,7 @@ from lora_pipeline.lora.captions import (
     apply_template,
     caption_in_batches,
 )
+from lora_pipeline.lora.files import sha256_file
 from lora_pipeline.lora.images import load_rgb, read_sidecar
 from lora_pipeline.lora.models import resolve_model
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
@@ -29,18 +28,19 @@ CAPTION_COLUMNS = ["file_name", "sha256", "text", "source", "reviewed", "auto_ca
 
 
 def scan_images(raw_images: ImageFolder, caption_cache: DiskCache | None = None) -> pd.DataFrame:
-    """One row per raw image: ``file_name``, content ``sha256``, ``has_sidecar`` and the kohya ``sidecar`` text."""
+    """One row per raw image: ``file_name``, content ``sha256``, ``has_sidecar`` and the kohya ``sidecar`` text.
 
-    def row(name: str) -> tuple[str, str, bool, str]:
+    Hashes are remembered by (path, size, mtime), so a re-run hashes only new or changed files."""
+    paths = [raw_images.path(name) for name in raw_images.names]
+    hashes = FileMemo(caption_cache, "sha256").map(sha256_file, paths, None, "hashing")
+    rows = []
+    for name, path, sha in zip(raw_images.names, paths, hashes):
         try:
-            sidecar = read_sidecar(raw_images.path(name))
+            sidecar = read_sidecar(path)
         except ValueError as exc:
             logger.warning("Ignoring the sidecar caption of %s: %s", name, exc)
             sidecar = None
-        return name, file_sha256(raw_images.path(name), caption_cache), sidecar is not None, sidecar or ""
-
-    with ThreadPoolExecutor() as pool:
-        rows = list(tqdm(pool.map(row, raw_images.names), total=len(raw_images.names), desc="hashing", unit="img"))
+        rows.append((name, sha, sidecar is not None, sidecar or ""))
     return pd.DataFrame(rows, columns=["file_name", "sha256", "has_sidecar", "sidecar"])
 
 
