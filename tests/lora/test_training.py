@@ -150,3 +150,40 @@ def test_checkpoints_are_pruned_to_keep_checkpoints(tiny_models, tiny_examples, 
     assert names == ["checkpoint-0000005", "checkpoint-0000006"]
     assert not list((tmp_path / "checkpoints" / "test_lora").glob(".*tmp"))
     shutil.rmtree(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("cache_latents", [True, False])
+def test_dataloader_workers_do_not_change_the_run(tiny_models, tiny_examples, tmp_path, cache_latents):
+    inline = _final_state(tiny_models, tiny_examples, tmp_path / "a", max_steps=3, cache_latents=cache_latents,
+                          data_workers=0)
+    workers = _final_state(tiny_models, tiny_examples, tmp_path / "b", max_steps=3, cache_latents=cache_latents,
+                           data_workers=2)
+    assert inline.losses == workers.losses
+    for key, tensor in inline.lora_state.items():
+        assert torch.equal(tensor, workers.lora_state[key]), key
+
+
+def test_windowed_loss_readback_still_stops_before_saving_a_nan_checkpoint(tiny_models, tiny_examples, tmp_path):
+    def poison(step, sd):
+        if step == 2:
+            for name, param in sd.unet.named_parameters():
+                if "lora_A" in name:
+                    param.data.fill_(float("nan"))
+
+    # Losses are read back every 5 steps, but a checkpoint is due at step 4: the read-back before it finds step 2.
+    params = make_params(tiny_models, tmp_path, max_steps=8, save_steps=4, log_every_steps=5)
+    with pytest.raises(NonFiniteLossError, match="step 2.*none saved yet"):
+        train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
+              dataset_hash="d", step_callback=poison)
+    assert list_checkpoints(tmp_path / "checkpoints" / "test_lora") == []
+
+
+def test_metrics_are_reported_once_per_window_with_every_step_loss_kept(tiny_models, tiny_examples, tmp_path):
+    params = make_params(tiny_models, tmp_path, max_steps=7, log_every_steps=3)
+    seen = []
+    result = train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
+                   dataset_hash="d", on_metrics=lambda metrics, step: seen.append((step, metrics["loss"])))
+    assert [step for step, _ in seen] == [3, 6, 7]
+    assert len(result.losses) == 7
+    assert seen[0][1] == pytest.approx(sum(result.losses[:3]) / 3)
+    assert seen[-1][1] == pytest.approx(result.losses[6])

@@ -21,7 +21,7 @@ from lora_pipeline.config import LLMTrainingParams
 from lora_pipeline.lora.checkpoints import choose_resume, load_checkpoint, save_checkpoint
 from lora_pipeline.lora.llm_data import pack, pad_batch, pad_packed_batch
 from lora_pipeline.lora.models import load_pretrained
-from lora_pipeline.lora.training import guarded_step, peak_memory_mb
+from lora_pipeline.lora.training import LossLog, make_adamw, optimizer_step, peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def train_causal_lm(
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     model = with_adapter(model, params)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.learning_rate)
+    optimizer = make_adamw([{"params": [p for p in model.parameters() if p.requires_grad],
+                             "lr": params.learning_rate}])
     per_epoch = max(1, math.ceil(len(train_items) / params.batch_size) // params.gradient_accumulation_steps)
     total_steps = params.max_steps or params.epochs * per_epoch
     scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps,
@@ -152,14 +153,16 @@ def train_causal_lm(
     orders: dict[int, list[int]] = {}
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
-    losses, eval_losses = [], []
+    losses = LossLog(folder, "mixed_precision: bf16 and a lower learning_rate")
+    eval_losses: list[float] = []
     tokens_seen, started = 0, time.perf_counter()
     model.train()
     bar = tqdm(total=total_steps, initial=start, desc=f"training {params.output_name}", unit="step",
                disable=not accelerator.is_local_main_process)
     micro_per_epoch = math.ceil(len(train_items) / params.batch_size)
+    collate = pad_packed_batch if params.packing else pad_batch
     for step in range(start, total_steps):
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for accum in range(params.gradient_accumulation_steps):
             micro = step * params.gradient_accumulation_steps + accum
             epoch, index = divmod(micro, micro_per_epoch)
@@ -170,39 +173,42 @@ def train_causal_lm(
             order = orders[epoch]
             chosen = order[index * params.batch_size:(index + 1) * params.batch_size]
             torch.manual_seed(params.seed * 7_919 + micro)  # LoRA dropout
-            collate = pad_packed_batch if params.packing else pad_batch
-            batch = {k: v.to(device) for k, v in collate([train_items[i] for i in chosen], pad_id).items()}
+            batch = {k: v.to(device, non_blocking=True)
+                     for k, v in collate([train_items[i] for i in chosen], pad_id).items()}
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                guarded_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm, step, folder,
-                             "mixed_precision: bf16 and a lower learning_rate")
-            step_loss += loss.detach().float().item() / params.gradient_accumulation_steps
+                optimizer_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm)
+            step_loss += loss.detach() / params.gradient_accumulation_steps
             tokens_seen += sum(len(train_items[i]["input_ids"]) for i in chosen)
-        losses.append(step_loss)
+        losses.add(step, step_loss)
         done = step + 1
         if done == start + 1 and total_steps - start > 1:
             tokens_seen, started = 0, time.perf_counter()  # steady-state throughput, as in the image loop
-        rate = tokens_seen / (time.perf_counter() - started) if tokens_seen else 0.0
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:.0f}")
-        metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_second": rate}
-        if val_items and (done % per_epoch == 0 or done == total_steps):
-            eval_losses.append(eval_loss(accelerator.unwrap_model(model), val_items, pad_id))
-            metrics.update(eval_loss=eval_losses[-1], eval_perplexity=math.exp(min(eval_losses[-1], 50)))
-        if on_metrics:
-            on_metrics(metrics, done)
-        if params.save_steps and done % params.save_steps == 0 and done < total_steps and accelerator.is_main_process:
+        saving = bool(params.save_steps and done % params.save_steps == 0 and done < total_steps)
+        evaluating = bool(val_items) and (done % per_epoch == 0 or done == total_steps)
+        if done % params.log_every_steps == 0 or done == total_steps or saving or evaluating:
+            window = losses.flush()  # the only per-window host sync; before any checkpoint write
+            rate = tokens_seen / (time.perf_counter() - started) if tokens_seen else 0.0
+            bar.set_postfix(loss=f"{window[-1]:.4f}", tok_s=f"{rate:.0f}")
+            metrics = {"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0], "tokens_per_second": rate}
+            if evaluating:
+                eval_losses.append(eval_loss(accelerator.unwrap_model(model), val_items, pad_id))
+                metrics.update(eval_loss=eval_losses[-1], eval_perplexity=math.exp(min(eval_losses[-1], 50)))
+            if on_metrics:
+                on_metrics(metrics, done)
+        if saving and accelerator.is_main_process:
             save_checkpoint(folder, done, adapter_state(accelerator.unwrap_model(model)), optimizer, scheduler,
                             signature, params.keep_checkpoints)
         if step_callback:
             step_callback(done, accelerator.unwrap_model(model))
+    elapsed = time.perf_counter() - started  # the training steps alone: the final checkpoint is excluded
     bar.close()
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         save_checkpoint(folder, total_steps, adapter_state(unwrapped), optimizer, scheduler, signature,
                         params.keep_checkpoints)
-    elapsed = time.perf_counter() - started
-    return LLMTrainResult(adapter_state(unwrapped), losses, eval_losses, total_steps,
+    return LLMTrainResult(adapter_state(unwrapped), losses.values, eval_losses, total_steps,
                           tokens_seen / elapsed if elapsed else 0.0, peak_memory_mb(device), resumed_from)
 
 

@@ -26,3 +26,28 @@ def log_lineage_tags(**extra: str) -> None:
 
     if mlflow.active_run():
         mlflow.set_tags({k: v for k, v in {"git_commit": git_commit(), **extra}.items() if v})
+
+
+class StepMetricsLogger:
+    """The trainers' ``on_metrics`` callback: logs ``<prefix>.<name>`` to the active MLflow run.
+
+    Asynchronous (mlflow's background logging), so a database round-trip never stalls a training step;
+    use it as a context manager so every queued metric is written when training ends.
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        if mlflow.active_run():
+            mlflow.log_metrics({f"{self.prefix}.{k}": v for k, v in metrics.items()}, step=step, synchronous=False)
+
+    def __enter__(self) -> "StepMetricsLogger":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()

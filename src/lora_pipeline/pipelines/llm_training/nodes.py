@@ -12,6 +12,7 @@ import mlflow
 from lora_pipeline.config import LLMDataParams, LLMTrainingParams, parse_params
 from lora_pipeline.lora.llm import load_causal_lm, train_causal_lm
 from lora_pipeline.lora.llm_data import parse_record, tokenize
+from lora_pipeline.pipelines.metrics import StepMetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +27,6 @@ def tokenized(records: list[dict[str, Any]], tokenizer, data: LLMDataParams) -> 
 
 def records_hash(records: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(records, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
-
-
-def _log(metrics: dict[str, float], step: int) -> None:
-    if mlflow.active_run():
-        mlflow.log_metrics({f"llm.{k}": v for k, v in metrics.items()}, step=step)
 
 
 def train_llm_lora(train: list[dict[str, Any]], validation: list[dict[str, Any]], data_params: dict[str, Any],
@@ -48,7 +44,9 @@ def train_llm_lora(train: list[dict[str, Any]], validation: list[dict[str, Any]]
         from lora_pipeline.lora.llm import eval_loss
 
         base_eval = eval_loss(model, val_items, tokenizer.pad_token_id)
-    result = train_causal_lm(model, tokenizer, train_items, val_items, p, dataset_hash=data_hash, on_metrics=_log)
+    with StepMetricsLogger("llm") as log_metrics:
+        result = train_causal_lm(model, tokenizer, train_items, val_items, p, dataset_hash=data_hash,
+                                 on_metrics=log_metrics)
     summary = {
         **p.model_dump(include={"base_model", "output_name", "lora_rank", "alpha", "dropout", "target_modules",
                                 "learning_rate", "seed"}),

@@ -20,7 +20,7 @@ from lora_pipeline.lora.files import sha256_file
 from lora_pipeline.lora.prompts import lora_index
 from lora_pipeline.lora.sd import load_sd
 from lora_pipeline.lora.training import Example, train
-from lora_pipeline.pipelines.metrics import log_lineage_tags
+from lora_pipeline.pipelines.metrics import StepMetricsLogger, log_lineage_tags
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +56,6 @@ def dataset_hash(examples: list[Example]) -> str:
     return digest.hexdigest()
 
 
-def _log_metrics(metrics: dict[str, float], step: int) -> None:
-    if mlflow.active_run():
-        mlflow.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=step)
-
-
 def _log_samples(images: list[Any], step: int) -> None:
     if mlflow.active_run():
         for index, image in enumerate(images):
@@ -93,8 +88,9 @@ def train_lora(
     if mlflow.active_run():
         mlflow.log_params({"training.dataset_hash": data_hash, "training.num_images": len(examples)})
     keep_tokens = p.keep_tokens if p.keep_tokens is not None else int(dataset_info.get("keep_tokens", 0))
-    result = train(sd, examples, p, latent_cache, dataset_hash=data_hash, keep_tokens=keep_tokens,
-                   init_state=init_state, on_metrics=_log_metrics, on_samples=_log_samples)
+    with StepMetricsLogger("train") as log_metrics:
+        result = train(sd, examples, p, latent_cache, dataset_hash=data_hash, keep_tokens=keep_tokens,
+                       init_state=init_state, on_metrics=log_metrics, on_samples=_log_samples)
     if mlflow.active_run():
         mlflow.log_metrics({"train.final_loss": result.losses[-1], "train.peak_memory_mb": result.peak_memory_mb,
                             "train.images_per_second_mean": result.images_per_second,
