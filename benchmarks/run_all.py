@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
@@ -54,83 +55,239 @@ def _dataset(folder: Path, n: int, size: int):
     return examples
 
 
-def bare_loop(model_dir: str, examples, steps: int, batch: int, rank: int) -> float:
-    """The textbook diffusers + PEFT loop (as in diffusers' train_text_to_image_lora.py), images/s."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def bare_stepper(sd, examples, batch: int, rank: int, device: str = "cpu", dtype=torch.float32):
+    """The textbook diffusers + PEFT loop (as in diffusers' train_text_to_image_lora.py): set up, then return
+    its step function ``step(i)``."""
     from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     from lora_pipeline.config import KOHYA_UNET_TARGETS
     from lora_pipeline.lora.images import load_rgb
 
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    unet, vae, text_encoder, tokenizer, scheduler = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
+        module.to(device, dtype)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=KOHYA_UNET_TARGETS))
     trainable = [p for p in unet.parameters() if p.requires_grad]
+    for param in trainable:
+        param.data = param.data.float()  # LoRA weights in fp32, as the diffusers script casts them
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     unet.train()
 
     def step(i: int) -> None:
         chosen = [examples[(i * batch + k) % len(examples)] for k in range(batch)]
         pixels = torch.stack([torch.from_numpy(np.asarray(load_rgb(e.path), dtype=np.float32)).permute(2, 0, 1)
-                              / 127.5 - 1 for e in chosen])
+                              / 127.5 - 1 for e in chosen]).to(device, dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
             ids = tokenizer([e.text for e in chosen], padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+                            truncation=True, return_tensors="pt").input_ids.to(device)
             hidden = text_encoder(ids)[0]
         noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
-        pred = unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            pred = unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as diffusers' train_text_to_image_lora.py does
         optimizer.step()
         optimizer.zero_grad()
 
-    step(0)  # warm-up, as our loop's first step also pays one-off costs before timing matters
-    started = time.perf_counter()
-    for i in range(1, steps + 1):
-        step(i)
-    return steps * batch / (time.perf_counter() - started)
+    return step
 
 
-def ours(model_dir: str, examples, steps: int, batch: int, rank: int, cache: bool, workdir: Path) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_rate(durations: list[float], batch: int) -> float:
+    return batch / statistics.median(durations)
+
+
+def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cache: bool, workdir: Path,
+                      device: str = "cpu", mixed_precision: str = "no", log_every_steps: int = 1,
+                      baseline=None) -> tuple[float, float]:
+    """(our images/s, the textbook loop's images/s), measured in lockstep: one step of our loop, one step of
+    the textbook loop, and so on, in one process on the same data.
+
+    Lockstep because this shared VM's speed drifts by +-25% over seconds (other tenants): two loops run one
+    after the other see different machines, two loops taking turns step by step see the same one. Our loop
+    runs as the ``training`` node runs it (step metrics to an MLflow run); its queued metrics are flushed
+    inside its own turn, so its logging is never billed to the other loop. Each rate is from the median step;
+    the first step of each loop (one-off warm-up) is left out. ``baseline`` swaps in another step function
+    for the second loop (the A/A check).
+    """
+    import mlflow
+
     from lora_pipeline.config import TrainingParams
     from lora_pipeline.lora.cache import DiskCache
-    from lora_pipeline.lora.sd import load_sd
     from lora_pipeline.lora.training import train
+    from lora_pipeline.pipelines.metrics import StepMetricsLogger
 
-    params = TrainingParams(base_model=model_dir, device="cpu", lora_rank=rank, alpha=rank, batch_size=batch,
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    other = baseline or bare_stepper(make_sd(), examples, batch, rank, device, dtype)
+    params = TrainingParams(base_model="bench", device=device, lora_rank=rank, alpha=rank, batch_size=batch,
                             max_steps=steps, cache_latents=cache, checkpoint_dir=str(workdir / "ckpt"),
-                            output_name=f"bench_{random.random():.6f}", resume="none", log_every_steps=10)
-    result = train(load_sd(model_dir), examples, params, DiskCache(workdir / "cache"), dataset_hash="bench")
-    return result.images_per_second
+                            output_name=f"bench_{random.random():.6f}", resume="none", mixed_precision=mixed_precision,
+                            log_every_steps=log_every_steps)
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    ours_times: list[float] = []
+    bare_times: list[float] = []
+    turn_ended: list[float] = []
+
+    def take_turns(step: int, _sd) -> None:
+        mlflow.flush_async_logging()
+        _sync(device)
+        ours_done = time.perf_counter()
+        if turn_ended:
+            ours_times.append(ours_done - turn_ended[-1])
+        other(step)
+        _sync(device)
+        turn_ended.append(time.perf_counter())
+        bare_times.append(turn_ended[-1] - ours_done)
+
+    with mlflow.start_run(), StepMetricsLogger("train") as log_metrics:
+        train(make_sd(), examples, params, DiskCache(workdir / "cache"), dataset_hash="bench",
+              on_metrics=log_metrics, step_callback=take_turns)
+    return _median_rate(ours_times, batch), _median_rate(bare_times[1:], batch)
+
+
+def _ratios(rows: dict[str, list[float]], prefix: str) -> dict[str, float]:
+    """``rows["bare"]`` holds, in order, the textbook rate paired with each nocache run, then each cache run."""
+    out = {f"{prefix}_img_s_{k}": statistics.median(v) for k, v in rows.items()}
+    pairs = {"nocache": rows["bare"][0::2], "cache": rows["bare"][1::2]}
+    for mode in ("nocache", "cache"):
+        ratios = [o / b for o, b in zip(rows[f"ours_{mode}"], pairs[mode])]
+        out[f"{prefix}_ratio_{mode}"] = statistics.median(ratios)
+        out[f"{prefix}_ratio_{mode}_min"] = min(ratios)
+        out[f"{prefix}_ratio_{mode}_max"] = max(ratios)
+    return out
 
 
 def bench_training(models: dict[str, Path], quick: bool) -> dict[str, float]:
+    """Tiny SD on CPU: 128 px, batch 4, r=8, fp32; lockstep pairs, repeated; median of the paired ratios."""
+    from lora_pipeline.lora.sd import load_sd
+
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     examples = _dataset(work / "images", 16, 128)
     model = str(models["tiny-sd"])
-    steps, batch, rank = (10, 4, 8) if quick else (30, 4, 8)
-    ours(model, examples, 2, batch, rank, True, work)  # fills the latent cache: "from the second epoch on"
+    steps, batch, rank = (15, 4, 8) if quick else (40, 4, 8)
+    make_sd = partial(load_sd, model)
+    # Fill the latent cache first: "from the second epoch on".
+    ours_against_bare(make_sd, examples, 2, batch, rank, True, work)
     rows = {"bare": [], "ours_nocache": [], "ours_cache": []}
-    for _ in range(2 if quick else 3):  # interleaved repeats
-        rows["bare"].append(bare_loop(model, examples, steps, batch, rank))
-        rows["ours_nocache"].append(ours(model, examples, steps, batch, rank, False, work))
-        rows["ours_cache"].append(ours(model, examples, steps, batch, rank, True, work))
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    return {"train_img_s_bare": med["bare"], "train_img_s_ours_nocache": med["ours_nocache"],
-            "train_img_s_ours_cache": med["ours_cache"],
-            "train_ratio_nocache": statistics.median(o / b for o, b in zip(rows["ours_nocache"], rows["bare"])),
-            "train_ratio_cache": statistics.median(o / b for o, b in zip(rows["ours_cache"], rows["bare"]))}
+    for _ in range(2 if quick else 3):
+        for mode, cache in (("nocache", False), ("cache", True)):
+            ours_rate, bare_rate = ours_against_bare(make_sd, examples, steps, batch, rank, cache, work)
+            rows[f"ours_{mode}"].append(ours_rate)
+            rows["bare"].append(bare_rate)
+    figures = _ratios(rows, "train")
+    # A/A: the textbook loop against itself, in lockstep. Its spread is this method's noise floor.
+    noise = []
+    for _ in range(2 if quick else 3):
+        first = bare_stepper(make_sd(), examples, batch, rank)
+        second = bare_stepper(make_sd(), examples, batch, rank)
+        a_times, b_times = [], []
+        for i in range(steps):
+            for stepper, times in ((first, a_times), (second, b_times)):
+                started = time.perf_counter()
+                stepper(i)
+                times.append(time.perf_counter() - started)
+        noise.append(statistics.median(a_times[1:]) / statistics.median(b_times[1:]))
+    figures.update(train_ratio_bare_vs_bare=statistics.median(noise), train_ratio_bare_vs_bare_min=min(noise),
+                   train_ratio_bare_vs_bare_max=max(noise))
+    return figures
 
 
+def sd15_components(tiny_sd: Path):
+    """SD1.5-size UNet, VAE and text encoder with random weights (real configs); the tiny model's tokenizer."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lora_pipeline.lora.sd import SDComponents
+    from lora_pipeline.lora.tiny_models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+
+    torch.manual_seed(0)
+    return SDComponents(UNet2DConditionModel(**SD15_UNET_CONFIG), AutoencoderKL(**SD15_VAE_CONFIG),
+                        CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)),
+                        CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer")),
+                        DDPMScheduler.from_pretrained(str(tiny_sd / "scheduler")), "sd15-random")
+
+
+def sd15_flops() -> dict[str, float]:
+    """FLOPs per 512 px image (torch.utils.flop_counter on meta tensors): one LoRA training step of the UNet with
+    our default targets at r=8 (forward + backward), one VAE encode, one text-encoder forward."""
+    from diffusers import AutoencoderKL
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_pipeline.config import KOHYA_UNET_TARGETS
+    from lora_pipeline.lora.tiny_models import SD15_VAE_CONFIG, build_sd15_architecture
+
+    unet, text_encoder = build_sd15_architecture("meta")
+    unet.requires_grad_(False)
+    with torch.device("meta"):
+        unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=KOHYA_UNET_TARGETS))
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+        unet.train()
+        counts = {}
+        with FlopCounterMode(display=False) as counter:
+            unet(torch.randn(1, 4, 64, 64), torch.tensor([500]), torch.randn(1, 77, 768)).sample.pow(2).mean().backward()
+        counts["sd15_unet_lora_step_tflop_per_image"] = counter.get_total_flops() / 1e12
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            vae.encode(torch.randn(1, 3, 512, 512))
+        counts["sd15_vae_encode_tflop_per_image"] = counter.get_total_flops() / 1e12
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            text_encoder(torch.zeros(1, 77, dtype=torch.long))
+        counts["sd15_text_encode_tflop_per_image"] = counter.get_total_flops() / 1e12
+    step = counts["sd15_unet_lora_step_tflop_per_image"]
+    counts["sd15_cache_ceiling_by_flops"] = (step + counts["sd15_vae_encode_tflop_per_image"]
+                                             + counts["sd15_text_encode_tflop_per_image"]) / step
+    return counts
+
+
+# Dense bf16 peak (no sparsity), TFLOP/s, from the vendors' data sheets (SXM parts).
+GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def bench_sd15(models: dict[str, Path], device: str, quick: bool) -> dict[str, float]:
+    """SD1.5-size model at 512 px: our loop (cached / not) against the textbook loop, same settings.
+
+    CPU: batch 1, fp32, 3 steps each (the first is warm-up), one repeat: a CPU step takes ~30 s.
+    GPU: batch 4, bf16, 20 steps, three repeats, plus model-FLOPs utilization with cached latents.
+    """
+    work = Path(tempfile.mkdtemp(prefix=f"bench-sd15-{device}-"))
+    gpu = device == "cuda"
+    batch, steps, repeats = (4, 20, 3) if gpu else (1, 3, 1)
+    dtype, mixed = (torch.bfloat16, "bf16") if gpu else (torch.float32, "no")
+    examples = _dataset(work / "images", 2 * batch, 512)
+    tiny = models["tiny-sd"]
+    from lora_pipeline.lora.cache import DiskCache
+    from lora_pipeline.lora.training import encode_latents
+
+    sd = sd15_components(tiny)
+    encode_latents(sd, examples, DiskCache(work / "cache"), torch.device(device))  # "from the second epoch on"
+    del sd
+    rows = {"bare": [], "ours_nocache": [], "ours_cache": []}
+    for _ in range(repeats):
+        for mode, cache in (("nocache", False), ("cache", True)):
+            ours_rate, bare_rate = ours_against_bare(partial(sd15_components, tiny), examples, steps, batch, 8, cache,
+                                                     work, device, mixed, log_every_steps=10 if gpu else 1)
+            rows[f"ours_{mode}"].append(ours_rate)
+            rows["bare"].append(bare_rate)
+    prefix = f"sd15_{device}_{'bf16' if gpu else 'fp32'}"
+    out = _ratios(rows, prefix)
+    if gpu:
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in GPU_BF16_PEAK_TFLOPS.items() if k in name), None)
+        if peak:
+            step_tflop = sd15_flops()["sd15_unet_lora_step_tflop_per_image"]
+            out[f"{prefix}_mfu_cache"] = out[f"{prefix}_img_s_ours_cache"] * step_tflop / peak
+    return out
+
+
+# ----------------------------------------------------------------------------- data stages at scale
 # ----------------------------------------------------------------------------- data stages at scale
 
 def make_images(folder: Path, start: int, count: int) -> None:
@@ -196,71 +353,139 @@ def bench_data(quick: bool) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- LLM
 
-def bench_llm(models: dict[str, Path], quick: bool) -> dict[str, float]:
-    from peft import LoraConfig, get_peft_model
-
+def _llm_ours(model_dir: str, tokenizer, items, steps: int, batch: int, packing: bool, on_tick=None):
     from lora_pipeline.config import LLMTrainingParams
     from lora_pipeline.lora.llm import load_causal_lm, train_causal_lm
-    from lora_pipeline.lora.llm_data import pad_batch, parse_record, tokenize
+
+    params = LLMTrainingParams(base_model=model_dir, device="cpu", batch_size=batch, max_steps=steps,
+                               checkpoint_dir=tempfile.mkdtemp(prefix="bench-llm-"), resume="none",
+                               lr_scheduler="constant", packing=packing)
+    return train_causal_lm(load_causal_lm(model_dir)[0], tokenizer, items, [], params, dataset_hash="b",
+                           step_callback=on_tick)
+
+
+def bench_llm(models: dict[str, Path], quick: bool) -> dict[str, float]:
+    """Tiny Llama, LoRA r=16 on all linear layers, batch 8, CPU fp32.
+
+    Ratio: equal-length samples (so every step holds the same tokens) and median step times, as for images.
+    Packing: variable-length samples, real (non-pad) tokens/s and the share of padding, packed vs not.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from lora_pipeline.lora.llm import load_causal_lm
+    from lora_pipeline.lora.llm_data import pack, pad_batch, parse_record, tokenize
 
     model_dir = str(models["tiny-llm"])
     _, tokenizer = load_causal_lm(model_dir)
-    convs = [parse_record({"prompt": f"患者：头痛{i}天", "response": "建议休息，多喝水。" * (1 + i % 3)}, i)
-             for i in range(64)]
-    items = [tokenize(tokenizer, c, None, 128, "truncate") for c in convs]
+
+    def items_for(response_of):
+        convs = [parse_record({"prompt": f"患者：头痛{i % 10}天", "response": response_of(i)}, i) for i in range(64)]
+        return [tokenize(tokenizer, c, None, 256, "truncate") for c in convs]
+
     steps, batch = (10, 8) if quick else (40, 8)
+    same = items_for(lambda i: "建议休息，多喝水。" * 2)
+    per_step = batch * len(same[0]["input_ids"])
+    assert all(len(item["input_ids"]) == len(same[0]["input_ids"]) for item in same)
     ours_rates, bare_rates = [], []
-    for _ in range(3):
-        work = Path(tempfile.mkdtemp(prefix="bench-llm-"))
-        params = LLMTrainingParams(base_model=model_dir, device="cpu", batch_size=batch, max_steps=steps,
-                                   checkpoint_dir=str(work), resume="none", lr_scheduler="constant")
-        ours_rates.append(train_causal_lm(load_causal_lm(model_dir)[0], tokenizer, items, [], params,
-                                          dataset_hash="b").tokens_per_second)
+    for _ in range(2 if quick else 3):
+        # Lockstep, as for images: after each step of our loop, one step of the bare loop.
         model = get_peft_model(load_causal_lm(model_dir)[0], LoraConfig(r=16, lora_alpha=32, lora_dropout=0.2,
                                                                         target_modules="all-linear"))
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=2e-4)
-        tokens, started = 0, time.perf_counter()
-        for s in range(steps):
-            if s == 1:
-                tokens, started = 0, time.perf_counter()  # steady state, like the loop under test
-            chunk = pad_batch(items[(s * batch) % len(items):(s * batch) % len(items) + batch], tokenizer.pad_token_id)
-            model(**chunk).loss.backward()
+        model.train()
+        ours_times, bare_times, turn_ended = [], [], []
+
+        def take_turns(step: int, _model) -> None:
+            ours_done = time.perf_counter()
+            if turn_ended:
+                ours_times.append(ours_done - turn_ended[-1])
+            start = (step * batch) % len(same)
+            model(**pad_batch(same[start:start + batch], tokenizer.pad_token_id)).loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as TRL/transformers Trainer do by default
             optimizer.step()
             optimizer.zero_grad()
-            tokens += int(chunk["attention_mask"].sum())
-        bare_rates.append(tokens / (time.perf_counter() - started))
-    return {"llm_tok_s_ours": statistics.median(ours_rates), "llm_tok_s_bare": statistics.median(bare_rates),
-            "llm_ratio": statistics.median(o / b for o, b in zip(ours_rates, bare_rates))}
+            turn_ended.append(time.perf_counter())
+            bare_times.append(turn_ended[-1] - ours_done)
+
+        _llm_ours(model_dir, tokenizer, same, steps, batch, False, take_turns)
+        ours_rates.append(_median_rate(ours_times, per_step))
+        bare_rates.append(_median_rate(bare_times[1:], per_step))
+    figures = {"llm_tok_s_ours": statistics.median(ours_rates), "llm_tok_s_bare": statistics.median(bare_rates),
+               "llm_ratio": statistics.median(o / b for o, b in zip(ours_rates, bare_rates))}
+
+    varied = items_for(lambda i: "建议休息，多喝水。" * (1 + i % 6))
+    length = max(len(item["input_ids"]) for item in varied)
+    real = sum(len(item["input_ids"]) for item in varied)
+    rows = pack(varied, length)
+    padded_plain = sum(batch * max(len(x["input_ids"]) for x in varied[i:i + batch]) for i in range(0, 64, batch))
+    padded_packed = sum(len(rows[i:i + batch]) * max(len(x["input_ids"]) for x in rows[i:i + batch])
+                        for i in range(0, len(rows), batch))
+    rates = {False: [], True: []}
+    for _ in range(3):
+        for packing in (False, True):
+            rates[packing].append(_llm_ours(model_dir, tokenizer, varied, steps, batch, packing).tokens_per_second)
+    figures.update({
+        "llm_pad_share_unpacked": 1 - real / padded_plain, "llm_pad_share_packed": 1 - real / padded_packed,
+        "llm_real_tok_s_unpacked": statistics.median(rates[False]),
+        "llm_real_tok_s_packed": statistics.median(rates[True]),
+        "llm_packing_speedup": statistics.median(rates[True]) / statistics.median(rates[False]),
+    })
+    return figures
 
 
 # ----------------------------------------------------------------------------- memory
 
-def bench_memory_sd15(checkpointing: bool) -> dict[str, float]:
-    """Peak RSS of one LoRA training step of an SD1.5-size UNet (random weights, real config), batch 1, 512 px."""
-    from diffusers import UNet2DConditionModel
+def bench_memory_sd15(mode: str) -> dict[str, float]:
+    """Peak memory of one LoRA training step of an SD1.5-size model (random weights, real configs), batch 1,
+    512 px. ``mode``: ``<checkpointing|plain>-<cached|uncached>-<fp32|bf16>``; uncached adds the VAE encode of
+    the 512 px image and the text encoder, as a step without caches does. Peak RSS on CPU, CUDA peak on a GPU.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from peft import LoraConfig
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from lora_pipeline.config import KOHYA_UNET_TARGETS
-    from lora_pipeline.lora.tiny_models import SD15_UNET_CONFIG
+    from lora_pipeline.lora.tiny_models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    checkpointing, caching, precision = mode.split("-")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(device, dtype)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=KOHYA_UNET_TARGETS))
-    if checkpointing:
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    if checkpointing == "checkpointing":
         unet.enable_gradient_checkpointing()
     unet.train()
     started = time.perf_counter()
-    pred = unet(torch.randn(1, 4, 64, 64), torch.tensor([500]), torch.randn(1, 77, 768)).sample
+    with torch.no_grad():
+        if caching == "uncached":
+            vae = AutoencoderKL(**SD15_VAE_CONFIG).to(device, dtype)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)).to(device, dtype)
+            latents = vae.encode(torch.randn(1, 3, 512, 512, device=device, dtype=dtype)).latent_dist.sample()
+            hidden = text_encoder(torch.zeros(1, 77, dtype=torch.long, device=device))[0]
+            del vae, text_encoder  # the textbook loop keeps them; their weights are in the peak either way
+        else:
+            latents = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
+            hidden = torch.randn(1, 77, 768, device=device, dtype=dtype)
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        pred = unet(latents, torch.tensor([500], device=device), hidden).sample
     pred.float().pow(2).mean().backward()
-    return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
+    return {"seconds": time.perf_counter() - started, "peak_mb": peak}
 
 
 # ----------------------------------------------------------------------------- report
 
 TARGETS = {
     "train_ratio_nocache": (">=", 1.0), "train_ratio_cache": (">=", 1.5), "llm_ratio": (">=", 1.0),
+    "sd15_cpu_fp32_ratio_nocache": (">=", 1.0), "sd15_cpu_fp32_ratio_cache": (">=", 1.5),
+    "sd15_cuda_bf16_ratio_nocache": (">=", 1.0), "sd15_cuda_bf16_ratio_cache": (">=", 1.5),
+    "sd15_cuda_bf16_mfu_cache": (">=", 0.40), "sd15_cuda_peak_mb_checkpointing-cached-bf16": ("<=", 6144),
     "data_per_image_ratio_large_vs_small": ("<=", 1.2), "incremental_rerun_fraction": ("<=", 0.10),
 }
 
@@ -285,7 +510,7 @@ def write_report(figures: dict[str, float], machine: str, path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="*", default=None, help="training data llm memory")
+    parser.add_argument("--only", nargs="*", default=None, help="training data llm memory flops sd15")
     parser.add_argument("--data-stage", help=argparse.SUPPRESS)
     parser.add_argument("--memory-stage", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -294,11 +519,11 @@ def main() -> None:
         print(json.dumps(data_stages_once(work / "raw", work / "out", work / "cache")))
         return
     if args.memory_stage:
-        print(json.dumps(bench_memory_sd15(args.memory_stage == "checkpointing")))
+        print(json.dumps(bench_memory_sd15(args.memory_stage)))
         return
     from lora_pipeline.lora.tiny_models import build_all
 
-    sections = args.only or ["training", "data", "llm", "memory"]
+    sections = args.only or ["training", "data", "llm", "memory", "flops", "sd15"]
     models = build_all(Path(tempfile.mkdtemp(prefix="bench-models-")))
     figures: dict[str, float] = {}
     if "training" in sections:
@@ -311,11 +536,24 @@ def main() -> None:
         figures.update(bench_llm(models, args.quick))
         print(figures, flush=True)
     if "memory" in sections and not args.quick:
-        for mode in ("checkpointing", "plain"):
-            result = _in_subprocess("--memory-stage", mode)
-            figures[f"sd15_cpu_fp32_peak_rss_mb_{mode}"] = result["peak_rss_mb"]
-            figures[f"sd15_cpu_fp32_step_s_{mode}"] = result["seconds"]
-    machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU"
+        gpu = torch.cuda.is_available()
+        # bf16 on this CPU (no AVX512-BF16/AMX) is emulated: minutes per step, so CPU runs fp32 only.
+        for precision in (("fp32", "bf16") if gpu else ("fp32",)):
+            for caching in ("cached", "uncached"):
+                for checkpointing in ("checkpointing", "plain"):
+                    mode = f"{checkpointing}-{caching}-{precision}"
+                    result = _in_subprocess("--memory-stage", mode)
+                    where = "cuda" if gpu else "cpu_rss"
+                    figures[f"sd15_{where}_peak_mb_{mode}"] = result["peak_mb"]
+                    figures[f"sd15_step_s_{mode}"] = result["seconds"]
+    if "flops" in sections:
+        figures.update(sd15_flops())
+    if "sd15" in sections:
+        figures.update(bench_sd15(models, "cpu", args.quick))
+        if torch.cuda.is_available():
+            figures.update(bench_sd15(models, "cuda", args.quick))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {gpu}"
     print(write_report(figures, machine, HERE / "RESULTS.md"))
     import mlflow
 

@@ -105,17 +105,18 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tiny_models, tiny_exa
     assert find_resume_checkpoint("latest", folder).name == "checkpoint-0000004"
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_models, tiny_examples, tmp_path):
-    def poison(step, sd):
-        if step == 2:
-            for name, param in sd.unet.named_parameters():
-                if "lora_A" in name:
-                    param.data.fill_(float("nan"))
+def _poison_after_step_2(step, sd):
+    if step == 2:
+        for name, param in sd.unet.named_parameters():
+            if "lora_A" in name:
+                param.data.fill_(float("nan"))
 
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_models, tiny_examples, tmp_path):
     params = make_params(tiny_models, tmp_path, max_steps=6, save_steps=2)
     with pytest.raises(NonFiniteLossError, match="step 2.*checkpoint-0000002.*bf16"):
         train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
-              dataset_hash="d", step_callback=poison)
+              dataset_hash="d", step_callback=_poison_after_step_2)
     [kept] = list_checkpoints(tmp_path / "checkpoints" / "test_lora")
     assert find_resume_checkpoint("latest", kept.parent) == kept
 
@@ -164,17 +165,11 @@ def test_dataloader_workers_do_not_change_the_run(tiny_models, tiny_examples, tm
 
 
 def test_windowed_loss_readback_still_stops_before_saving_a_nan_checkpoint(tiny_models, tiny_examples, tmp_path):
-    def poison(step, sd):
-        if step == 2:
-            for name, param in sd.unet.named_parameters():
-                if "lora_A" in name:
-                    param.data.fill_(float("nan"))
-
     # Losses are read back every 5 steps, but a checkpoint is due at step 4: the read-back before it finds step 2.
     params = make_params(tiny_models, tmp_path, max_steps=8, save_steps=4, log_every_steps=5)
     with pytest.raises(NonFiniteLossError, match="step 2.*none saved yet"):
         train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
-              dataset_hash="d", step_callback=poison)
+              dataset_hash="d", step_callback=_poison_after_step_2)
     assert list_checkpoints(tmp_path / "checkpoints" / "test_lora") == []
 
 

@@ -21,7 +21,7 @@ from lora_pipeline.config import LLMTrainingParams
 from lora_pipeline.lora.checkpoints import choose_resume, load_checkpoint, save_checkpoint
 from lora_pipeline.lora.llm_data import pack, pad_batch, pad_packed_batch
 from lora_pipeline.lora.models import load_pretrained
-from lora_pipeline.lora.training import LossLog, make_adamw, optimizer_step, peak_memory_mb
+from lora_pipeline.lora.training import LossLog, make_adamw, optimizer_step, peak_memory_mb, seed_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def train_causal_lm(
                 random.Random(params.seed * 1_000_003 + epoch).shuffle(orders[epoch])
             order = orders[epoch]
             chosen = order[index * params.batch_size:(index + 1) * params.batch_size]
-            torch.manual_seed(params.seed * 7_919 + micro)  # LoRA dropout
+            seed_dropout(params.seed * 7_919 + micro, device)  # LoRA dropout
             batch = {k: v.to(device, non_blocking=True)
                      for k, v in collate([train_items[i] for i in chosen], pad_id).items()}
             with accelerator.accumulate(model):
@@ -190,7 +190,7 @@ def train_causal_lm(
         if done % params.log_every_steps == 0 or done == total_steps or saving or evaluating:
             window = losses.flush()  # the only per-window host sync; before any checkpoint write
             rate = tokens_seen / (time.perf_counter() - started) if tokens_seen else 0.0
-            bar.set_postfix(loss=f"{window[-1]:.4f}", tok_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{window[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
             metrics = {"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0], "tokens_per_second": rate}
             if evaluating:
                 eval_losses.append(eval_loss(accelerator.unwrap_model(model), val_items, pad_id))

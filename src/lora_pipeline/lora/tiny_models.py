@@ -223,6 +223,12 @@ SD15_TEXT_CONFIG = dict(
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
 )
 
+SD15_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=4, sample_size=512,
+)
+
 
 def build_sd15_architecture(device: str = "meta"):
     """SD1.5 UNet + CLIP text encoder with random (or, on ``meta``, no) weights."""
