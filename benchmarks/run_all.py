@@ -113,8 +113,8 @@ def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cach
 
     Lockstep because this shared VM's speed drifts by +-25% over seconds (other tenants): two loops run one
     after the other see different machines, two loops taking turns step by step see the same one. Our loop
-    runs as the ``training`` node runs it (step metrics to an MLflow run); its queued metrics are flushed
-    inside its own turn, so its logging is never billed to the other loop. Each rate is from the median step;
+    runs as the ``training`` node runs it (step metrics to an MLflow run, written synchronously in batches
+    inside its own turn, so its logging is never billed to the other loop). Each rate is from the median step;
     the first step of each loop (one-off warm-up) is left out. ``baseline`` swaps in another step function
     for the second loop (the A/A check).
     """
@@ -137,7 +137,6 @@ def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cach
     turn_ended: list[float] = []
 
     def take_turns(step: int, _sd) -> None:
-        mlflow.flush_async_logging()
         _sync(device)
         ours_done = time.perf_counter()
         if turn_ended:
