@@ -106,8 +106,8 @@ def _median_rate(durations: list[float], batch: int) -> float:
 
 
 def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cache: bool, workdir: Path,
-                      device: str = "cpu", mixed_precision: str = "no", log_every_steps: int = 1,
-                      baseline=None) -> tuple[float, float]:
+                      device: str = "cpu", mixed_precision: str = "no", log_every_steps: int = 1
+                      ) -> tuple[float, float]:
     """(our images/s, the textbook loop's images/s), measured in lockstep: one step of our loop, one step of
     the textbook loop, and so on, in one process on the same data.
 
@@ -115,8 +115,7 @@ def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cach
     after the other see different machines, two loops taking turns step by step see the same one. Our loop
     runs as the ``training`` node runs it (step metrics to an MLflow run, written synchronously in batches
     inside its own turn, so its logging is never billed to the other loop). Each rate is from the median step;
-    the first step of each loop (one-off warm-up) is left out. ``baseline`` swaps in another step function
-    for the second loop (the A/A check).
+    the first step of each loop (one-off warm-up) is left out.
     """
     import mlflow
 
@@ -126,7 +125,7 @@ def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cach
     from lora_pipeline.pipelines.metrics import StepMetricsLogger
 
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-    other = baseline or bare_stepper(make_sd(), examples, batch, rank, device, dtype)
+    other = bare_stepper(make_sd(), examples, batch, rank, device, dtype)
     params = TrainingParams(base_model="bench", device=device, lora_rank=rank, alpha=rank, batch_size=batch,
                             max_steps=steps, cache_latents=cache, checkpoint_dir=str(workdir / "ckpt"),
                             output_name=f"bench_{random.random():.6f}", resume="none", mixed_precision=mixed_precision,
@@ -152,12 +151,13 @@ def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cach
     return _median_rate(ours_times, batch), _median_rate(bare_times[1:], batch)
 
 
-def _ratios(rows: dict[str, list[float]], prefix: str) -> dict[str, float]:
-    """``rows["bare"]`` holds, in order, the textbook rate paired with each nocache run, then each cache run."""
-    out = {f"{prefix}_img_s_{k}": statistics.median(v) for k, v in rows.items()}
-    pairs = {"nocache": rows["bare"][0::2], "cache": rows["bare"][1::2]}
-    for mode in ("nocache", "cache"):
-        ratios = [o / b for o, b in zip(rows[f"ours_{mode}"], pairs[mode])]
+def _ratios(pairs: dict[str, list[tuple[float, float]]], prefix: str) -> dict[str, float]:
+    """``pairs[mode]``: (our images/s, the textbook loop's images/s) of each lockstep run in that mode."""
+    out = {}
+    for mode, runs in pairs.items():
+        ratios = [ours / bare for ours, bare in runs]
+        out[f"{prefix}_img_s_ours_{mode}"] = statistics.median(ours for ours, _ in runs)
+        out[f"{prefix}_img_s_bare_{mode}"] = statistics.median(bare for _, bare in runs)
         out[f"{prefix}_ratio_{mode}"] = statistics.median(ratios)
         out[f"{prefix}_ratio_{mode}_min"] = min(ratios)
         out[f"{prefix}_ratio_{mode}_max"] = max(ratios)
@@ -175,13 +175,11 @@ def bench_training(models: dict[str, Path], quick: bool) -> dict[str, float]:
     make_sd = partial(load_sd, model)
     # Fill the latent cache first: "from the second epoch on".
     ours_against_bare(make_sd, examples, 2, batch, rank, True, work)
-    rows = {"bare": [], "ours_nocache": [], "ours_cache": []}
+    pairs = {"nocache": [], "cache": []}
     for _ in range(2 if quick else 3):
         for mode, cache in (("nocache", False), ("cache", True)):
-            ours_rate, bare_rate = ours_against_bare(make_sd, examples, steps, batch, rank, cache, work)
-            rows[f"ours_{mode}"].append(ours_rate)
-            rows["bare"].append(bare_rate)
-    figures = _ratios(rows, "train")
+            pairs[mode].append(ours_against_bare(make_sd, examples, steps, batch, rank, cache, work))
+    figures = _ratios(pairs, "train")
     # A/A: the textbook loop against itself, in lockstep. Its spread is this method's noise floor.
     noise = []
     for _ in range(2 if quick else 3):
@@ -288,15 +286,13 @@ def bench_sd15(models: dict[str, Path], device: str, quick: bool) -> dict[str, f
     sd = sd15_components(tiny)
     encode_latents(sd, examples, DiskCache(work / "cache"), torch.device(device))  # "from the second epoch on"
     del sd
-    rows = {"bare": [], "ours_nocache": [], "ours_cache": []}
+    pairs = {"nocache": [], "cache": []}
     for _ in range(repeats):
         for mode, cache in (("nocache", False), ("cache", True)):
-            ours_rate, bare_rate = ours_against_bare(partial(sd15_components, tiny), examples, steps, batch, 8, cache,
-                                                     work, device, mixed, log_every_steps=10 if gpu else 1)
-            rows[f"ours_{mode}"].append(ours_rate)
-            rows["bare"].append(bare_rate)
+            pairs[mode].append(ours_against_bare(partial(sd15_components, tiny), examples, steps, batch, 8, cache,
+                                                 work, device, mixed, log_every_steps=10 if gpu else 1))
     prefix = f"sd15_{device}_{'bf16' if gpu else 'fp32'}"
-    out = _ratios(rows, prefix)
+    out = _ratios(pairs, prefix)
     if gpu:
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in GPU_BF16_PEAK_TFLOPS.items() if k in name), None)

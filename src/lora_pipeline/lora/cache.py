@@ -80,24 +80,22 @@ class FileMemo:
         self.entries: dict[str, list] = loaded if isinstance(loaded, dict) else {}
         self.changed = False
 
-    @staticmethod
-    def _identity(path: Path) -> tuple[str, int, int]:
+    def _lookup(self, path: str | os.PathLike) -> tuple[tuple[str, int, int], Any | None]:
+        """The file's identity (absolute path, size, mtime) and its remembered value, or None."""
         stat = os.stat(path)
-        return os.path.abspath(path), stat.st_size, stat.st_mtime_ns  # abspath: resolve() costs 10x more
+        identity = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)  # abspath: resolve() costs 10x more
+        entry = self.entries.get(identity[0])
+        return identity, (entry[2] if entry and entry[:2] == list(identity[1:]) else None)
 
     def get(self, path: str | os.PathLike) -> Any | None:
-        where, size, mtime = self._identity(Path(path))
-        entry = self.entries.get(where)
-        return entry[2] if entry and entry[0] == size and entry[1] == mtime else None
+        return self._lookup(path)[1]
 
     def compute(self, path: str | os.PathLike, fn: "Callable[[Path], Any]") -> Any:
-        where, size, mtime = self._identity(Path(path))
-        entry = self.entries.get(where)
-        if entry and entry[0] == size and entry[1] == mtime:
-            return entry[2]
-        value = fn(Path(path))
-        self.entries[where] = [size, mtime, value]
-        self.changed = True
+        (where, size, mtime), value = self._lookup(path)
+        if value is None:
+            value = fn(Path(path))
+            self.entries[where] = [size, mtime, value]
+            self.changed = True
         return value
 
     def map(self, fn: "Callable[[Path], Any]", paths: "list[Path]", workers: int | None, desc: str) -> list[Any]:

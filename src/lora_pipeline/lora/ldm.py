@@ -26,7 +26,7 @@ def _resnet(rest: str) -> str:
 
 def unet_to_ldm(state: dict, layers_per_block: int, up_has_attention: list[bool]) -> dict:
     per = layers_per_block + 1
-    fixed = {d: l for d, l in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()}
+    fixed = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
     out = {}
     for key, tensor in state.items():
         if key in fixed:
