@@ -42,8 +42,8 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- training throughput
 
 def _dataset(folder: Path, n: int, size: int):
-    from lora_pipeline.lora.files import sha256_file
-    from lora_pipeline.lora.training import Example
+    from lora_pipeline.core.files import sha256_file
+    from lora_pipeline.diffusion.training import Example
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ def bare_stepper(sd, examples, batch: int, rank: int, device: str = "cpu", dtype
     from peft import LoraConfig
 
     from lora_pipeline.config import KOHYA_UNET_TARGETS
-    from lora_pipeline.lora.images import load_rgb
+    from lora_pipeline.prep.images import load_rgb
 
     unet, vae, text_encoder, tokenizer, scheduler = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler
     for module in (unet, vae, text_encoder):
@@ -120,8 +120,8 @@ def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cach
     import mlflow
 
     from lora_pipeline.config import TrainingParams
-    from lora_pipeline.lora.cache import DiskCache
-    from lora_pipeline.lora.training import train
+    from lora_pipeline.core.cache import DiskCache
+    from lora_pipeline.diffusion.training import train
     from lora_pipeline.pipelines.metrics import StepMetricsLogger
 
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
@@ -166,7 +166,7 @@ def _ratios(pairs: dict[str, list[tuple[float, float]]], prefix: str) -> dict[st
 
 def bench_training(models: dict[str, Path], quick: bool) -> dict[str, float]:
     """Tiny SD on CPU: 128 px, batch 4, r=8, fp32; lockstep pairs, repeated; median of the paired ratios."""
-    from lora_pipeline.lora.sd import load_sd
+    from lora_pipeline.diffusion.loading import load_sd
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     examples = _dataset(work / "images", 16, 128)
@@ -202,8 +202,8 @@ def sd15_components(tiny_sd: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from lora_pipeline.lora.sd import SDComponents
-    from lora_pipeline.lora.tiny_models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+    from lora_pipeline.diffusion.loading import SDComponents
+    from lora_pipeline.demo.tiny_models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
     torch.manual_seed(0)
     return SDComponents(UNet2DConditionModel(**SD15_UNET_CONFIG), AutoencoderKL(**SD15_VAE_CONFIG),
@@ -248,7 +248,7 @@ def sd15_flops() -> dict[str, float]:
     """SD1.5 at 512 px, counted on meta tensors (no weights, no compute)."""
     from diffusers import AutoencoderKL
 
-    from lora_pipeline.lora.tiny_models import SD15_VAE_CONFIG, build_sd15_architecture
+    from lora_pipeline.demo.tiny_models import SD15_VAE_CONFIG, build_sd15_architecture
 
     unet, text_encoder = build_sd15_architecture("meta")
     with torch.device("meta"):
@@ -258,7 +258,7 @@ def sd15_flops() -> dict[str, float]:
 
 def tiny_flops(models: dict[str, Path]) -> dict[str, float]:
     """The benchmark's tiny SD at its 128 px: why caching cannot reach 1.5x there."""
-    from lora_pipeline.lora.sd import load_sd
+    from lora_pipeline.diffusion.loading import load_sd
 
     sd = load_sd(str(models["tiny-sd"]))
     return step_flops(sd.unet, sd.vae, sd.text_encoder, 128, "tiny")
@@ -280,8 +280,8 @@ def bench_sd15(models: dict[str, Path], device: str, quick: bool) -> dict[str, f
     dtype, mixed = (torch.bfloat16, "bf16") if gpu else (torch.float32, "no")
     examples = _dataset(work / "images", 2 * batch, 512)
     tiny = models["tiny-sd"]
-    from lora_pipeline.lora.cache import DiskCache
-    from lora_pipeline.lora.training import encode_latents
+    from lora_pipeline.core.cache import DiskCache
+    from lora_pipeline.diffusion.training import encode_latents
 
     sd = sd15_components(tiny)
     encode_latents(sd, examples, DiskCache(work / "cache"), torch.device(device))  # "from the second epoch on"
@@ -323,7 +323,7 @@ def data_stages_once(raw: Path, out: Path, cache: Path) -> dict[str, float]:
     import pandas as pd
 
     from lora_pipeline.datasets.image_folder import ImageFolderDataset
-    from lora_pipeline.lora.cache import DiskCache
+    from lora_pipeline.core.cache import DiskCache
     from lora_pipeline.pipelines.captioning.nodes import caption_images, scan_images
     from lora_pipeline.pipelines.normalization.nodes import build_training_metadata, inspect_images, render_images
 
@@ -370,7 +370,7 @@ def bench_data(quick: bool) -> dict[str, float]:
 
 def _llm_ours(model_dir: str, tokenizer, items, steps: int, batch: int, packing: bool, on_tick=None):
     from lora_pipeline.config import LLMTrainingParams
-    from lora_pipeline.lora.llm import load_causal_lm, train_causal_lm
+    from lora_pipeline.llm.training import load_causal_lm, train_causal_lm
 
     params = LLMTrainingParams(base_model=model_dir, device="cpu", batch_size=batch, max_steps=steps,
                                checkpoint_dir=tempfile.mkdtemp(prefix="bench-llm-"), resume="none",
@@ -387,8 +387,8 @@ def bench_llm(models: dict[str, Path], quick: bool) -> dict[str, float]:
     """
     from peft import LoraConfig, get_peft_model
 
-    from lora_pipeline.lora.llm import load_causal_lm
-    from lora_pipeline.lora.llm_data import pack, pad_batch, parse_record, tokenize
+    from lora_pipeline.llm.training import load_causal_lm
+    from lora_pipeline.prep.llm_data import pack, pad_batch, parse_record, tokenize
 
     model_dir = str(models["tiny-llm"])
     _, tokenizer = load_causal_lm(model_dir)
@@ -461,7 +461,7 @@ def bench_memory_sd15(mode: str) -> dict[str, float]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lora_pipeline.config import KOHYA_UNET_TARGETS
-    from lora_pipeline.lora.tiny_models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+    from lora_pipeline.demo.tiny_models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
     checkpointing, caching, precision = mode.split("-")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -536,7 +536,7 @@ def main() -> None:
     if args.memory_stage:
         print(json.dumps(bench_memory_sd15(args.memory_stage)))
         return
-    from lora_pipeline.lora.tiny_models import build_all
+    from lora_pipeline.demo.tiny_models import build_all
 
     sections = args.only or ["training", "data", "llm", "memory", "flops", "sd15"]
     models = build_all(Path(tempfile.mkdtemp(prefix="bench-models-")))

@@ -17,11 +17,11 @@ from PIL import Image  # noqa: E402
 from train_helpers import make_params, model_outputs  # noqa: E402
 
 from lora_pipeline.demo import build_demo_images  # noqa: E402
-from lora_pipeline.lora.cache import DiskCache  # noqa: E402
-from lora_pipeline.lora.files import sha256_file  # noqa: E402
-from lora_pipeline.lora.sd import load_sd  # noqa: E402
-from lora_pipeline.lora.tiny_models import build_all  # noqa: E402
-from lora_pipeline.lora.training import Example, train  # noqa: E402
+from lora_pipeline.core.cache import DiskCache  # noqa: E402
+from lora_pipeline.core.files import sha256_file  # noqa: E402
+from lora_pipeline.diffusion.loading import load_sd  # noqa: E402
+from lora_pipeline.demo.tiny_models import build_all  # noqa: E402
+from lora_pipeline.diffusion.training import Example, train  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

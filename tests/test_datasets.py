@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from lora_pipeline.datasets import ImageFolderDataset, ReviewedCaptionsDataset
-from lora_pipeline.lora.files import atomic_path
+from lora_pipeline.core.files import atomic_path
 
 
 def test_reviewed_captions_missing_file_is_empty(tmp_path):

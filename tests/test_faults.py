@@ -20,13 +20,13 @@ from train_helpers import make_params
 from lora_pipeline.config import TrainingParams
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
 from lora_pipeline.errors import ConfigError, DataError, ModelNotFoundError
-from lora_pipeline.lora import files as files_module
-from lora_pipeline.lora.cache import DiskCache
-from lora_pipeline.lora.checkpoints import list_checkpoints
-from lora_pipeline.lora.export import build_kohya_file, load_lora_file, save_lora_file
-from lora_pipeline.lora.formats import tensor_hash
-from lora_pipeline.lora.sd import load_sd
-from lora_pipeline.lora.training import train
+from lora_pipeline.core import files as files_module
+from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.checkpoints import list_checkpoints
+from lora_pipeline.diffusion.export import build_kohya_file, load_lora_file, save_lora_file
+from lora_pipeline.diffusion.lora_files import tensor_hash
+from lora_pipeline.diffusion.loading import load_sd
+from lora_pipeline.diffusion.training import train
 from lora_pipeline.pipelines.captioning.nodes import scan_images
 from lora_pipeline.pipelines.normalization.nodes import build_training_metadata, inspect_images, render_images
 from lora_pipeline.pipelines.training.nodes import build_examples, resolve_init_lora
@@ -35,9 +35,9 @@ KILL_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from lora_pipeline.config import TrainingParams
-    from lora_pipeline.lora.cache import DiskCache
-    from lora_pipeline.lora.sd import load_sd
-    from lora_pipeline.lora.training import Example, train
+    from lora_pipeline.core.cache import DiskCache
+    from lora_pipeline.diffusion.loading import load_sd
+    from lora_pipeline.diffusion.training import Example, train
     args = json.loads(sys.argv[1])
     params = TrainingParams(**args["params"])
     examples = [Example(Path(e[0]), e[1], e[2], e[3], e[4]) for e in args["examples"]]

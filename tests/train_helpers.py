@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lora_pipeline.config import TrainingParams
-from lora_pipeline.lora.formats import kohya_modules
+from lora_pipeline.diffusion.lora_files import kohya_modules
 
 
 def make_params(tiny_models, tmp_path, **overrides) -> TrainingParams:

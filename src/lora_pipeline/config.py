@@ -112,10 +112,15 @@ KOHYA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.n
 KOHYA_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
+FamilyName = Literal["auto", "sd1", "sdxl"]
+
+
 class TrainingParams(_Strict):
     base_model: str = Field(..., description="diffusers folder, hub id, or single .safetensors/.ckpt file")
+    base_model_family: FamilyName = Field("auto", description="auto: read from model_index.json or the file's keys")
     allow_download: bool = False
-    single_file_config: str | None = Field(None, description="local diffusers SD1.x folder for single files")
+    single_file_config: str | None = Field(None, description="local diffusers folder of the same family, for single "
+                                                             "files (configs + tokenizers; nothing is downloaded)")
     output_name: str = Field("my_lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     lora_rank: int = Field(8, ge=1, le=1024)
     alpha: float = Field(8.0, gt=0, le=4096, description="scale = alpha / lora_rank")
@@ -189,6 +194,7 @@ class PromptSpec(_Strict):
 
 class GenerationParams(_Strict):
     base_model: str
+    base_model_family: FamilyName = "auto"
     allow_download: bool = False
     single_file_config: str | None = None
     lora_dirs: list[str] = Field(default_factory=lambda: ["data/07_model_output"],

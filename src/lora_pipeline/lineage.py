@@ -16,7 +16,7 @@ from pathlib import Path
 def find_runs(lora_file: str | Path, tracking_uri: str) -> tuple[dict[str, str], list]:
     import mlflow
 
-    from lora_pipeline.lora.export import load_lora_file
+    from lora_pipeline.diffusion.lora_files import load_lora_file
 
     _, header = load_lora_file(lora_file)
     digest = header.get("sshs_model_hash")

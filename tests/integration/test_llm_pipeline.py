@@ -6,7 +6,7 @@ import mlflow
 import pandas as pd
 from kedro_helpers import run
 
-from lora_pipeline.lora.files import sha256_file
+from lora_pipeline.core.files import sha256_file
 
 
 def _latest(folder):

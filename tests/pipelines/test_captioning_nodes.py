@@ -4,7 +4,7 @@ from PIL import Image
 
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
 from lora_pipeline.errors import ModelNotFoundError
-from lora_pipeline.lora.cache import DiskCache
+from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.pipelines.captioning import nodes
 
 NO_REVIEW = pd.DataFrame(columns=["file_name", "text"])

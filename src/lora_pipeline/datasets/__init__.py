@@ -5,8 +5,9 @@ from lora_pipeline.datasets.files import PretrainedFolderDataset, RawFileDataset
 from lora_pipeline.datasets.image_folder import ImageFolder, ImageFolderDataset
 from lora_pipeline.datasets.lora_weights import DiffusersLoraDataset, LoraWeightsDataset
 from lora_pipeline.datasets.reviewed_captions import ReviewedCaptionsDataset
+from lora_pipeline.datasets.summary import TrainingSummaryDataset
 
 __all__ = [
     "CacheDataset", "DiffusersLoraDataset", "ImageFolder", "ImageFolderDataset", "LoraWeightsDataset",
-    "PretrainedFolderDataset", "RawFileDataset", "ReviewedCaptionsDataset",
+    "PretrainedFolderDataset", "RawFileDataset", "ReviewedCaptionsDataset", "TrainingSummaryDataset",
 ]

@@ -6,7 +6,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from lora_pipeline.lora.cache import DiskCache
+from lora_pipeline.core.cache import DiskCache
 
 
 class CacheDataset(AbstractDataset[None, DiskCache]):

@@ -19,8 +19,8 @@ from kedro.io import AbstractDataset, DatasetError
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from lora_pipeline.lora.files import atomic_path, atomic_write_text
-from lora_pipeline.lora.images import IMAGE_EXTENSIONS, list_images
+from lora_pipeline.core.files import atomic_path, atomic_write_text
+from lora_pipeline.prep.images import IMAGE_EXTENSIONS, list_images
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 from kedro.io import Version
 
 from lora_pipeline.datasets.files import VersionedPathDataset
-from lora_pipeline.lora.export import load_lora_file, save_diffusers_lora, save_lora_file
+from lora_pipeline.diffusion.lora_files import load_lora_file, save_diffusers_lora, save_lora_file
 
 
 class LoraWeightsDataset(VersionedPathDataset):

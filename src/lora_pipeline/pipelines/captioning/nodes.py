@@ -1,4 +1,4 @@
-"""Captioning nodes: thin adapters over ``lora_pipeline.lora.captions``."""
+"""Captioning nodes: thin adapters over ``lora_pipeline.prep.captions``."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ from typing import Any
 import pandas as pd
 
 from lora_pipeline.config import CaptioningParams, parse_params
+from lora_pipeline.core.cache import DiskCache, FileMemo, settings_key
+from lora_pipeline.core.files import sha256_file
+from lora_pipeline.core.models import resolve_model
 from lora_pipeline.datasets.image_folder import ImageFolder
-from lora_pipeline.lora.cache import DiskCache, FileMemo, settings_key
-from lora_pipeline.lora.captions import (
+from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+from lora_pipeline.prep.captions import (
     BlipCaptioner,
     Captioner,
     ClipTagger,
     apply_template,
     caption_in_batches,
 )
-from lora_pipeline.lora.files import sha256_file
-from lora_pipeline.lora.images import load_rgb, read_sidecar
-from lora_pipeline.lora.models import resolve_model
-from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+from lora_pipeline.prep.images import load_rgb, read_sidecar
 
 logger = logging.getLogger(__name__)
 

@@ -12,16 +12,18 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from lora_pipeline.config import EvaluationParams, PromptSpec, parse_params
+from lora_pipeline.config import EvaluationParams, PromptSpec, TrainingParams, parse_params
+from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.datasets.image_folder import ImageFolder
-from lora_pipeline.lora.cache import DiskCache
-from lora_pipeline.lora.evaluation import ClipScorer, holdout_examples
-from lora_pipeline.lora.generation import render
-from lora_pipeline.lora.sd import load_sd
-from lora_pipeline.lora.stack import merge_state_into_base
-from lora_pipeline.lora.training import denoising_loss, encode_latents
+from lora_pipeline.diffusion.dataset import build_examples
+from lora_pipeline.diffusion.evaluation import ClipScorer, holdout_examples
+from lora_pipeline.diffusion.generation import render
+from lora_pipeline.diffusion.loading import load_diffusion_model
+from lora_pipeline.diffusion.lora_files import lora_modules_from_state
+from lora_pipeline.diffusion.stack import merge_modules
+from lora_pipeline.diffusion.training import denoising_loss, encode_latents
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
-from lora_pipeline.pipelines.training.nodes import build_examples
 
 logger = logging.getLogger(__name__)
 
@@ -31,18 +33,21 @@ def evaluate_lora(
     train_metadata: pd.DataFrame,
     latent_cache: DiskCache,
     lora_kohya: dict[str, Any],
-    training_summary: dict[str, Any],
+    training_summary: TrainingSummary,
     params: dict[str, Any],
+    training_params: dict[str, Any],
 ) -> tuple[str, dict[str, dict[str, float]]]:
     """Denoising loss (train and held-out images) and optional CLIP figures, base vs LoRA; a markdown report."""
     p = parse_params(EvaluationParams, params, "evaluation")
-    sd = load_sd(training_summary["base_model"])
+    t = parse_params(TrainingParams, training_params, "training")  # how to load the base: download, single file
+    sd = load_diffusion_model(training_summary.base_model, training_summary.family, t.allow_download,
+                              t.single_file_config)
     device = torch.device("cpu")
-    train_examples = build_examples(normalized_images, train_metadata)
+    train_examples = build_examples(normalized_images.root, train_metadata)
     sets = {"train": train_examples}
     if p.holdout_dir:
         buckets = sorted({(ex.width, ex.height) for ex in train_examples})
-        trigger = training_summary.get("trigger", "")
+        trigger = training_summary.trigger
         sets["holdout"] = holdout_examples(p.holdout_dir, buckets, 8, trigger,
                                            Path(tempfile.mkdtemp(prefix="holdout-")))
     keys = {}
@@ -57,7 +62,9 @@ def evaluate_lora(
     figures: dict[str, float] = {}
     for label in ("base", "lora"):  # one base model, evaluated, then merged with the LoRA and evaluated again
         if label == "lora":
-            merge_state_into_base(sd, lora_kohya["state"], 1.0, training_summary["output_name"])
+            lora = lora_modules_from_state(lora_kohya["state"], lora_kohya["metadata"], sd.family, sd.modules(),
+                                           training_summary.output_name)
+            merge_modules(sd.modules(), lora, 1.0, training_summary.output_name)
         for name, examples in sets.items():
             figures[f"loss_{name}_{label}"] = denoising_loss(sd, examples, latent_cache, keys, p.seed, p.timesteps)
         if clip is not None:
@@ -66,8 +73,8 @@ def evaluate_lora(
         figures[f"loss_{name}_change_pct"] = 100 * (figures[f"loss_{name}_lora"] / figures[f"loss_{name}_base"] - 1)
     report = _report(training_summary, figures, {k: len(v) for k, v in sets.items()})
     if mlflow.active_run():
-        if training_summary.get("mlflow_run_id"):
-            mlflow.set_tag("training_run_id", training_summary["mlflow_run_id"])
+        if training_summary.mlflow_run_id:
+            mlflow.set_tag("training_run_id", training_summary.mlflow_run_id)
         mlflow.log_text(report, "evaluation/report.md")
     logger.info("Evaluation: %s", ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
     return report, as_mlflow_metrics({f"{k}": v for k, v in figures.items()})
@@ -83,12 +90,12 @@ def _clip_figures(p: EvaluationParams, sd, scorer: ClipScorer, references, label
             f"style_similarity_{label}": scorer.similarity(images, references)}
 
 
-def _report(summary: dict[str, Any], figures: dict[str, float], sizes: dict[str, int]) -> str:
+def _report(summary: TrainingSummary, figures: dict[str, float], sizes: dict[str, int]) -> str:
     rows = "\n".join(f"| {name} | {value:.5f} |" for name, value in figures.items())
-    return f"""# Evaluation of {summary['output_name']}
+    return f"""# Evaluation of {summary.output_name}
 
-Base model `{summary['base_model']}`, LoRA rank {summary['lora_rank']} / alpha {summary['alpha']},
-{summary['steps']} steps. Images: {', '.join(f'{k} {v}' for k, v in sizes.items())}.
+Base model `{summary.base_model}` ({summary.family}), LoRA rank {summary.spec.rank} / alpha {summary.spec.alpha},
+{summary.steps} steps. Images: {', '.join(f'{k} {v}' for k, v in sizes.items())}.
 
 Denoising loss: mean MSE at fixed timesteps with fixed noise (lower is better; identical on every run).
 `*_change_pct` is the LoRA's change against the base model.
@@ -97,6 +104,6 @@ Denoising loss: mean MSE at fixed timesteps with fixed noise (lower is better; i
 | --- | --- |
 {rows}
 
-Training run: `{summary.get('mlflow_run_id')}` (MLflow). Comparison grid: see the generation stage's
+Training run: `{summary.mlflow_run_id}` (MLflow). Comparison grid: see the generation stage's
 `comparison_grid.png`.
 """

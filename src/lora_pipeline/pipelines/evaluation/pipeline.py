@@ -9,7 +9,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 evaluate_lora,
                 ["normalized_images", "train_metadata", "latent_cache", "lora_kohya", "training_summary",
-                 "params:evaluation"],
+                 "params:evaluation", "params:training"],
                 ["evaluation_report", "evaluation_metrics"],
                 name="evaluate_lora",
             ),

@@ -1,4 +1,4 @@
-"""Export nodes: thin adapters over ``lora_pipeline.lora.export``."""
+"""Export nodes: thin adapters over ``lora_pipeline.diffusion.lora_files`` and ``model_card``."""
 
 from __future__ import annotations
 
@@ -9,46 +9,48 @@ from typing import Any
 import mlflow
 
 from lora_pipeline.config import ExportParams, parse_params
-from lora_pipeline.lora.export import build_kohya_file, model_card, save_lora_file
+from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.diffusion.lora_files import build_kohya_file, save_lora_file
+from lora_pipeline.diffusion.model_card import model_card
 from lora_pipeline.pipelines.metrics import log_lineage_tags
 
 logger = logging.getLogger(__name__)
 
 
-def _base_name(summary: dict[str, Any], p: ExportParams) -> str:
-    return p.base_model_name or Path(str(summary["base_model"])).name
+def _base_name(summary: TrainingSummary, p: ExportParams) -> str:
+    return p.base_model_name or Path(summary.base_model).name
 
 
-def export_kohya(lora_weights: dict[str, Any], training_summary: dict[str, Any], params: dict[str, Any]
+def export_kohya(lora_weights: dict[str, Any], training_summary: TrainingSummary, params: dict[str, Any]
                  ) -> dict[str, Any]:
-    """The WebUI/ComfyUI file: kohya keys, training alpha, ``ss_*``/``modelspec.*`` header, fp16 by default."""
+    """The WebUI/ComfyUI file: the family's kohya names, training alpha, ``ss_*``/``modelspec.*`` header."""
     p = parse_params(ExportParams, params, "export")
-    title = training_summary["output_name"]
-    state, metadata = build_kohya_file(lora_weights["state"], training_summary, p.precision, title,
-                                       _base_name(training_summary, p))
-    metadata["lora_pipeline.training_run_id"] = training_summary.get("mlflow_run_id")
+    title = training_summary.output_name
+    state, metadata = build_kohya_file(lora_weights["state"], training_summary, training_summary.unet_config(),
+                                       p.precision, title, _base_name(training_summary, p))
+    metadata["lora_pipeline.training_run_id"] = training_summary.mlflow_run_id
     # `python -m lora_pipeline.lineage <file>` finds this run from the file's sshs_model_hash.
     log_lineage_tags(**{"lora.sshs_model_hash": metadata["sshs_model_hash"], "lora.output_name": title,
-                        "lora.dataset_hash": training_summary["dataset_hash"]})
+                        "lora.dataset_hash": training_summary.dataset_hash})
     if p.webui_lora_dir:
         target = Path(p.webui_lora_dir).expanduser() / f"{title}.safetensors"
         save_lora_file(target, state, metadata)
         logger.info("Copied the LoRA into %s: use <lora:%s:0.8> in a prompt", target, title)
     size_mb = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
-    logger.info("kohya LoRA %s: %d modules, %.2f MB (%s), hash %s", title, len(state) // 3, size_mb, p.precision,
-                metadata["sshs_model_hash"][:12])
+    logger.info("kohya LoRA %s (%s): %d modules, %.2f MB (%s), hash %s", title, training_summary.family,
+                len(state) // 3, size_mb, p.precision, metadata["sshs_model_hash"][:12])
     return {"state": state, "metadata": metadata}
 
 
-def export_diffusers(lora_weights: dict[str, Any], training_summary: dict[str, Any]) -> dict[str, Any]:
+def export_diffusers(lora_weights: dict[str, Any], training_summary: TrainingSummary) -> dict[str, Any]:
     """diffusers' ``pytorch_lora_weights.safetensors`` with adapter metadata (alpha survives a reload)."""
     return {"state": lora_weights["state"], "summary": training_summary}
 
 
-def write_model_card(training_summary: dict[str, Any], params: dict[str, Any]) -> str:
+def write_model_card(training_summary: TrainingSummary, params: dict[str, Any]) -> str:
     """README.md for the LoRA: base model, trigger, tags, parameters, usage in WebUI, ComfyUI, diffusers."""
     p = parse_params(ExportParams, params, "export")
-    title = training_summary["output_name"]
+    title = training_summary.output_name
     card = model_card(training_summary, title, f"{title}.safetensors", _base_name(training_summary, p), [])
     if mlflow.active_run():
         mlflow.log_text(card, "lora/README.md")

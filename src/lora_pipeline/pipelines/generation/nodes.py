@@ -1,4 +1,4 @@
-"""Generation node: a thin adapter over ``lora_pipeline.lora.generation`` and ``lora.stack``."""
+"""Generation node: a thin adapter over ``lora_pipeline.diffusion.generation`` and ``lora.stack``."""
 
 from __future__ import annotations
 
@@ -10,21 +10,21 @@ import mlflow
 from PIL import Image
 
 from lora_pipeline.config import GenerationParams, PromptSpec, parse_params
-from lora_pipeline.lora.generation import comparison_grid, contact_sheet, generate, read_prompts_file
-from lora_pipeline.lora.models import pick_device
-from lora_pipeline.lora.prompts import parse_prompt, resolve_loras
-from lora_pipeline.lora.sd import load_sd
-from lora_pipeline.lora.stack import load_stack
+from lora_pipeline.core.models import pick_device
+from lora_pipeline.diffusion.generation import comparison_grid, contact_sheet, generate, read_prompts_file
+from lora_pipeline.diffusion.loading import load_diffusion_model
+from lora_pipeline.diffusion.prompts import parse_prompt, resolve_loras
+from lora_pipeline.diffusion.stack import load_stack
 
 logger = logging.getLogger(__name__)
 
 
 def load_generation_pipeline(p: GenerationParams, files: dict[str, Path]):
     """The base model (one loader for every stage) with each referenced LoRA loaded as an adapter."""
-    sd = load_sd(p.base_model, p.allow_download, p.single_file_config)
+    sd = load_diffusion_model(p.base_model, p.base_model_family, p.allow_download, p.single_file_config)
     pipe = sd.pipeline().to(pick_device(p.device))
     pipe.set_progress_bar_config(disable=True)
-    load_stack(pipe, files)
+    load_stack(pipe, sd.family, files)
     return pipe
 
 

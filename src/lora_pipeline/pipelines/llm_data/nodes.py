@@ -1,4 +1,4 @@
-"""llm_data node: a thin adapter over ``lora_pipeline.lora.llm_data``."""
+"""llm_data node: a thin adapter over ``lora_pipeline.prep.llm_data``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pandas as pd
 from transformers import AutoTokenizer
 
 from lora_pipeline.config import LLMDataParams, parse_params
+from lora_pipeline.core.models import load_pretrained
 from lora_pipeline.errors import DataError
-from lora_pipeline.lora.llm_data import Conversation, Reject, dedupe, read_jsonl, split, tokenize
-from lora_pipeline.lora.models import load_pretrained
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+from lora_pipeline.prep.llm_data import Conversation, Reject, dedupe, read_jsonl, split, tokenize
 
 logger = logging.getLogger(__name__)
 

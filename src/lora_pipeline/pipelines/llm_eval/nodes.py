@@ -9,11 +9,11 @@ from typing import Any
 import mlflow
 
 from lora_pipeline.config import LLMDataParams, LLMEvalParams, LLMTrainingParams, parse_params
-from lora_pipeline.lora.constrained import JsonConstraint, parses
-from lora_pipeline.lora.llm import eval_loss, generate_answers, load_causal_lm, token_f1
-from lora_pipeline.lora.llm_data import parse_record
+from lora_pipeline.llm.constrained import JsonConstraint, parses
+from lora_pipeline.llm.training import eval_loss, generate_answers, load_causal_lm, token_f1
 from lora_pipeline.pipelines.llm_training.nodes import tokenized
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+from lora_pipeline.prep.llm_data import parse_record
 
 logger = logging.getLogger(__name__)
 

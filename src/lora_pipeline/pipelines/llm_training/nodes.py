@@ -1,18 +1,20 @@
-"""llm_training node: a thin adapter over ``lora_pipeline.lora.llm``."""
+"""llm_training node: a thin adapter over ``lora_pipeline.llm.training``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 import mlflow
 
 from lora_pipeline.config import LLMDataParams, LLMTrainingParams, parse_params
-from lora_pipeline.lora.llm import load_causal_lm, train_causal_lm
-from lora_pipeline.lora.llm_data import parse_record, tokenize
+from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.llm.training import load_causal_lm, train_causal_lm
 from lora_pipeline.pipelines.metrics import StepMetricsLogger
+from lora_pipeline.prep.llm_data import parse_record, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +32,9 @@ def records_hash(records: list[dict[str, Any]]) -> str:
 
 
 def train_llm_lora(train: list[dict[str, Any]], validation: list[dict[str, Any]], data_params: dict[str, Any],
-                   params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fine-tune; returns the adapter weights and a summary (LoRA config, losses, tokens/s)."""
+                   params: dict[str, Any]) -> tuple[dict[str, Any], TrainingSummary]:
+    """Fine-tune; returns the adapter weights and the typed summary (LoRA spec, losses, tokens/s)."""
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data = parse_params(LLMDataParams, data_params, "llm_data")
     p = parse_params(LLMTrainingParams, params, "llm_training")
     model, tokenizer = load_causal_lm(p.base_model, p.allow_download, p.quantize_4bit)
@@ -41,25 +44,26 @@ def train_llm_lora(train: list[dict[str, Any]], validation: list[dict[str, Any]]
         mlflow.log_params({"llm.dataset_hash": data_hash, "llm.train_samples": len(train_items)})
     base_eval = None
     if val_items:
-        from lora_pipeline.lora.llm import eval_loss
+        from lora_pipeline.llm.training import eval_loss
 
         base_eval = eval_loss(model, val_items, tokenizer.pad_token_id)
     with StepMetricsLogger("llm") as log_metrics:
         result = train_causal_lm(model, tokenizer, train_items, val_items, p, dataset_hash=data_hash,
                                  on_metrics=log_metrics)
-    summary = {
-        **p.model_dump(include={"base_model", "output_name", "lora_rank", "alpha", "dropout", "target_modules",
-                                "learning_rate", "seed"}),
-        "steps": result.steps, "train_samples": len(train_items), "validation_samples": len(val_items),
-        "dataset_hash": data_hash, "eval_loss_base": base_eval, "eval_losses": result.eval_losses,
-        "first_loss": result.losses[0], "final_loss": result.losses[-1],
-        "tokens_per_second": result.tokens_per_second, "peak_memory_mb": result.peak_memory_mb,
-        "resumed_from": result.resumed_from,
-    }
+    summary = TrainingSummary(
+        spec=result.spec, base_model=p.base_model, output_name=p.output_name, steps=result.steps,
+        epochs=round(result.steps * p.batch_size * p.gradient_accumulation_steps / max(len(train_items), 1), 3),
+        seed=p.seed, learning_rate=p.learning_rate, dataset_hash=data_hash, started_at=started,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), first_loss=result.losses[0],
+        final_loss=result.losses[-1], peak_memory_mb=result.peak_memory_mb, resumed_from=result.resumed_from,
+        mlflow_run_id=mlflow.active_run().info.run_id if mlflow.active_run() else None,
+        train_samples=len(train_items), validation_samples=len(val_items), eval_loss_base=base_eval,
+        eval_losses=result.eval_losses, tokens_per_second=result.tokens_per_second,
+    )
     if mlflow.active_run():
         mlflow.log_metrics({"llm.tokens_per_second_mean": result.tokens_per_second,
                             "llm.peak_memory_mb": result.peak_memory_mb})
-        mlflow.log_dict(summary, "llm_training_summary.json")
+        mlflow.log_dict(summary.to_json(), "llm_training_summary.json")
     logger.info("LLM LoRA: eval loss %s -> %s, %.0f tokens/s", base_eval,
                 result.eval_losses[-1] if result.eval_losses else None, result.tokens_per_second)
     return {"state": result.adapter, "metadata": {"format": "peft"}}, summary

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from lora_pipeline.config import GenerationParams, MergeParams, parse_params
-from lora_pipeline.lora.ldm import write_ldm_checkpoint
-from lora_pipeline.lora.prompts import LoraRef, resolve_loras
-from lora_pipeline.lora.sd import load_sd
-from lora_pipeline.lora.stack import merge_into_base
+from lora_pipeline.diffusion.loading import load_diffusion_model
+from lora_pipeline.diffusion.prompts import LoraRef, resolve_loras
+from lora_pipeline.diffusion.single_file import write_ldm_checkpoint
+from lora_pipeline.diffusion.stack import merge_into_base
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,9 @@ def merge_loras(params: dict[str, Any], generation: dict[str, Any]) -> str:
     p = parse_params(MergeParams, params, "merge")
     g = parse_params(GenerationParams, generation, "generation")
     files = resolve_loras([LoraRef(e.name, e.weight) for e in p.loras], g.lora_dirs)
-    sd = load_sd(g.base_model, g.allow_download, g.single_file_config)
+    sd = load_diffusion_model(g.base_model, g.base_model_family, g.allow_download, g.single_file_config)
+    merge_into_base(sd.modules(), sd.family, [(files[e.name], e.weight) for e in p.loras])
     pipe = sd.pipeline()
-    merge_into_base(pipe, [(files[e.name], e.weight) for e in p.loras])
     dtype = torch.float16 if p.precision == "fp16" else torch.float32
     folder = MERGED_DIR / p.output_name
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -40,7 +40,7 @@ def merge_loras(params: dict[str, Any], generation: dict[str, Any]) -> str:
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
-    single = write_ldm_checkpoint(pipe, MERGED_DIR / f"{p.output_name}.safetensors")
+    single = write_ldm_checkpoint(pipe, MERGED_DIR / f"{p.output_name}.safetensors", sd.family)
     logger.info("Merged %s into %s (diffusers) and %s (WebUI checkpoint)",
                 ", ".join(f"{e.name}:{e.weight:g}" for e in p.loras), folder, single)
     return str(folder)

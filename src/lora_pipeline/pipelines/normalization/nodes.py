@@ -1,4 +1,4 @@
-"""Normalization nodes: thin adapters over ``lora_pipeline.lora.images`` and ``lora.captions``."""
+"""Normalization nodes: thin adapters over ``lora_pipeline.prep.images`` and ``lora.captions``."""
 
 from __future__ import annotations
 
@@ -14,20 +14,21 @@ import pandas as pd
 from PIL import Image
 
 from lora_pipeline.config import NormalizationParams, parse_params
+from lora_pipeline.core.cache import DiskCache, FileMemo, settings_key
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.errors import DataError
-from lora_pipeline.lora.cache import DiskCache, FileMemo, settings_key
-from lora_pipeline.lora.captions import normalize_prompt, split_tags, tag_frequency
-from lora_pipeline.lora.images import (
+from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+from lora_pipeline.prep.captions import normalize_prompt, split_tags, tag_frequency
+from lora_pipeline.prep.images import (
     ImageCheck,
     check_image,
     choose_bucket,
+    crop_geometry,
     fit_to,
     hamming_matches,
     load_rgb,
     make_buckets,
 )
-from lora_pipeline.pipelines.metrics import as_mlflow_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +181,14 @@ def build_training_metadata(
     report["text"] = texts
     report["caption_flag"] = flags
     kept = report[report.status == "kept"]
+    crops = [crop_geometry((int(w), int(h)), (int(bw), int(bh)))
+             for w, h, bw, bh in zip(kept.width, kept.height, kept.bucket_width, kept.bucket_height)]
     metadata = pd.DataFrame({
         "file_name": kept.output_name, "text": kept.text,
         "width": kept.bucket_width.astype(int), "height": kept.bucket_height.astype(int),
+        # SDXL's micro-conditioning: the size before resizing and the crop's top-left corner.
+        "original_width": kept.width.astype(int), "original_height": kept.height.astype(int),
+        "crop_top": [top for top, _ in crops], "crop_left": [left for _, left in crops],
     })
     frequency = tag_frequency(kept.text)
     buckets = Counter(f"{w}x{h}" for w, h in zip(kept.bucket_width, kept.bucket_height))

@@ -1,0 +1,1 @@
+"""Shared machinery with no ML domain of its own: atomic files, caches, checkpoints, model loading, the trainer core."""

@@ -1,0 +1,139 @@
+"""Checkpoints shared by the image and the LLM trainers: atomic folders with checksums, and resume rules.
+
+A checkpoint is ``checkpoint-<step>/`` holding ``lora.safetensors`` (the trainable weights), ``state.pt``
+(optimizer, scheduler, torch RNG, step) and ``meta.json`` (step, run signature, sha256 of both files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from lora_pipeline.core.files import sha256_file
+from lora_pipeline.errors import LoraPipelineError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class ResumeError(LoraPipelineError):
+    """A requested resume cannot continue the same run."""
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(folder: Path, step: int, lora_state: dict[str, torch.Tensor], optimizer, scheduler,
+                    signature: dict, keep: int) -> Path:
+    """Write ``checkpoint-<step>`` atomically (temp folder + rename), with sha256 of each file."""
+    from safetensors.torch import save_file
+
+    target = folder / f"checkpoint-{step:07d}"
+    tmp = folder / f".{target.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(lora_state, str(tmp / "lora.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    meta = {"step": step, "signature": signature,
+            "sha256": {name: sha256_file(tmp / name) for name in ("lora.safetensors", "state.pt")}}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("Saved checkpoint %s", target)
+    return target
+
+
+def checkpoint_is_intact(path: Path) -> bool:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        return all(sha256_file(path / name) == digest for name, digest in meta["sha256"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def find_resume_checkpoint(resume: str, folder: Path) -> Path | None:
+    """Resolve ``resume``: none | auto (latest if any) | latest (must exist) | a checkpoint folder.
+
+    Corrupt or truncated checkpoints are skipped (with a warning) in favour of the previous intact one.
+    """
+    if resume == "none":
+        return None
+    if resume in ("auto", "latest"):
+        candidates = list_checkpoints(folder)
+        for path in reversed(candidates):
+            if checkpoint_is_intact(path):
+                return path
+            logger.warning("Checkpoint %s is corrupt or incomplete (checksum mismatch); trying the previous one",
+                           path)
+        if resume == "latest":
+            raise ResumeError(
+                f"resume: latest, but no intact checkpoint in {folder}. Use resume: auto to start a new run "
+                f"when none exists, or resume: none to start over on purpose."
+            )
+        return None
+    path = Path(resume)
+    if not checkpoint_is_intact(path):
+        raise ResumeError(f"resume: {path} is not an intact checkpoint folder (missing files or checksum "
+                          f"mismatch). Pick another folder from {folder}.")
+    return path
+
+
+def resume_problem(checkpoint: Path, signature: dict, total_steps: int) -> str | None:
+    """Why ``checkpoint`` cannot continue this run (other settings/data, or already finished), or None."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    saved = meta["signature"]
+    now = json.loads(json.dumps(signature, default=str))
+    differences = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if differences:
+        return "it belongs to a different run (" + "; ".join(differences) + ")"
+    if int(meta["step"]) >= total_steps:
+        return f"that run already finished (step {meta['step']} of {total_steps}); raise max_steps/epochs to go on"
+    return None
+
+
+def choose_resume(resume: str, folder: Path, signature: dict, total_steps: int) -> Path | None:
+    """The checkpoint this run continues from, or None to start at step 0.
+
+    ``auto`` continues an unfinished run of the same settings and data and otherwise starts a new one (saying
+    so); ``latest`` and an explicit folder must continue, or fail with the reason.
+    """
+    checkpoint = find_resume_checkpoint(resume, folder)
+    if checkpoint is None:
+        if resume != "none":
+            logger.info("No checkpoint to resume in %s: starting at step 0", folder)
+        return None
+    problem = resume_problem(checkpoint, signature, total_steps)
+    if problem and resume == "auto":
+        logger.warning("Not resuming from %s: %s. Starting a new run (resume: auto).", checkpoint, problem)
+        return None
+    if problem:
+        raise ResumeError(f"Cannot resume from {checkpoint}: {problem}. Restore those settings, or set "
+                          f"resume: none (or another output_name) to start a new run on purpose.")
+    logger.info("Resuming from %s", checkpoint)
+    return checkpoint
+
+
+def load_checkpoint(checkpoint: Path, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], int]:
+    """Restore optimizer, scheduler and RNG in place; return the LoRA weights and the step."""
+    from safetensors.torch import load_file
+
+    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return load_file(str(checkpoint / "lora.safetensors")), int(state["step"])

@@ -1,0 +1,223 @@
+"""The trainer core shared by the image and the LLM loops.
+
+Each loop only computes its loss; this module owns what they have in common: the accelerate setup, the
+choice of checkpoint to resume from, per-micro-step seeds, the optimizer step, the loss read-back and NaN
+guard, throughput, the progress bar, metric windows and the checkpoint cadence.
+
+Determinism: every micro-step draws its randomness from generators seeded by ``(seed, micro_step)``. A
+resumed run therefore needs only the LoRA weights, the optimizer and scheduler states and the step, and it
+continues bit-for-bit like an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from lora_pipeline.core.checkpoints import choose_resume, list_checkpoints, load_checkpoint, save_checkpoint
+from lora_pipeline.errors import LoraPipelineError
+
+logger = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[dict[str, float], int], None]
+
+
+class NonFiniteLossError(LoraPipelineError):
+    """The loss became NaN or infinite."""
+
+
+class LossLog:
+    """Per-step losses, kept on the device and read back to the host in one sync per window.
+
+    A per-step ``.item()`` makes the CPU wait for the GPU to drain its queue every step; reading back every
+    ``log_every_steps`` keeps the queue full. A NaN/inf loss is caught at the read-back, and a read-back always
+    precedes a checkpoint write, so every saved checkpoint is finite.
+    """
+
+    def __init__(self, checkpoint_folder: Path, advice: str):
+        self.values: list[float] = []
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._folder, self._advice = checkpoint_folder, advice
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self._pending.append((step, loss.detach().float().reshape(())))
+
+    def flush(self) -> list[float]:
+        """The pending losses as floats (one host sync); raises :class:`NonFiniteLossError` on NaN/inf."""
+        if not self._pending:
+            return []
+        read = torch.stack([loss for _, loss in self._pending]).cpu().tolist()
+        for (step, _), value in zip(self._pending, read):
+            if not math.isfinite(value):
+                last = list_checkpoints(self._folder)
+                raise NonFiniteLossError(
+                    f"Loss became {value} at step {step}. Training stopped; the last good checkpoint is kept "
+                    f"({last[-1] if last else 'none saved yet'}). Try {self._advice}, then resume: latest.")
+        self._pending.clear()
+        self.values.extend(read)
+        return read
+
+
+def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_steps: int, allow_tf32: bool = True):
+    """The one accelerate setup: CPU when asked or when no GPU exists, TF32 matmuls on Ampere+ GPUs."""
+    from accelerate import Accelerator
+
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu,
+                              gradient_accumulation_steps=gradient_accumulation_steps)
+    if accelerator.device.type == "cuda" and allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True  # as diffusers' --allow_tf32: ~2x matmuls on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def seed_dropout(seed: int, device: torch.device) -> None:
+    """Seed the generator LoRA dropout draws from, for one micro-step (deterministic resume).
+
+    Not ``torch.manual_seed``: on a CPU-only machine it also queues lazy seeding of CUDA, XPU and MTIA and
+    formats a stack trace for each, ~1 ms a step in the profile (3-7% of a small model's step).
+    """
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
+def optimizer_step(accelerator, loss: torch.Tensor, trainable, optimizer, scheduler, max_grad_norm: float) -> None:
+    """Backward, clip, optimizer and scheduler step (no host sync: :class:`LossLog` checks the loss)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        if max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, max_grad_norm)
+        if accelerator.scaler is None and accelerator.distributed_type != "XLA":
+            # What AcceleratedOptimizer.step does in this case, minus its per-call importlib lookup for the
+            # optional lomo package (is_lomo_available: ~0.5 ms a step in the profile). fp16 (a grad scaler)
+            # and XLA keep accelerate's path.
+            optimizer.optimizer.step()
+        else:
+            optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def make_adamw(groups: list[dict], eight_bit: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the LoRA weights: bitsandbytes' 8-bit one when asked and possible, else torch's fused kernel.
+
+    Fused (CUDA, and CPU since torch 2.4) updates all LoRA tensors in one kernel; the default per-tensor
+    loop was ~5% of a small model's step in the profile (benchmarks/README.md).
+    """
+    if eight_bit:
+        try:
+            import bitsandbytes as bnb  # noqa: F401
+
+            if torch.cuda.is_available():
+                return bnb.optim.AdamW8bit(groups)
+        except ImportError:
+            pass
+        logger.warning("optimizer: adamw8bit needs bitsandbytes and CUDA; using torch AdamW instead")
+    try:
+        return torch.optim.AdamW(groups, fused=True)
+    except (RuntimeError, ValueError) as exc:  # a device or dtype the fused kernel does not support
+        logger.info("Fused AdamW unavailable (%s); using the default implementation", exc)
+        return torch.optim.AdamW(groups)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TrainerCore:
+    """The bookkeeping around one training run; the loop calls :meth:`micro_seeds` per micro-step and
+    :meth:`end_step` per optimizer step, then :meth:`finish`.
+
+    ``unit`` names what throughput counts (``img`` or ``tok``); ``lora_state`` returns the weights to save.
+    """
+
+    def __init__(self, *, accelerator, seed: int, folder: Path, signature: dict[str, Any], total_steps: int,
+                 save_steps: int, keep_checkpoints: int, log_every_steps: int, advice: str, desc: str, unit: str,
+                 lora_state: Callable[[], dict[str, torch.Tensor]], on_metrics: MetricsCallback | None = None):
+        self.accelerator, self.seed, self.folder, self.signature = accelerator, seed, folder, signature
+        self.total_steps, self.save_steps, self.keep = total_steps, save_steps, keep_checkpoints
+        self.log_every, self.unit, self.lora_state, self.on_metrics = log_every_steps, unit, lora_state, on_metrics
+        self.losses = LossLog(folder, advice)
+        self.desc = desc
+        self.start_step, self.resumed_from = 0, None
+        self._seen, self._started, self._bar = 0, 0.0, None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def resume(self, mode: str, optimizer, scheduler) -> dict[str, torch.Tensor] | None:
+        """Restore optimizer, scheduler and RNG from the checkpoint ``mode`` selects; return its LoRA weights."""
+        checkpoint = choose_resume(mode, self.folder, self.signature, self.total_steps)
+        if checkpoint is None:
+            return None
+        state, self.start_step = load_checkpoint(checkpoint, optimizer, scheduler)
+        self.resumed_from = str(checkpoint)
+        return state
+
+    def start(self) -> None:
+        self._bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.desc, unit="step",
+                         disable=not self.accelerator.is_local_main_process)
+        self._seen, self._started = 0, time.perf_counter()
+
+    def micro_seeds(self, micro: int) -> tuple[torch.Generator, random.Random]:
+        """This micro-step's noise generator and Python RNG; LoRA dropout is seeded too."""
+        seed_dropout(self.seed * 7_919 + micro, self.device)
+        return (torch.Generator().manual_seed(self.seed * 1_000_003 + micro),
+                random.Random(self.seed * 104_729 + micro))
+
+    def end_step(self, step: int, loss: torch.Tensor, seen: int, optimizer, scheduler,
+                 evaluate: Callable[[], dict[str, float]] | None = None) -> None:
+        """Record one optimizer step; at window ends read the losses back, log, and save checkpoints."""
+        self.losses.add(step, loss)
+        self._seen += seen
+        done = step + 1
+        if done == self.start_step + 1 and self.total_steps - self.start_step > 1:
+            # Throughput is steady-state: the first step pays one-off costs (allocator warm-up, lazy init).
+            self._seen, self._started = 0, time.perf_counter()
+        self._bar.update(1)
+        saving = bool(self.save_steps and done % self.save_steps == 0 and done < self.total_steps)
+        if done % self.log_every == 0 or done == self.total_steps or saving or evaluate is not None:
+            window = self.losses.flush()  # the only host sync; before any checkpoint write
+            rate = self.rate()
+            lr = scheduler.get_last_lr()[0]
+            self._bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{lr:.2e}", **{f"{self.unit}_s": f"{rate:.1f}"},
+                                  refresh=False)
+            metrics = {"loss": sum(window) / len(window), "lr": lr,
+                       ("images_per_second" if self.unit == "img" else "tokens_per_second"): rate}
+            if evaluate is not None:
+                metrics.update(evaluate())
+            if self.on_metrics:
+                self.on_metrics(metrics, done)
+        if saving and self.accelerator.is_main_process:
+            save_checkpoint(self.folder, done, self.lora_state(), optimizer, scheduler, self.signature, self.keep)
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self._started
+        return self._seen / elapsed if elapsed and self._seen else 0.0
+
+    def finish(self, optimizer, scheduler) -> float:
+        """Close the bar, save the final checkpoint; returns the steady-state throughput of the steps alone."""
+        rate = self.rate()  # measured before the final checkpoint and samples
+        self._bar.close()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.folder, self.total_steps, self.lora_state(), optimizer, scheduler, self.signature,
+                            self.keep)
+        return rate

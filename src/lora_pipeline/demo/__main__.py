@@ -1,0 +1,3 @@
+from lora_pipeline.demo.assets import main
+
+main()

@@ -1,0 +1,193 @@
+"""Offline demo assets: tiny models and a deterministic raw image folder that hits every data branch.
+
+    python -m lora_pipeline.demo            # writes data/06_models/tiny-* and data/01_raw/images/
+
+Nothing is downloaded. Re-running keeps what is already there (use --force to rebuild the images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from lora_pipeline.demo.tiny_models import build_all
+
+logger = logging.getLogger(__name__)
+
+COLORS = {"red": (200, 40, 40), "blue": (40, 60, 200), "green": (40, 160, 60), "yellow": (220, 200, 40)}
+SHAPES = ("circle", "square", "stripes")
+SIZES = ((512, 512), (768, 512), (512, 768), (640, 512), (576, 704))
+EXIF_ORIENTATION = 0x0112
+
+
+def draw_scene(color: str, shape: str, size: tuple[int, int], seed: int) -> Image.Image:
+    """A smooth, deterministic picture (gradient background + one shape) that compresses well."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, math.pi)
+    ramp = (x * math.cos(angle) + y * math.sin(angle)) / (width + height)
+    base = np.array(COLORS[color], dtype=np.float32) / 255.0
+    pixels = np.clip(0.35 + 0.5 * ramp[..., None] * base + 0.15 * base, 0, 1)
+    image = Image.fromarray((pixels * 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    cx, cy = int(rng.integers(width // 3, 2 * width // 3)), int(rng.integers(height // 3, 2 * height // 3))
+    radius = min(width, height) // 4
+    fill = tuple(255 - c for c in COLORS[color])
+    if shape == "circle":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+    else:
+        for offset in range(0, width, 64):
+            draw.rectangle((offset, 0, offset + 24, height), fill=fill)
+    return image
+
+
+def caption_for(color: str, shape: str) -> str:
+    return f"{shape}, {color} background, simple background"
+
+
+def build_demo_images(folder: str | Path, force: bool = False) -> Path:
+    """Write ~30 images covering every normalization branch. Returns the folder."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not force:
+        logger.info("Demo images already in %s (use --force to rebuild)", folder)
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    index = 0
+    for color in COLORS:
+        for shape in SHAPES:
+            for variant in range(2):
+                size = SIZES[index % len(SIZES)]
+                image = draw_scene(color, shape, size, seed=index)
+                stem = f"{color}_{shape}_{variant}"
+                ext = "jpg" if index % 3 == 0 else "png"
+                image.save(folder / f"{stem}.{ext}", quality=90)
+                if index % 2 == 0:  # half the set has kohya sidecar captions
+                    (folder / f"{stem}.txt").write_text(caption_for(color, shape) + "\n", encoding="utf-8")
+                index += 1
+    # EXIF orientation 6: stored landscape, displayed portrait (a phone photo held upright).
+    portrait = draw_scene("blue", "circle", (512, 704), seed=101)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    portrait.transpose(Image.Transpose.ROTATE_90).save(folder / "exif_rotated.jpg", exif=exif, quality=90)
+    # Colour modes that must become RGB.
+    draw_scene("green", "square", (512, 640), seed=102).convert("L").save(folder / "grayscale.png")
+    rgba = draw_scene("red", "circle", (640, 512), seed=103).convert("RGBA")
+    alpha = Image.new("L", rgba.size, 0)
+    ImageDraw.Draw(alpha).ellipse((64, 64, 576, 448), fill=255)
+    rgba.putalpha(alpha)
+    rgba.save(folder / "transparent_rgba.png")
+    palette = draw_scene("yellow", "stripes", (512, 512), seed=104).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.png", transparency=0)
+    # Rejections: too small, exact duplicate, corrupt.
+    draw_scene("red", "square", (320, 320), seed=105).save(folder / "too_small.png")
+    shutil.copyfile(folder / "red_circle_0.jpg", folder / "red_circle_0_copy.jpg")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 20)
+    logger.info("Wrote %d demo files to %s", len(list(folder.iterdir())), folder)
+    return folder
+
+
+def write_demo_review(path: str | Path) -> None:
+    """One human-reviewed caption, to show that it wins over sidecar and auto captions.
+
+    Written only when the file does not exist: a person's edits are never overwritten.
+    """
+    path = Path(path)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('file_name,text\ngrayscale.png,"lorachar, green square, monochrome, reviewed by hand"\n',
+                    encoding="utf-8")
+
+
+def write_demo_prompts(path: str | Path) -> None:
+    """A prompts file for the generation stage (kept if it exists: it is the user's)."""
+    path = Path(path)
+    if path.exists():
+        return
+    path.write_text(
+        "# prompt, negative_prompt, seed, steps, guidance, width, height, count (defaults: parameters_generation.yml)\n"
+        "- prompt: \"lorachar, circle, simple background <lora:demo_lora:0.8>\"\n  seed: 1\n  count: 2\n"
+        "- prompt: \"lorachar, square <lora:demo_lora:0.4>\"\n  seed: 7\n"
+        "- prompt: \"a square, no lora\"\n  seed: 7\n",
+        encoding="utf-8",
+    )
+
+
+def build_demo_holdout(folder: str | Path) -> None:
+    """A few images in the demo's style that training never sees, for the evaluation stage."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (color, shape) in enumerate((("red", "stripes"), ("blue", "circle"), ("green", "square"))):
+        draw_scene(color, shape, SIZES[index], seed=500 + index).save(folder / f"holdout_{color}_{shape}.png")
+
+
+SYMPTOMS = [
+    ("头痛三天，伴有恶心", "初步考虑偏头痛。建议休息、补充水分，如加重请及时就医。"),
+    ("发烧两天，咳嗽", "可能是上呼吸道感染。多喝水、注意休息，体温超过39度请就医。"),
+    ("跑步后膝盖疼", "可能是运动劳损。冰敷、休息一周，避免剧烈运动。"),
+    ("a mild fever and a cough for two days", "Likely a viral infection. Rest, fluids, and see a doctor if it lasts."),
+    ("my knee hurts after running", "Likely overuse. Ice it, rest for a week, and avoid running for now."),
+    ("a headache for three days with nausea", "Possibly a migraine. Rest, drink water, and seek care if it worsens."),
+]
+
+
+def write_demo_llm_data(path: str | Path) -> None:
+    """Prompt/response pairs (two formats), with a BOM, a blank line, a duplicate and one malformed line."""
+    import json
+
+    path = Path(path)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for round_ in range(6):
+        for index, (symptom, advice) in enumerate(SYMPTOMS):
+            prompt = f"患者：{symptom}（第{round_ + 1}次问诊）" if index < 3 else f"Patient {round_ + 1}: {symptom}."
+            if (round_ + index) % 4 == 0:
+                record = {"messages": [{"role": "system", "content": "You are a careful clinic assistant."},
+                                       {"role": "user", "content": prompt},
+                                       {"role": "assistant", "content": advice}]}
+            else:
+                record = {"prompt": prompt, "response": advice}
+            lines.append(json.dumps(record, ensure_ascii=False))
+    lines.insert(5, lines[3])  # an exact duplicate
+    lines.insert(9, "")  # a blank line
+    lines.insert(12, '{"prompt": "患者：咳嗽", "response": "多喝水",}')  # trailing comma: invalid JSON
+    path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def build_demo(root: str | Path = ".", force: bool = False) -> None:
+    root = Path(root)
+    build_all(root / "data" / "06_models")
+    build_demo_images(root / "data" / "01_raw" / "images", force=force)
+    write_demo_review(root / "data" / "01_raw" / "reviewed_captions.csv")
+    write_demo_prompts(root / "data" / "01_raw" / "prompts.yml")
+    build_demo_holdout(root / "data" / "01_raw" / "holdout")
+    write_demo_llm_data(root / "data" / "01_raw" / "llm" / "conversations.jsonl")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=".", help="project root (default: current folder)")
+    parser.add_argument("--force", action="store_true", help="rebuild the demo images")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    build_demo(args.root, force=args.force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""Tiny models with the real architectures, built offline from configs.
+
+They are saved in the standard on-disk layouts (``save_pretrained``), so the demo and the tests go
+through exactly the ``from_pretrained(path)`` code that loads a real Stable Diffusion, BLIP or CLIP.
+Weights are random but seeded: the same call always writes the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# A small English word list so the tokenizers produce real tokens for demo captions and tags.
+WORDS = (
+    "a an the of and in on with at photo picture drawing painting portrait of woman man girl boy person "
+    "character cat dog red blue green yellow black white dress hair shirt hat sky tree forest city street "
+    "night day sun moon water sea beach mountain room house car flower smile standing sitting looking "
+    "viewer outdoors indoors simple background solo full body upper close up style art anime realistic "
+    "lorachar sks shape circle square stripes gradient pattern texture light dark"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def write_clip_tokenizer_files(folder: Path) -> None:
+    """Write a CLIP BPE vocab.json + merges.txt covering every byte plus whole-word merges of WORDS."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in WORDS:
+        # Merge left to right so every word in WORDS becomes one token, as in a trained CLIP vocab.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{current} {piece}"
+            merged = current + piece
+            if merge not in merges:
+                merges.append(merge)
+            if merged not in vocab_tokens:
+                vocab_tokens.append(merged)
+            current = merged
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def build_clip_tokenizer(folder: Path, max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(folder)
+    # Loading the written files through from_pretrained is the path a real CLIP tokenizer takes.
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
+
+
+def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Stable Diffusion 1.x pipeline folder (UNet, VAE, CLIP text encoder, tokenizer, scheduler)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    for leftover in (out_dir / "_tokenizer_src").iterdir():
+        leftover.unlink()
+    (out_dir / "_tokenizer_src").rmdir()
+    logger.info("Wrote tiny Stable Diffusion pipeline to %s", out_dir)
+    return out_dir
+
+
+def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny SDXL pipeline folder with the real architecture: two text encoders (CLIP-L-like ``text_encoder``
+    and an OpenCLIP-G-like ``text_encoder_2`` with a projection), ``addition_embed_type: text_time`` UNet
+    conditioning on the pooled embedding and the six size/crop time ids."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    common = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32,
+                                                                hidden_act="gelu", **common))
+    # As SDXL base: layers_per_block 2 (so kohya's SGM names input_blocks_4_1 ... apply), a first block without
+    # attention, cross-attention over both encoders' states side by side (32 + 32), and the add embedding over
+    # the pooled projection (32) plus 6 time ids x addition_time_embed_dim.
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=128, scaling_factor=0.13025, force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(out_dir)
+    for leftover in (out_dir / "_tokenizer_src").iterdir():
+        leftover.unlink()
+    (out_dir / "_tokenizer_src").rmdir()
+    logger.info("Wrote tiny Stable Diffusion XL pipeline to %s", out_dir)
+    return out_dir
+
+
+def build_tiny_blip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny BLIP image-captioning model + processor (BERT word-piece tokenizer from a local vocab)."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_file = out_dir / "vocab.txt"
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [",", "."]
+    vocab_file.write_text("\n".join(dict.fromkeys(specials + letters + list(WORDS))) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer.from_pretrained(str(out_dir), bos_token="[DEC]", model_max_length=64)
+    torch.manual_seed(seed)
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=16, projection_dim=32),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, encoder_hidden_size=32,
+                         bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
+                         pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id),
+        projection_dim=32,
+    )
+    model = BlipForConditionalGeneration(config)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 64, "width": 64}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    logger.info("Wrote tiny BLIP captioner to %s", out_dir)
+    return out_dir
+
+
+def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny CLIP model + processor for zero-shot tag scoring."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out_dir = Path(out_dir)
+    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=16),
+        projection_dim=32,
+    )
+    model = CLIPModel(config)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    for leftover in (out_dir / "_tokenizer_src").iterdir():
+        leftover.unlink()
+    (out_dir / "_tokenizer_src").rmdir()
+    logger.info("Wrote tiny CLIP tagger to %s", out_dir)
+    return out_dir
+
+
+def build_all(models_dir: str | Path) -> dict[str, Path]:
+    """Build every tiny model under ``models_dir`` (skipping those already there)."""
+    models_dir = Path(models_dir)
+    builders = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip,
+                "tiny-llm": build_tiny_llm}
+    built = {}
+    for name, builder in builders.items():
+        target = models_dir / name
+        if not (target / ".complete").exists():
+            builder(target)
+            (target / ".complete").write_text("ok\n")
+        built[name] = target
+    return built
+
+
+# Full-size Stable Diffusion 1.5 architecture (config only): for name checks and benchmarks, never downloaded.
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+
+SD15_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=4, sample_size=512,
+)
+
+
+def build_sd15_architecture(device: str = "meta"):
+    """SD1.5 UNet + CLIP text encoder with random (or, on ``meta``, no) weights."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        return UNet2DConditionModel(**SD15_UNET_CONFIG), CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+LLM_CORPUS = (
+    "患者：头痛三天，伴有恶心。 初步考虑偏头痛，建议休息、补充水分，如加重请就医。 "
+    "The patient reports a mild fever and a cough for two days. Rest, fluids and paracetamol are advised. "
+    '{"diagnosis": "migraine", "advice": "rest", "urgency": "low"} {"answer": "yes", "confidence": 0.9} '
+    "Patient: my knee hurts after running. Doctor: likely overuse; ice it and rest for a week. "
+    "0123456789 , . : ; ! ? ( ) [ ] { } \" ' - _ / true false null"
+)
+
+
+def build_tiny_llm(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Llama-architecture causal LM with a byte-level BPE tokenizer trained here, and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specials = ["<|pad|>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([LLM_CORPUS] * 20, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>",
+                                        pad_token="<|pad|>", model_max_length=256)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    logger.info("Wrote tiny Llama LM to %s", out_dir)
+    return out_dir

@@ -1,0 +1,1 @@
+"""Diffusion LoRAs: model families, loading, training, LoRA file formats, stacking, generation, evaluation."""

@@ -1,0 +1,60 @@
+"""The training set as the trainer sees it: examples from ``metadata.csv``, the dataset's identity, and which
+earlier LoRA a retrain starts from."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+
+from lora_pipeline.core.files import sha256_file
+from lora_pipeline.diffusion.prompts import lora_index
+from lora_pipeline.diffusion.training import Example
+from lora_pipeline.errors import DataError
+
+GEOMETRY = ("original_width", "original_height", "crop_top", "crop_left")
+
+
+def build_examples(root: str | Path, metadata: pd.DataFrame) -> list[Example]:
+    """One :class:`Example` per ``metadata.csv`` row; every listed file must exist.
+
+    The optional geometry columns (written by normalization) feed SDXL's size conditioning; without them the
+    bucket size and no crop are assumed.
+    """
+    root = Path(getattr(root, "root", root))
+    if metadata.empty:
+        raise DataError("metadata.csv lists no images. Run `kedro run --pipelines normalization` first.")
+    missing = [name for name in metadata.file_name if not (root / name).is_file()]
+    if missing:
+        raise DataError(f"metadata.csv lists {len(missing)} file(s) missing from {root}, e.g. "
+                        f"{missing[0]}. Re-run the normalization pipeline.")
+    has_geometry = all(column in metadata.columns for column in GEOMETRY)
+    examples = []
+    for row in metadata.itertuples():
+        geometry = {}
+        if has_geometry:
+            geometry = {"original_size": (int(row.original_width), int(row.original_height)),
+                        "crop_top_left": (int(row.crop_top), int(row.crop_left))}
+        examples.append(Example(root / row.file_name, str(row.text), int(row.width), int(row.height),
+                                sha256_file(root / row.file_name), **geometry))
+    return examples
+
+
+def dataset_hash(examples: list[Example]) -> str:
+    """Content hash of the training set: image bytes and captions, order-independent."""
+    digest = hashlib.sha256()
+    for ex in sorted(examples, key=lambda e: (e.sha256, e.text)):
+        digest.update(f"{ex.sha256}|{ex.text}\n".encode())
+    return digest.hexdigest()
+
+
+def resolve_init_lora(init_lora: str, export_dir: str, output_name: str) -> Path:
+    """``init_lora: latest`` -> the newest exported version of ``output_name``; else the path as given."""
+    if init_lora != "latest":
+        return Path(init_lora)
+    found = lora_index([export_dir]).get(output_name)
+    if found is None:
+        raise DataError(f"init_lora: latest, but {export_dir} has no export of '{output_name}' yet. Train and "
+                        f"export once (kedro run), or set init_lora: null.")
+    return found

@@ -1,0 +1,130 @@
+"""Image generation with stacked LoRAs: prompts files, WebUI PNG metadata, contact sheets, comparison grids."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import yaml
+from PIL import Image, ImageDraw
+from pydantic import ValidationError
+from tqdm.auto import tqdm
+
+from lora_pipeline.config import PromptSpec
+from lora_pipeline.diffusion.prompts import LoraRef, parse_prompt
+from lora_pipeline.diffusion.stack import set_weights
+from lora_pipeline.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def read_prompts_file(path: str | Path, defaults: PromptSpec) -> list[PromptSpec]:
+    """YAML (a list of mappings, or of strings) or CSV with a header; errors name the file and row/line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Prompts file {path} not found. Create it (see README: Generation) or pass one prompt "
+                          f"with --params generation.prompt='...'.")
+    base = defaults.model_dump()
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [(number, row) for number, row in enumerate(csv.DictReader(handle), start=2)]
+    else:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc}).") from None
+        if not isinstance(loaded, list):
+            raise ConfigError(f"{path}: expected a list of prompts (each a string or a mapping with 'prompt').")
+        rows = [(number, {"prompt": item} if isinstance(item, str) else item)
+                for number, item in enumerate(loaded, start=1)]
+    specs = []
+    for number, row in rows:
+        values = {k: v for k, v in (row or {}).items() if v not in (None, "")}
+        try:
+            specs.append(PromptSpec.model_validate({**base, **values}))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            where = f"line {number}" if path.suffix.lower() == ".csv" else f"entry {number}"
+            raise ConfigError(f"{path}, {where}: {problems}. Allowed keys: {', '.join(PromptSpec.model_fields)}.") \
+                from None
+    if not specs:
+        raise ConfigError(f"{path} holds no prompts.")
+    return specs
+
+
+def webui_parameters(text: str, spec: PromptSpec, seed: int, model: str, loras: Sequence[LoraRef]) -> str:
+    """The PNG ``parameters`` text WebUI writes (and reads back with "PNG Info")."""
+    tags = " ".join(f"<lora:{r.name}:{r.weight:g}>" for r in loras)
+    lines = [f"{text} {tags}".strip()]
+    if spec.negative_prompt:
+        lines.append(f"Negative prompt: {spec.negative_prompt}")
+    lines.append(f"Steps: {spec.steps}, CFG scale: {spec.guidance:g}, Seed: {seed}, "
+                 f"Size: {spec.width}x{spec.height}, Model: {model}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def render(pipe, text: str, spec: PromptSpec, seed: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(text, negative_prompt=spec.negative_prompt or None, num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance, width=spec.width, height=spec.height, generator=generator).images[0]
+
+
+def generate(pipe, specs: Sequence[PromptSpec], model_name: str) -> list[tuple[str, Image.Image]]:
+    """Render every prompt ``count`` times (seed, seed+1, ...) with its own LoRA weights."""
+    out = []
+    total = sum(spec.count for spec in specs)
+    with tqdm(total=total, desc="generating", unit="img") as bar:
+        for index, spec in enumerate(specs):
+            text, refs = parse_prompt(spec.prompt)
+            set_weights(pipe, {r.name: r.weight for r in refs})
+            for k in range(spec.count):
+                seed = spec.seed + k
+                image = render(pipe, text, spec, seed)
+                image.info["parameters"] = webui_parameters(text, spec, seed, model_name, refs)
+                out.append((f"{index:03d}_{k:02d}_seed{seed}.png", image))
+                bar.update(1)
+    return out
+
+
+def contact_sheet(images: Sequence[Image.Image], thumbnail: int, columns: int | None = None) -> Image.Image:
+    columns = columns or max(1, math.ceil(math.sqrt(len(images))))
+    rows = max(1, math.ceil(len(images) / columns))
+    sheet = Image.new("RGB", (columns * thumbnail, rows * thumbnail), "white")
+    for index, image in enumerate(images):
+        thumb = image.copy()
+        thumb.thumbnail((thumbnail, thumbnail))
+        sheet.paste(thumb, ((index % columns) * thumbnail, (index // columns) * thumbnail))
+    return sheet
+
+
+def comparison_grid(pipe, spec: PromptSpec, refs: Sequence[LoraRef], weights: Sequence[float],
+                    thumbnail: int) -> Image.Image:
+    """Rows: each LoRA alone at each weight; last row: all LoRAs together at their prompt weights."""
+    text, _ = parse_prompt(spec.prompt)
+    label_h = 18
+    cells: list[list[tuple[str, Image.Image]]] = []
+    for ref in refs:
+        row = []
+        for weight in weights:
+            set_weights(pipe, {ref.name: weight})
+            row.append((f"{ref.name} {weight:g}", render(pipe, text, spec, spec.seed)))
+        cells.append(row)
+    set_weights(pipe, {r.name: r.weight for r in refs})
+    cells.append([("all: " + ", ".join(f"{r.name} {r.weight:g}" for r in refs),
+                   render(pipe, text, spec, spec.seed))])
+    columns = max(len(row) for row in cells)
+    grid = Image.new("RGB", (columns * thumbnail, len(cells) * (thumbnail + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(cells):
+        for c, (label, image) in enumerate(row):
+            thumb = image.copy()
+            thumb.thumbnail((thumbnail, thumbnail))
+            x, y = c * thumbnail, r * (thumbnail + label_h)
+            draw.text((x + 2, y + 2), label, fill="black")
+            grid.paste(thumb, (x, y + label_h))
+    return grid

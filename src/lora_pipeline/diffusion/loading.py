@@ -1,0 +1,108 @@
+"""The one loader for diffusion bases (SD1.x, SDXL): a diffusers folder, a hub id or a single-file checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_pipeline.core.models import resolve_model
+from lora_pipeline.diffusion.families import Conditioning, ModelFamily, resolve_family
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class DiffusionComponents:
+    """A base model's parts. ``text_encoders``/``tokenizers`` follow ``family.text_encoders`` in order."""
+
+    family: ModelFamily
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    scheduler: Any  # DDPM noise schedule for training
+    source: str
+    inference_scheduler: Any = None  # the base model's own sampler, for images
+    extra: dict[str, Any] = field(default_factory=dict)  # pipeline flags such as force_zeros_for_empty_prompt
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.text_encoders[0]
+
+    def component(self, name: str) -> Any:
+        """``unet``, ``text_encoder`` or ``text_encoder_2`` by name."""
+        if name == "unet":
+            return self.unet
+        return self.text_encoders[self.family.text_encoders.index(name)]
+
+    def modules(self) -> dict[str, Any]:
+        """Every LoRA-able component by name, in the family's order."""
+        return {name: self.component(name) for name in self.family.components}
+
+    def encode_prompt(self, texts, device: torch.device, text_encoders: list[Any] | None = None) -> Conditioning:
+        return self.family.encode_prompt(text_encoders or self.text_encoders, self.tokenizers, texts, device)
+
+    def pipeline(self, **overrides: Any):
+        """The family's diffusers pipeline over these very modules (LoRA layers included), for images."""
+        parts: dict[str, Any] = dict(unet=self.unet, vae=self.vae, scheduler=self.inference_scheduler or self.scheduler)
+        for index, name in enumerate(self.family.text_encoders):
+            suffix = name.removeprefix("text_encoder")
+            parts[name] = self.text_encoders[index]
+            parts["tokenizer" + suffix] = self.tokenizers[index]
+        if self.family.name == "sd1":
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        parts.update(self.extra)
+        parts.update(overrides)
+        return self.family.pipeline_class()(**parts)
+
+
+def load_diffusion_model(base_model: str, family: str = "auto", allow_download: bool = False,
+                         single_file_config: str | None = None) -> DiffusionComponents:
+    """Load a base through ``from_pretrained`` (folder, hub id) or ``from_single_file`` (one checkpoint).
+
+    A single file (``v1-5-pruned.safetensors``, ``sd_xl_base_1.0.safetensors`` from WebUI) needs a local
+    ``single_file_config`` folder (a diffusers folder of the same family holding model_index.json, the
+    component configs and tokenizers), so nothing is fetched.
+    """
+    from diffusers import DDPMScheduler
+
+    source = resolve_model(base_model, allow_download)
+    chosen = resolve_family(family, source)
+    pipeline_class = chosen.pipeline_class()
+    extra = {"safety_checker": None, "requires_safety_checker": False} if chosen.name == "sd1" else {}
+    if source.endswith(SINGLE_FILE_SUFFIXES) and Path(source).is_file():
+        if single_file_config is None:
+            raise ValueError(
+                f"'{source}' is a single-file {chosen.display_name} checkpoint; set single_file_config to a local "
+                f"diffusers {chosen.name} folder (configs and tokenizers are enough) so nothing has to be downloaded.")
+        config = resolve_model(single_file_config, allow_download=False)
+        pipe = pipeline_class.from_single_file(source, config=config, local_files_only=True, **extra)
+    else:
+        pipe = pipeline_class.from_pretrained(source, local_files_only=not allow_download, **extra)
+    # Training always uses a DDPM noise schedule with the base model's betas.
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    text_encoders = [getattr(pipe, name) for name in chosen.text_encoders]
+    tokenizers = [getattr(pipe, "tokenizer" + name.removeprefix("text_encoder")) for name in chosen.text_encoders]
+    flags = {}
+    if chosen.name == "sdxl":
+        flags["force_zeros_for_empty_prompt"] = pipe.config.force_zeros_for_empty_prompt
+    logger.info("Loaded %s base from %s", chosen.display_name, source)
+    return DiffusionComponents(chosen, pipe.unet, pipe.vae, text_encoders, tokenizers, scheduler, source,
+                               pipe.scheduler, flags)
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's config and weights: the identity a cache key needs (same weights = same key)."""
+    digest = hashlib.sha256(repr(getattr(module, "config", "")).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        # The numpy view is hashed in place (no copy): a UNet is 3.4 GB in fp32.
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:24]

@@ -1,0 +1,529 @@
+"""The LoRA training loop for SD1.x and SDXL: PEFT injection, cached latents and text embeddings, aspect
+buckets, SDXL size conditioning, checkpoints, exact resume.
+
+Plain Python (no Kedro): call :func:`train` from a notebook, a Kedro node, or under ``accelerate launch``.
+The bookkeeping shared with the LLM loop (accelerate, seeds, resume, loss read-back, checkpoints) lives in
+:mod:`lora_pipeline.core.trainer`; what differs between families (prompt encoding, names) in :mod:`families`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lora_pipeline.config import TrainingParams
+from lora_pipeline.core.cache import DiskCache, settings_key
+from lora_pipeline.core.spec import LoraSpec
+from lora_pipeline.core.trainer import (
+    NonFiniteLossError,
+    TrainerCore,
+    make_accelerator,
+    make_adamw,
+    optimizer_step,
+    peak_memory_mb,
+    weight_dtype,
+)
+from lora_pipeline.diffusion.families import Conditioning, ModelFamily
+from lora_pipeline.diffusion.loading import DiffusionComponents, module_fingerprint
+from lora_pipeline.errors import ConfigError, LoraPipelineError
+from lora_pipeline.prep.images import load_rgb
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Example", "NonFiniteLossError", "TrainResult", "train", "lora_spec", "denoising_loss"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image: its file, caption, bucket size and content hash; for SDXL's size conditioning also
+    the size it had before resizing and where the center crop started (defaults: the bucket, no crop)."""
+
+    path: Path
+    text: str
+    width: int
+    height: int
+    sha256: str
+    original_size: tuple[int, int] | None = None  # (width, height)
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left), in SDXL's order
+
+    def time_ids(self) -> list[int]:
+        """SDXL ``add_time_ids``: original (h, w), crop (top, left), target (h, w)."""
+        width, height = self.original_size or (self.width, self.height)
+        return [height, width, *self.crop_top_left, self.height, self.width]
+
+
+@dataclass
+class TrainResult:
+    lora_state: dict[str, torch.Tensor]
+    spec: LoraSpec
+    losses: list[float]
+    steps: int
+    epochs_done: float
+    images_per_second: float
+    peak_memory_mb: float
+    samples: list[Any] = field(default_factory=list)
+    resumed_from: str | None = None
+    latents_encoded: int = 0
+
+
+# ----------------------------------------------------------------------------- LoRA injection
+
+def lora_spec(params: TrainingParams, family: ModelFamily) -> LoraSpec:
+    """The LoRA this run trains: the UNet, plus every text encoder of the family when asked."""
+    targets: dict[str, list[str] | str] = {"unet": list(params.unet_targets)}
+    if params.train_text_encoder:
+        targets.update({name: list(params.text_encoder_targets) for name in family.text_encoders})
+    return LoraSpec(family=family.name, rank=params.lora_rank, alpha=params.alpha, dropout=params.dropout,
+                    targets=targets)
+
+
+def inject_lora(sd: DiffusionComponents, spec: LoraSpec) -> None:
+    """Add LoRA adapters (PEFT) to each component the spec names; freeze everything else."""
+    for module in [sd.unet, sd.vae, *sd.text_encoders]:
+        module.requires_grad_(False)
+    for component in spec.components:
+        try:
+            sd.component(component).add_adapter(spec.peft_config(component))
+        except ValueError as exc:
+            raise LoraPipelineError(
+                f"LoRA targets matched no layer of the {component} ({exc}). Check training.unet_targets / "
+                f"text_encoder_targets; the kohya defaults are to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, "
+                f"proj_in, proj_out (UNet) and q_proj, k_proj, v_proj, out_proj, fc1, fc2 (text encoders).") from None
+
+
+def lora_state_dict(sd: DiffusionComponents) -> dict[str, torch.Tensor]:
+    """The trainable LoRA weights with ``<component>.`` prefixes (diffusers' layout)."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {}
+    for name, module in sd.modules().items():
+        if getattr(_unwrap(module), "peft_config", None):
+            state.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(_unwrap(module)).items()})
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+def load_lora_state(sd: DiffusionComponents, state: dict[str, torch.Tensor], what: str) -> None:
+    """Put LoRA weights (training layout) into the injected adapters; every weight must find its layer."""
+    from peft.utils import set_peft_model_state_dict
+
+    for name, module in sd.modules().items():
+        prefix = name + "."
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        if not getattr(_unwrap(module), "peft_config", None):
+            raise LoraPipelineError(f"{what} has {name} weights; set training.train_text_encoder: true.")
+        own = get_shapes(module)
+        for key, tensor in part.items():
+            peft_key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+                ".lora_B.weight", ".lora_B.default.weight")
+            if peft_key not in own:
+                raise LoraPipelineError(f"{what}: weight {prefix}{key} has no matching LoRA layer; "
+                                        f"check training.unet_targets / text_encoder_targets.")
+            if tuple(own[peft_key]) != tuple(tensor.shape):
+                raise LoraPipelineError(f"{what}: {prefix}{key} has shape {tuple(tensor.shape)}, the adapter "
+                                        f"{tuple(own[peft_key])}; set training.lora_rank to the file's rank.")
+        result = set_peft_model_state_dict(_unwrap(module), part)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise LoraPipelineError(f"{what}: unexpected keys {unexpected[:3]}")
+
+
+def get_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in _unwrap(module).named_parameters() if "lora_" in name}
+
+
+def _unwrap(module: Any) -> Any:
+    return getattr(module, "module", module)
+
+
+# ----------------------------------------------------------------------------- caching
+
+def encode_latents(sd: DiffusionComponents, examples: Sequence[Example], cache: DiskCache, device: torch.device,
+                   batch_size: int = 8) -> tuple[dict[str, str], int]:
+    """Encode every image's VAE latent distribution once; returns ({sha256: cache key}, number encoded).
+
+    Keys are image hash + VAE fingerprint, so a retrain on the same base model re-encodes only new images,
+    and a changed image or another VAE can never hit a stale entry.
+    """
+    vae_id = module_fingerprint(sd.vae)
+    keys = {ex.sha256: f"latent-{ex.sha256[:32]}-{vae_id}" for ex in examples}
+    missing = [ex for ex in examples if not cache.has(keys[ex.sha256], ".safetensors")]
+    if missing:
+        sd.vae.to(device)
+        groups: dict[tuple[int, int], list[Example]] = {}
+        for ex in missing:
+            groups.setdefault((ex.width, ex.height), []).append(ex)
+        with tqdm(total=len(missing), desc="encoding latents", unit="img") as bar, torch.inference_mode():
+            for group in groups.values():
+                for start in range(0, len(group), batch_size):
+                    chunk = group[start:start + batch_size]
+                    pixels = torch.stack([_to_tensor(load_rgb(ex.path)) for ex in chunk]).to(device, sd.vae.dtype)
+                    dist = sd.vae.encode(pixels).latent_dist
+                    for ex, mean, std in zip(chunk, dist.mean, dist.std):
+                        cache.put_tensors(keys[ex.sha256], {"mean": mean.float(), "std": std.float()})
+                    bar.update(len(chunk))
+    logger.info("Latents: %d cached, %d new", len(examples) - len(missing), len(missing))
+    return keys, len(missing)
+
+
+def _to_tensor(image) -> torch.Tensor:
+    import numpy as np
+
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    return array / 127.5 - 1.0
+
+
+class TextEncoderCache:
+    """Frozen-text-encoder conditioning by exact prompt text (both SDXL encoders and the pooled embedding),
+    in memory and on disk."""
+
+    def __init__(self, sd: DiffusionComponents, cache: DiskCache, device: torch.device):
+        self.sd, self.cache, self.device = sd, cache, device
+        self.te_id = settings_key({"te": [module_fingerprint(te) for te in sd.text_encoders]})
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, texts: Sequence[str]) -> Conditioning:
+        for text in dict.fromkeys(texts):
+            if text in self.memory:
+                continue
+            key = f"text-{settings_key({'t': text})}-{self.te_id}"
+            hit = self.cache.get_tensors(key)
+            if hit is None:
+                with torch.inference_mode():
+                    cond = self.sd.encode_prompt([text], self.device)
+                hit = {"hidden": cond.hidden[0].float().cpu()}
+                if cond.pooled is not None:
+                    hit["pooled"] = cond.pooled[0].float().cpu()
+                self.cache.put_tensors(key, hit)
+            self.memory[text] = hit
+        hidden = torch.stack([self.memory[t]["hidden"] for t in texts]).to(self.device)
+        pooled = None
+        if "pooled" in self.memory[texts[0]]:
+            pooled = torch.stack([self.memory[t]["pooled"] for t in texts]).to(self.device)
+        return Conditioning(hidden, pooled)
+
+
+def time_ids_for(sd: DiffusionComponents, examples: Sequence[Example], device: torch.device) -> torch.Tensor | None:
+    if not sd.family.uses_time_ids():
+        return None
+    return torch.tensor([ex.time_ids() for ex in examples], dtype=torch.float32, device=device)
+
+
+# ----------------------------------------------------------------------------- batches and captions
+
+class StepInputs(torch.utils.data.Dataset):
+    """One example's input to a training step: its cached latent statistics, or its pixels when latents are
+    not cached (the textbook path: VAE-encode every step). Served by torch's DataLoader, so ``data_workers``
+    processes read and decode the next batches while the current step computes."""
+
+    def __init__(self, examples: Sequence[Example], cache: DiskCache, latent_keys: dict[str, str]):
+        self.examples, self.cache, self.latent_keys = examples, cache, latent_keys
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        example = self.examples[index]
+        if not self.latent_keys:
+            return {"pixels": _to_tensor(load_rgb(example.path))}
+        stats = self.cache.get_tensors(self.latent_keys[example.sha256])
+        if stats is None:
+            raise LoraPipelineError(f"The cached latents of {example.path} disappeared during training "
+                                    f"(cache folder {self.cache.root}); run the training pipeline again.")
+        return stats
+
+
+def data_workers(requested: int | None, device: torch.device) -> int:
+    """``None`` means: none on CPU (torch already uses every core for the step), up to 4 beside a GPU."""
+    if requested is not None:
+        return requested
+    return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
+
+
+def bucket_batches(examples: Sequence[Example], batch_size: int, repeats: int, seed: int, epoch: int
+                   ) -> list[list[int]]:
+    """This epoch's batches: each holds one bucket's images only; order depends on (seed, epoch) alone."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, ex in enumerate(examples):
+        groups.setdefault((ex.width, ex.height), []).extend([index] * repeats)
+    batches = []
+    for key in sorted(groups):
+        members = groups[key][:]
+        rng.shuffle(members)
+        batches.extend(members[i:i + batch_size] for i in range(0, len(members), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def prepare_caption(text: str, rng: random.Random, dropout: float, shuffle: bool, keep_tokens: int) -> str:
+    """kohya-style caption augmentation: drop the whole caption, or shuffle tags after ``keep_tokens``."""
+    if dropout and rng.random() < dropout:
+        return ""
+    if not shuffle:
+        return text
+    tags = [t.strip() for t in text.split(",") if t.strip()]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def run_signature(params: TrainingParams, spec: LoraSpec, base_id: str, dataset_hash: str) -> dict[str, Any]:
+    """What must match for a checkpoint to continue *this* run rather than silently start another."""
+    keys = ("batch_size", "gradient_accumulation_steps", "seed", "repeats", "learning_rate", "text_encoder_lr",
+            "lr_scheduler", "lr_warmup_steps", "caption_dropout", "shuffle_tags", "noise_offset",
+            "min_snr_gamma", "init_lora")
+    return {"base_model": base_id, "dataset": dataset_hash, "spec": spec.model_dump(mode="json"),
+            **{k: getattr(params, k) for k in keys}}
+
+
+StepCallback = Callable[[int, DiffusionComponents], None]
+
+
+def train(
+    sd: DiffusionComponents,
+    examples: Sequence[Example],
+    params: TrainingParams,
+    cache: DiskCache,
+    *,
+    dataset_hash: str,
+    keep_tokens: int = 0,
+    init_state: dict[str, torch.Tensor] | None = None,
+    on_metrics: Callable[[dict[str, float], int], None] | None = None,
+    on_samples: Callable[[list[Any], int], None] | None = None,
+    step_callback: StepCallback | None = None,
+) -> TrainResult:
+    """Train a LoRA on ``examples``. Resumable, deterministic on CPU, accelerate-aware (1 CPU, 1 or N GPUs)."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+
+    if not examples:
+        raise LoraPipelineError("No training images. Run the normalization pipeline first.")
+    if params.batch_size > len(examples) * params.repeats:
+        raise ConfigError(f"training.batch_size ({params.batch_size}) is larger than the training set "
+                          f"({len(examples)} images x repeats {params.repeats}); lower batch_size or raise repeats.")
+    accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps,
+                                   params.allow_tf32)
+    device = accelerator.device
+    dtype = weight_dtype(params.mixed_precision)
+    spec = lora_spec(params, sd.family)
+    trained_te = [name for name in sd.family.text_encoders if spec.trains(name)]
+
+    base_id = module_fingerprint(sd.unet)[:16]  # before injection: the base weights alone
+    torch.manual_seed(params.seed)  # PEFT draws lora_A's initial values from the global RNG
+    inject_lora(sd, spec)
+    if init_state is not None:
+        load_lora_state(sd, init_state, f"init_lora {params.init_lora}")
+    signature = run_signature(params, spec, base_id, dataset_hash)
+
+    if params.cache_latents:
+        latent_keys, latents_encoded = encode_latents(sd, examples, cache, device)
+        sd.vae.to("cpu")
+    else:
+        latent_keys, latents_encoded = {}, 0
+        sd.vae.to(device)
+    scaling = sd.vae.config.scaling_factor
+    text_cache = TextEncoderCache(sd, cache, device) if params.cache_latents and not trained_te else None
+
+    sd.unet.to(device, dtype=dtype)
+    for encoder in sd.text_encoders:
+        encoder.to(device, dtype=dtype)
+    models = [sd.unet] + [sd.component(name) for name in trained_te]
+    cast_training_params(models, dtype=torch.float32)  # LoRA weights train in fp32 under mixed precision
+    if params.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+        for name in trained_te:
+            sd.component(name).gradient_checkpointing_enable()
+
+    groups = [{"params": [p for p in sd.unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
+    for name in trained_te:
+        groups.append({"params": [p for p in sd.component(name).parameters() if p.requires_grad],
+                       "lr": params.text_encoder_lr})
+    optimizer = make_adamw(groups, eight_bit=params.optimizer == "adamw8bit")
+
+    batches_per_epoch = len(bucket_batches(examples, params.batch_size, params.repeats, params.seed, 0))
+    micro_per_process = max(1, batches_per_epoch // accelerator.num_processes)
+    steps_per_epoch = max(1, micro_per_process // params.gradient_accumulation_steps)
+    total_steps = params.max_steps or params.epochs * steps_per_epoch
+    scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps,
+                              num_training_steps=total_steps)
+
+    core = TrainerCore(
+        accelerator=accelerator, seed=params.seed, folder=Path(params.checkpoint_dir) / params.output_name,
+        signature=signature, total_steps=total_steps, save_steps=params.save_steps,
+        keep_checkpoints=params.keep_checkpoints, log_every_steps=params.log_every_steps,
+        advice="mixed_precision: bf16 instead of fp16, a lower learning_rate, or an fp32 VAE",
+        desc=f"training {params.output_name}", unit="img", lora_state=lambda: lora_state_dict(sd),
+        on_metrics=on_metrics)
+    restored = core.resume(params.resume, optimizer, scheduler)
+    if restored is not None:
+        load_lora_state(sd, restored, f"checkpoint {core.resumed_from}")
+    start_step = core.start_step
+
+    prepared = accelerator.prepare(*models, optimizer, scheduler)
+    unet = prepared[0]
+    encoders = list(sd.text_encoders)
+    for name, wrapped in zip(trained_te, prepared[1:1 + len(trained_te)]):
+        encoders[sd.family.text_encoders.index(name)] = wrapped
+    optimizer, scheduler = prepared[-2], prepared[-1]
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+    noise_scheduler = sd.scheduler
+    prediction_type = noise_scheduler.config.prediction_type
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def batch_for(micro: int) -> list[int]:
+        global_index = micro * accelerator.num_processes + accelerator.process_index
+        epoch, index = divmod(global_index, batches_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = bucket_batches(examples, params.batch_size, params.repeats, params.seed, epoch)
+        return epoch_cache[epoch][index]
+
+    ga = params.gradient_accumulation_steps
+    micro_batches = [batch_for(micro) for micro in range(start_step * ga, total_steps * ga)]
+    workers = data_workers(params.data_workers, device)
+    loader = iter(torch.utils.data.DataLoader(
+        StepInputs(examples, cache, latent_keys), batch_sampler=micro_batches, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None))
+
+    unet.train()
+    for name in trained_te:
+        encoders[sd.family.text_encoders.index(name)].train()
+    core.start()
+    for step in range(start_step, total_steps):
+        step_loss = torch.zeros((), device=device)
+        seen = 0
+        for accum in range(ga):
+            micro = step * ga + accum
+            generator, rng = core.micro_seeds(micro)
+            indices = micro_batches[micro - start_step * ga]
+            inputs = next(loader)
+            with accelerator.accumulate(*([unet] + [encoders[sd.family.text_encoders.index(n)] for n in trained_te])):
+                if params.cache_latents:
+                    mean, std = inputs["mean"], inputs["std"]
+                else:  # the textbook loop: VAE-encode the batch every step
+                    with torch.no_grad():
+                        pixels = inputs["pixels"].to(device, sd.vae.dtype, non_blocking=True)
+                        dist = sd.vae.encode(pixels).latent_dist
+                        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+                latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+                noise = torch.randn(latents.shape, generator=generator)
+                if params.noise_offset:
+                    noise = noise + params.noise_offset * torch.randn(
+                        (latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          generator=generator)
+                texts = [prepare_caption(examples[i].text, rng, params.caption_dropout, params.shuffle_tags,
+                                         keep_tokens) for i in indices]
+                latents = latents.to(device, non_blocking=True)
+                noise = noise.to(device, non_blocking=True)
+                timesteps = timesteps.to(device, non_blocking=True)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                with accelerator.autocast():
+                    if text_cache is not None:
+                        cond = text_cache(texts)
+                    elif not trained_te:
+                        with torch.no_grad():
+                            cond = sd.encode_prompt(texts, device)
+                    else:
+                        cond = sd.encode_prompt(texts, device, encoders)
+                    hidden = cond.hidden.to(dtype)
+                    if cond.pooled is not None:
+                        cond = Conditioning(hidden, cond.pooled.to(dtype))
+                    time_ids = time_ids_for(sd, [examples[i] for i in indices], device)
+                    pred = unet(noisy.to(dtype), timesteps, hidden,
+                                **cond.unet_kwargs(time_ids.to(dtype) if time_ids is not None else None)).sample
+                target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(
+                    latents, noise, timesteps)
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if params.min_snr_gamma:
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    weight = snr.clamp(max=params.min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+                    loss = loss * weight
+                loss = loss.mean()
+                optimizer_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm)
+            step_loss += loss.detach() / ga
+            seen += len(indices)
+        core.end_step(step, step_loss, seen, optimizer, scheduler)
+        done = step + 1
+        if on_samples and params.sample_prompts and params.sample_every_steps and done % params.sample_every_steps == 0:
+            on_samples(render_samples(sd, params), done)
+        if step_callback is not None:
+            step_callback(done, sd)
+    images_per_second = core.finish(optimizer, scheduler)
+    samples = render_samples(sd, params) if params.sample_prompts and accelerator.is_main_process else []
+    if on_samples and samples:
+        on_samples(samples, total_steps)
+    return TrainResult(
+        lora_state=lora_state_dict(sd), spec=spec, losses=core.losses.values, steps=total_steps,
+        epochs_done=total_steps * params.gradient_accumulation_steps / batches_per_epoch,
+        images_per_second=images_per_second, peak_memory_mb=peak_memory_mb(device),
+        samples=samples, resumed_from=core.resumed_from, latents_encoded=latents_encoded,
+    )
+
+
+@torch.no_grad()
+def render_samples(sd: DiffusionComponents, params: TrainingParams) -> list[Any]:
+    """Sample images with the LoRA as it is now (fixed seeds, so samples across steps are comparable)."""
+    pipe = sd.pipeline(unet=_unwrap(sd.unet), **{name: _unwrap(te) for name, te in
+                                                  zip(sd.family.text_encoders, sd.text_encoders)})
+    pipe.set_progress_bar_config(disable=True)
+    device = next(_unwrap(sd.unet).parameters()).device
+    pipe.vae.to(device)
+    was_training = _unwrap(sd.unet).training
+    _unwrap(sd.unet).eval()
+    size = params.sample_size
+    images = []
+    for index, prompt in enumerate(params.sample_prompts):
+        generator = torch.Generator().manual_seed(params.seed + index)
+        images.extend(pipe(prompt, num_inference_steps=params.sample_inference_steps, generator=generator,
+                           height=size, width=size).images)
+    pipe.vae.to("cpu")
+    _unwrap(sd.unet).train(was_training)
+    return images
+
+
+@torch.no_grad()
+def denoising_loss(sd: DiffusionComponents, examples: Sequence[Example], cache: DiskCache,
+                   latent_keys: dict[str, str], seed: int = 0,
+                   timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> float:
+    """Mean denoising MSE at fixed timesteps, noise and latents: a reproducible quality figure.
+
+    Lower is better; comparing base vs base+LoRA on held-out images shows what the LoRA learned.
+    """
+    unet = _unwrap(sd.unet)
+    device = next(unet.parameters()).device
+    scaling = sd.vae.config.scaling_factor
+    total, count = 0.0, 0
+    for index, ex in enumerate(examples):
+        stats = cache.get_tensors(latent_keys[ex.sha256])
+        cond = sd.encode_prompt([ex.text], device)
+        time_ids = time_ids_for(sd, [ex], device)
+        for t in timesteps:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + index * 1000 + t)
+            latents = (stats["mean"] + stats["std"] * torch.randn(stats["mean"].shape, generator=generator))
+            latents = (latents * scaling).unsqueeze(0).to(device)
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            step = torch.tensor([t], device=device)
+            noisy = sd.scheduler.add_noise(latents, noise, step)
+            pred = unet(noisy.to(unet.dtype), step, cond.hidden.to(unet.dtype), **cond.unet_kwargs(time_ids)).sample
+            target = noise if sd.scheduler.config.prediction_type == "epsilon" else sd.scheduler.get_velocity(
+                latents, noise, step)
+            total += F.mse_loss(pred.float(), target.float()).item()
+            count += 1
+    return total / max(count, 1)

@@ -1,0 +1,227 @@
+"""LoRA fine-tuning of causal LMs (PEFT): loss on response tokens only, per-epoch eval, exact resume.
+
+Plain Python, no Kedro. Determinism follows the image trainer: every micro-step seeds its own RNG from
+``(seed, micro_step)``, so a resumed run needs only weights, optimizer, scheduler and step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from lora_pipeline.config import LLMTrainingParams
+from lora_pipeline.core.models import load_pretrained
+from lora_pipeline.core.spec import LoraSpec
+from lora_pipeline.core.trainer import TrainerCore, make_accelerator, make_adamw, optimizer_step, peak_memory_mb
+from lora_pipeline.prep.llm_data import pack, pad_batch, pad_packed_batch
+
+logger = logging.getLogger(__name__)
+
+
+def load_causal_lm(name: str, allow_download: bool = False, quantize_4bit: bool = False):
+    """Model + tokenizer through the one loader; 4-bit (QLoRA) only where bitsandbytes and CUDA exist."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = load_pretrained(AutoTokenizer, name, allow_download)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # Llama-2 tokenizers ship without a pad token
+    kwargs: dict[str, Any] = {}
+    if quantize_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+
+            if torch.cuda.is_available():
+                kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        except ImportError:
+            pass
+        if not kwargs:
+            logger.warning("quantize_4bit needs bitsandbytes and CUDA; loading the base model unquantized")
+    return load_pretrained(AutoModelForCausalLM, name, allow_download, **kwargs), tokenizer
+
+
+def llm_lora_spec(params: LLMTrainingParams) -> LoraSpec:
+    """The adapter this run trains; export reads it back from the training summary, never from params."""
+    return LoraSpec(family="causal_lm", rank=params.lora_rank, alpha=params.alpha, dropout=params.dropout,
+                    targets={"model": params.target_modules})
+
+
+def with_adapter(model, spec: LoraSpec, state: dict[str, torch.Tensor] | None = None, seed: int = 0):
+    """Wrap ``model`` in a PeftModel with ``spec``'s LoRA config, optionally loading adapter weights."""
+    from peft import get_peft_model
+    from peft.utils import set_peft_model_state_dict
+
+    torch.manual_seed(seed)  # lora_A's initial values come from the global RNG
+    peft_model = get_peft_model(model, spec.peft_config("model", task_type="CAUSAL_LM"))
+    if state is not None:
+        result = set_peft_model_state_dict(peft_model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter keys do not match this model, e.g. {result.unexpected_keys[0]}")
+    return peft_model
+
+
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+@torch.no_grad()
+def eval_loss(model, items: Sequence[dict[str, list[int]]], pad_id: int, batch_size: int = 8) -> float:
+    """Mean loss per response token over ``items`` (prompt and padding masked)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(items[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                 shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total += float(loss)
+        tokens += int((shift_labels != -100).sum())
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+@dataclass
+class LLMTrainResult:
+    adapter: dict[str, torch.Tensor]
+    spec: LoraSpec
+    losses: list[float]
+    eval_losses: list[float]
+    steps: int
+    tokens_per_second: float
+    peak_memory_mb: float
+    resumed_from: str | None
+
+
+def train_causal_lm(
+    model, tokenizer, train_items: Sequence[dict[str, list[int]]], val_items: Sequence[dict[str, list[int]]],
+    params: LLMTrainingParams, *, dataset_hash: str,
+    on_metrics: Callable[[dict[str, float], int], None] | None = None,
+    step_callback: Callable[[int, Any], None] | None = None,
+) -> LLMTrainResult:
+    from transformers import get_scheduler
+
+    if not train_items:
+        raise ValueError("No training samples. Run `kedro run --pipelines llm_data` and check its report.")
+    if params.packing:
+        length = params.pack_length or max(len(item["input_ids"]) for item in train_items)
+        packed = pack(train_items, length)
+        logger.info("Packing: %d samples into %d rows of <= %d tokens", len(train_items), len(packed), length)
+        train_items = packed
+    accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps)
+    if params.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    spec = llm_lora_spec(params)
+    model = with_adapter(model, spec, seed=params.seed)
+    optimizer = make_adamw([{"params": [p for p in model.parameters() if p.requires_grad],
+                             "lr": params.learning_rate}])
+    per_epoch = max(1, math.ceil(len(train_items) / params.batch_size) // params.gradient_accumulation_steps)
+    total_steps = params.max_steps or params.epochs * per_epoch
+    scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps,
+                              num_training_steps=total_steps)
+    signature = {"base_model": params.base_model, "dataset": dataset_hash, "spec": spec.model_dump(mode="json"),
+                 **params.model_dump(include={"batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps", "seed",
+                                              "gradient_accumulation_steps", "packing", "pack_length"})}
+    core = TrainerCore(
+        accelerator=accelerator, seed=params.seed, folder=Path(params.checkpoint_dir) / params.output_name,
+        signature=signature, total_steps=total_steps, save_steps=params.save_steps,
+        keep_checkpoints=params.keep_checkpoints, log_every_steps=params.log_every_steps,
+        advice="mixed_precision: bf16 and a lower learning_rate", desc=f"training {params.output_name}",
+        unit="tok", lora_state=lambda: adapter_state(accelerator.unwrap_model(model)), on_metrics=on_metrics)
+    restored = core.resume(params.resume, optimizer, scheduler)
+    if restored is not None:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, restored)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    orders: dict[int, list[int]] = {}
+    device = accelerator.device
+    pad_id = tokenizer.pad_token_id
+    eval_losses: list[float] = []
+    model.train()
+    micro_per_epoch = math.ceil(len(train_items) / params.batch_size)
+    collate = pad_packed_batch if params.packing else pad_batch
+    ga = params.gradient_accumulation_steps
+
+    def evaluate() -> dict[str, float]:
+        eval_losses.append(eval_loss(accelerator.unwrap_model(model), val_items, pad_id))
+        return {"eval_loss": eval_losses[-1], "eval_perplexity": math.exp(min(eval_losses[-1], 50))}
+
+    core.start()
+    for step in range(core.start_step, total_steps):
+        step_loss = torch.zeros((), device=device)
+        seen = 0
+        for accum in range(ga):
+            micro = step * ga + accum
+            core.micro_seeds(micro)  # LoRA dropout
+            epoch, index = divmod(micro, micro_per_epoch)
+            if epoch not in orders:
+                orders.clear()
+                orders[epoch] = list(range(len(train_items)))
+                random.Random(params.seed * 1_000_003 + epoch).shuffle(orders[epoch])
+            chosen = orders[epoch][index * params.batch_size:(index + 1) * params.batch_size]
+            batch = {k: v.to(device, non_blocking=True)
+                     for k, v in collate([train_items[i] for i in chosen], pad_id).items()}
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                optimizer_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm)
+            step_loss += loss.detach() / ga
+            seen += sum(len(train_items[i]["input_ids"]) for i in chosen)
+        done = step + 1
+        evaluating = bool(val_items) and (done % per_epoch == 0 or done == total_steps)
+        core.end_step(step, step_loss, seen, optimizer, scheduler, evaluate if evaluating else None)
+        if step_callback:
+            step_callback(done, accelerator.unwrap_model(model))
+    tokens_per_second = core.finish(optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    return LLMTrainResult(adapter_state(unwrapped), spec, core.losses.values, eval_losses, total_steps,
+                          tokens_per_second, peak_memory_mb(device), core.resumed_from)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                     constraint=None) -> list[str]:
+    """Greedy answers to chat prompts (the tokenizer's template), optionally JSON-constrained."""
+    device = next(model.parameters()).device
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=False)
+        else:
+            from lora_pipeline.prep.llm_data import DEFAULT_TEMPLATE
+
+            text = DEFAULT_TEMPLATE.format(system="", prompt=prompt)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        extra = constraint.generate_kwargs() if constraint is not None else {}
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, **extra)
+        answers.append(tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1 on whitespace tokens (characters for CJK text without spaces)."""
+    def tokens(text: str) -> list[str]:
+        parts = text.split()
+        return parts if len(parts) > 1 else list(text.replace(" ", ""))
+    pred, ref = tokens(prediction), tokens(reference)
+    common = sum(min(pred.count(t), ref.count(t)) for t in set(pred))
+    if not pred or not ref or not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)

@@ -1,0 +1,1 @@
+"""Data preparation: image checks and buckets, captions and tags, LLM JSONL records."""

@@ -1,0 +1,139 @@
+"""Captioners (BLIP, CLIP tags) and caption/prompt normalization."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable, Iterable, Protocol, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from lora_pipeline.core.models import load_pretrained, pick_device
+
+logger = logging.getLogger(__name__)
+
+
+class Captioner(Protocol):
+    name: str
+
+    def caption(self, images: Sequence[Image.Image]) -> list[str]: ...
+
+
+class BlipCaptioner:
+    """Batched BLIP image captioning (``BlipForConditionalGeneration``)."""
+
+    name = "blip"
+
+    def __init__(self, model: str, allow_download: bool = False, device: str = "auto", max_new_tokens: int = 30):
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        self.device = pick_device(device)
+        self.processor = load_pretrained(BlipProcessor, model, allow_download)
+        self.model = load_pretrained(BlipForConditionalGeneration, model, allow_download).to(self.device).eval()
+        self.max_new_tokens = max_new_tokens
+
+    @torch.inference_mode()
+    def caption(self, images: Sequence[Image.Image]) -> list[str]:
+        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
+        ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return [text.strip() for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+class ClipTagger:
+    """Zero-shot tagging: CLIP scores each image against a tag vocabulary; keeps the top-k above a threshold."""
+
+    name = "clip_tags"
+
+    def __init__(
+        self, model: str, vocabulary: Sequence[str], top_k: int = 5, threshold: float = 0.05,
+        prompt: str = "a photo of {tag}", allow_download: bool = False, device: str = "auto",
+    ):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.device = pick_device(device)
+        self.processor = load_pretrained(CLIPProcessor, model, allow_download)
+        self.model = load_pretrained(CLIPModel, model, allow_download).to(self.device).eval()
+        self.vocabulary = list(vocabulary)
+        self.top_k = min(top_k, len(self.vocabulary))
+        self.threshold = threshold
+        with torch.inference_mode():
+            text = self.processor(text=[prompt.format(tag=t) for t in self.vocabulary], return_tensors="pt",
+                                  padding=True).to(self.device)
+            features = self.model.get_text_features(**text)
+            features = getattr(features, "pooler_output", features)
+            self.text_features = torch.nn.functional.normalize(features, dim=-1)
+
+    @torch.inference_mode()
+    def caption(self, images: Sequence[Image.Image]) -> list[str]:
+        pixels = self.processor(images=list(images), return_tensors="pt").to(self.device)
+        features = self.model.get_image_features(**pixels)
+        features = getattr(features, "pooler_output", features)
+        image_features = torch.nn.functional.normalize(features, dim=-1)
+        logits = self.model.logit_scale.exp() * image_features @ self.text_features.T
+        probs = logits.softmax(dim=-1)
+        top = probs.topk(self.top_k, dim=-1)
+        captions = []
+        for values, indices in zip(top.values.tolist(), top.indices.tolist()):
+            tags = [self.vocabulary[i] for v, i in zip(values, indices) if v >= self.threshold]
+            captions.append(", ".join(tags))
+        return captions
+
+
+def caption_in_batches(
+    captioner: Captioner, names: Sequence[str], load: Callable[[str], Image.Image], batch_size: int
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Caption ``names`` in batches with a progress bar. Returns ``(captions, load errors)`` by name."""
+    results: dict[str, str] = {}
+    failures: dict[str, str] = {}
+    with tqdm(total=len(names), desc=f"captioning ({captioner.name})", unit="img") as bar:
+        for start in range(0, len(names), batch_size):
+            batch_names, batch_images = [], []
+            for name in names[start : start + batch_size]:
+                try:
+                    batch_images.append(load(name))
+                    batch_names.append(name)
+                except ValueError as exc:
+                    failures[name] = str(exc)
+                    logger.warning("Not captioning %s: %s", name, exc)
+            if batch_images:
+                results.update(zip(batch_names, captioner.caption(batch_images)))
+            bar.update(len(names[start : start + batch_size]))
+    return results, failures
+
+
+def apply_template(template: str, trigger: str, caption: str) -> str:
+    """Fill ``template`` (e.g. ``"{trigger}, {caption}"``); empty slots leave no stray commas."""
+    return normalize_separators(template.format(trigger=trigger, caption=caption))
+
+
+def normalize_separators(text: str) -> str:
+    return ", ".join(part.strip() for part in text.split(",") if part.strip())
+
+
+def split_tags(caption: str) -> list[str]:
+    return [tag for tag in (re.sub(r"\s+", " ", part).strip() for part in caption.split(",")) if tag]
+
+
+def normalize_prompt(
+    caption: str, trigger: str = "", lowercase: bool = True, front_keywords: Iterable[str] = ()
+) -> str:
+    """Trigger first, then ``front_keywords`` that occur, then the rest; tags stripped and de-duplicated."""
+    tags = split_tags(caption)
+    if lowercase:
+        tags = [tag.lower() for tag in tags]
+    trigger_tag = trigger.strip().lower() if lowercase else trigger.strip()
+    tags = [tag for tag in dict.fromkeys(tags) if tag != trigger_tag]
+    front = [kw.lower() if lowercase else kw for kw in front_keywords]
+    ordered = [kw for kw in front if kw in tags] + [tag for tag in tags if tag not in front]
+    return ", ".join(([trigger_tag] if trigger_tag else []) + ordered)
+
+
+def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
+    """Tag counts over a caption set (kohya's ``ss_tag_frequency`` per dataset), most frequent first."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in split_tags(caption):
+            counts[tag] = counts.get(tag, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))

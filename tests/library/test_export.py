@@ -1,0 +1,113 @@
+import re
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from train_helpers import model_outputs, webui_merge
+
+from lora_pipeline.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
+from lora_pipeline.diffusion.export import (
+    build_kohya_file,
+    load_lora_file,
+    save_diffusers_lora,
+    save_lora_file,
+)
+from lora_pipeline.diffusion.lora_files import from_kohya_state_dict, kohya_modules, tensor_hash, to_kohya_state_dict
+from lora_pipeline.diffusion.loading import load_sd
+from lora_pipeline.demo.tiny_models import build_sd15_architecture
+
+REQUIRED_HEADER = [
+    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_dropout", "ss_base_model_version",
+    "ss_sd_model_name", "ss_num_train_images", "ss_num_epochs", "ss_steps", "ss_learning_rate", "ss_resolution",
+    "ss_seed", "ss_tag_frequency", "ss_training_started_at", "ss_training_finished_at", "ss_output_name",
+    "sshs_model_hash", "modelspec.architecture", "modelspec.title", "modelspec.date",
+]
+
+
+def test_kohya_file_reproduces_trained_outputs_under_the_webui_rule(trained, tmp_path):
+    state, metadata = build_kohya_file(trained["result"].lora_state, trained["summary"], "fp32", "t", "tiny")
+    save_lora_file(tmp_path / "t.safetensors", state, metadata)
+    loaded, header = load_lora_file(tmp_path / "t.safetensors")
+    assert all(key.startswith(("lora_unet_", "lora_te_")) for key in loaded)
+    assert any(key.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for key in loaded)
+    base = load_sd(trained["params"].base_model)
+    applied = webui_merge(base, loaded)
+    assert applied == len(trained["result"].lora_state) // 2
+    unet_out, te_out = model_outputs(base)
+    assert (unet_out - trained["outputs"][0]).abs().max() < 1e-4
+    assert (te_out - trained["outputs"][1]).abs().max() < 1e-4
+    # and the LoRA really changes the model (so the comparison above can fail)
+    untouched = model_outputs(load_sd(trained["params"].base_model))
+    assert (untouched[0] - trained["outputs"][0]).abs().max() > 1e-3
+    assert (untouched[1] - trained["outputs"][1]).abs().max() > 1e-3
+
+
+def test_header_metadata_and_alpha(trained, tmp_path):
+    state, metadata = build_kohya_file(trained["result"].lora_state, trained["summary"], "fp16", "t", "tiny")
+    save_lora_file(tmp_path / "t.safetensors", state, metadata)
+    loaded, header = load_lora_file(tmp_path / "t.safetensors")
+    for key in REQUIRED_HEADER:
+        assert isinstance(header.get(key), str) and header[key], key
+    assert header["ss_network_alpha"] == "8.0" and header["ss_network_dim"] == "4"
+    assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert '"sks": 8' in header["ss_tag_frequency"]
+    assert header["sshs_model_hash"] == tensor_hash(loaded)
+    alphas = [t for k, t in loaded.items() if k.endswith(".alpha")]
+    assert alphas and all(t.ndim == 0 and float(t) == 8.0 for t in alphas)
+    assert all(t.dtype == torch.float16 for t in loaded.values())
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_kohya_round_trip(trained):
+    sd = trained["sd"]
+    kohya = to_kohya_state_dict(trained["result"].lora_state, alpha=8.0, dtype=torch.float32)
+    unet_names = [n.replace(".base_layer", "") for n, _ in sd.unet.named_modules()]
+    te_names = [n for n, _ in sd.text_encoder.named_modules()]
+    back, alpha, rank = from_kohya_state_dict(kohya, unet_names, te_names)
+    assert (alpha, rank) == (8.0, 4)
+    assert back.keys() == trained["result"].lora_state.keys()
+    assert all(torch.equal(back[k], trained["result"].lora_state[k]) for k in back)
+
+
+def test_diffusers_export_reloads_with_load_lora_weights(trained, tmp_path):
+    folder = save_diffusers_lora(tmp_path / "diffusers", trained["result"].lora_state, trained["summary"])
+    pipe = StableDiffusionPipeline.from_pretrained(trained["params"].base_model, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.load_lora_weights(str(folder))
+    unet_out, te_out = model_outputs(pipe)
+    assert (unet_out - trained["outputs"][0]).abs().max() < 1e-4
+    assert (te_out - trained["outputs"][1]).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def sd15_lora_state():
+    """The real SD1.5 architecture on the meta device (no weights), LoRA-injected with the kohya targets."""
+    from peft.utils import get_peft_model_state_dict
+
+    unet, text_encoder = build_sd15_architecture("meta")
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=KOHYA_UNET_TARGETS))
+    text_encoder.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=KOHYA_TE_TARGETS))
+    state = {f"unet.{k}": torch.zeros(v.shape) for k, v in get_peft_model_state_dict(unet).items()}
+    state.update({f"text_encoder.{k}": torch.zeros(v.shape)
+                  for k, v in get_peft_model_state_dict(text_encoder).items()})
+    return unet, text_encoder, state
+
+
+def test_sd15_module_names_are_valid_kohya_names(sd15_lora_state):
+    unet, text_encoder, state = sd15_lora_state
+    kohya = to_kohya_state_dict(state, alpha=8.0)
+    modules = kohya_modules(kohya)
+    unet_names = [n for n in modules if n.startswith("lora_unet_")]
+    te_names = [n for n in modules if n.startswith("lora_te_")]
+    assert len(unet_names) == 192 and len(te_names) == 72
+    assert all(set(parts) == {"down", "up", "alpha"} for parts in modules.values())
+    valid_unet = {"lora_unet_" + n.replace(".", "_") for n, _ in build_sd15_architecture("meta")[0].named_modules()}
+    assert set(unet_names) <= valid_unet
+    te_pattern = re.compile(r"^lora_te_text_model_encoder_layers_(\d|1[01])_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
+    assert all(te_pattern.match(name) for name in te_names)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in unet_names
+    assert "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_ff_net_0_proj" in unet_names
+    assert "lora_unet_mid_block_attentions_0_proj_in" in unet_names
+    proj_in = kohya["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]
+    assert tuple(proj_in.shape) == (8, 320, 1, 1)  # SD1.5 proj_in is a 1x1 conv

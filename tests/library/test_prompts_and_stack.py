@@ -1,0 +1,105 @@
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from train_helpers import model_outputs, random_kohya_lora, webui_merge
+
+from lora_pipeline.errors import ConfigError
+from lora_pipeline.diffusion.export import save_lora_file
+from lora_pipeline.diffusion.prompts import LoraRef, lora_index, parse_prompt, resolve_loras
+from lora_pipeline.diffusion.loading import load_sd
+from lora_pipeline.diffusion.stack import load_stack, merge_into_base, set_weights
+
+
+@pytest.mark.parametrize(
+    "prompt, text, refs",
+    [
+        ("sks, portrait <lora:hero:0.6>, <lora:bg:0.8>", "sks, portrait", [("hero", 0.6), ("bg", 0.8)]),
+        ("<lora:hero> a cat", "a cat", [("hero", 1.0)]),
+        ("a cat <lora:hero:-0.5>", "a cat", [("hero", -0.5)]),
+        ("<lora:my style v1.5:0.7> castle", "castle", [("my style v1.5", 0.7)]),
+        ("no tags at all", "no tags at all", []),
+    ],
+)
+def test_parse_prompt(prompt, text, refs):
+    clean, found = parse_prompt(prompt)
+    assert clean == text and found == [LoraRef(n, w) for n, w in refs]
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("<lora:hero:abc>", "'abc' .* is not a number"),
+        ("<lora::0.5>", "Empty LoRA name"),
+        ("<lora:hero:0.5 a cat", "Malformed LoRA tag"),
+        ("<lora:hero:0.5>, <lora:hero:0.8>", "appears twice"),
+    ],
+)
+def test_parse_prompt_errors(prompt, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_prompt(prompt)
+
+
+def test_resolve_prefers_project_exports_and_suggests_close_names(tmp_path):
+    exports, webui = tmp_path / "exports", tmp_path / "webui"
+    for version in ("2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"):
+        (exports / "hero.safetensors" / version).mkdir(parents=True)
+        (exports / "hero.safetensors" / version / "hero.safetensors").write_bytes(b"x")
+    (webui / "sub").mkdir(parents=True)
+    (webui / "hero.safetensors").write_bytes(b"y")
+    (webui / "sub" / "forest bg.safetensors").write_bytes(b"z")
+    index = lora_index([exports, webui])
+    assert index["hero"].parent.name == "2026-02-01T00.00.00.000Z"
+    assert index["forest bg"].name == "forest bg.safetensors"
+    with pytest.raises(ConfigError, match=r"Unknown LoRA 'heroo'.*'hero'.*Searched: .*exports, .*webui"):
+        resolve_loras([LoraRef("heroo", 1.0)], [exports, webui])
+
+
+@pytest.fixture
+def two_loras(tiny_models, tmp_path):
+    base = load_sd(str(tiny_models["tiny-sd"]))
+    files = {}
+    for name, rank, alpha, seed in (("char", 4, 8.0, 1), ("bg", 2, 1.0, 2)):
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_lora_file(files[name], random_kohya_lora(base, rank, alpha, seed), {})
+    return files
+
+
+def _pipe(tiny_models):
+    return StableDiffusionPipeline.from_pretrained(str(tiny_models["tiny-sd"]), safety_checker=None,
+                                                   requires_safety_checker=False)
+
+
+def test_stacked_loras_match_the_webui_rule(tiny_models, two_loras):
+    from lora_pipeline.diffusion.export import load_lora_file
+
+    pipe = _pipe(tiny_models)
+    base_out = model_outputs(pipe)
+    load_stack(pipe, two_loras)
+    set_weights(pipe, {"char": 0.6, "bg": 0.8})
+    stacked = model_outputs(pipe)
+
+    reference = load_sd(str(tiny_models["tiny-sd"]))
+    webui_merge(reference, load_lora_file(two_loras["char"])[0], 0.6)
+    webui_merge(reference, load_lora_file(two_loras["bg"])[0], 0.8)
+    expected = model_outputs(reference)
+    assert (stacked[0] - expected[0]).abs().max() < 1e-4
+    assert (stacked[1] - expected[1]).abs().max() < 1e-4  # text-encoder attention included
+    assert (stacked[1] - base_out[1]).abs().max() > 1e-3
+
+    set_weights(pipe, {"char": 0.0, "bg": 0.0})
+    zero = model_outputs(pipe)
+    assert torch.allclose(zero[0], base_out[0], atol=1e-6) and torch.allclose(zero[1], base_out[1], atol=1e-6)
+    set_weights(pipe, {})
+    assert torch.allclose(model_outputs(pipe)[0], base_out[0], atol=1e-6)
+
+
+def test_merge_equals_base_plus_lora(tiny_models, two_loras):
+    pipe = _pipe(tiny_models)
+    load_stack(pipe, two_loras)
+    set_weights(pipe, {"char": 0.6, "bg": 0.8})
+    with_adapters = model_outputs(pipe)
+    merged = _pipe(tiny_models)
+    merge_into_base(merged, [(two_loras["char"], 0.6), (two_loras["bg"], 0.8)])
+    fused = model_outputs(merged)
+    assert (fused[0] - with_adapters[0]).abs().max() < 1e-4
+    assert (fused[1] - with_adapters[1]).abs().max() < 1e-4
