@@ -166,13 +166,13 @@ def _ratios(pairs: dict[str, list[tuple[float, float]]], prefix: str) -> dict[st
 
 def bench_training(models: dict[str, Path], quick: bool) -> dict[str, float]:
     """Tiny SD on CPU: 128 px, batch 4, r=8, fp32; lockstep pairs, repeated; median of the paired ratios."""
-    from lora_pipeline.diffusion.loading import load_sd
+    from lora_pipeline.diffusion.loading import load_diffusion_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     examples = _dataset(work / "images", 16, 128)
     model = str(models["tiny-sd"])
     steps, batch, rank = (15, 4, 8) if quick else (40, 4, 8)
-    make_sd = partial(load_sd, model)
+    make_sd = partial(load_diffusion_model, model)
     # Fill the latent cache first: "from the second epoch on".
     ours_against_bare(make_sd, examples, 2, batch, rank, True, work)
     pairs = {"nocache": [], "cache": []}
@@ -202,14 +202,15 @@ def sd15_components(tiny_sd: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from lora_pipeline.diffusion.loading import SDComponents
     from lora_pipeline.demo.tiny_models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+    from lora_pipeline.diffusion.families import SD1
+    from lora_pipeline.diffusion.loading import DiffusionComponents
 
     torch.manual_seed(0)
-    return SDComponents(UNet2DConditionModel(**SD15_UNET_CONFIG), AutoencoderKL(**SD15_VAE_CONFIG),
-                        CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)),
-                        CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer")),
-                        DDPMScheduler.from_pretrained(str(tiny_sd / "scheduler")), "sd15-random")
+    return DiffusionComponents(SD1, UNet2DConditionModel(**SD15_UNET_CONFIG), AutoencoderKL(**SD15_VAE_CONFIG),
+                               [CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))],
+                               [CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer"))],
+                               DDPMScheduler.from_pretrained(str(tiny_sd / "scheduler")), "sd15-random")
 
 
 def step_flops(unet, vae, text_encoder, pixels: int, prefix: str) -> dict[str, float]:
@@ -258,9 +259,9 @@ def sd15_flops() -> dict[str, float]:
 
 def tiny_flops(models: dict[str, Path]) -> dict[str, float]:
     """The benchmark's tiny SD at its 128 px: why caching cannot reach 1.5x there."""
-    from lora_pipeline.diffusion.loading import load_sd
+    from lora_pipeline.diffusion.loading import load_diffusion_model
 
-    sd = load_sd(str(models["tiny-sd"]))
+    sd = load_diffusion_model(str(models["tiny-sd"]))
     return step_flops(sd.unet, sd.vae, sd.text_encoder, 128, "tiny")
 
 

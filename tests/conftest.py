@@ -14,12 +14,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from train_helpers import make_params, model_outputs  # noqa: E402
+from train_helpers import make_params, model_outputs, summary_for  # noqa: E402
 
 from lora_pipeline.demo import build_demo_images  # noqa: E402
 from lora_pipeline.core.cache import DiskCache  # noqa: E402
 from lora_pipeline.core.files import sha256_file  # noqa: E402
-from lora_pipeline.diffusion.loading import load_sd  # noqa: E402
+from lora_pipeline.diffusion.loading import load_diffusion_model  # noqa: E402
 from lora_pipeline.demo.tiny_models import build_all  # noqa: E402
 from lora_pipeline.diffusion.training import Example, train  # noqa: E402
 
@@ -84,13 +84,8 @@ def trained(tiny_models, tiny_examples, tmp_path_factory):
     """A LoRA trained on UNet and text encoder (alpha != rank), with its model and outputs."""
     tmp = tmp_path_factory.mktemp("trained")
     params = make_params(tiny_models, tmp, train_text_encoder=True, max_steps=8, text_encoder_lr=1e-3)
-    sd = load_sd(params.base_model)
+    sd = load_diffusion_model(params.base_model)
     result = train(sd, tiny_examples, params, DiskCache(tmp / "cache"), dataset_hash="d")
-    summary = {"lora_rank": 4, "alpha": 8.0, "dropout": 0.0, "unet_targets": params.unet_targets,
-               "text_encoder_targets": params.text_encoder_targets, "train_text_encoder": True,
-               "num_images": len(tiny_examples), "epochs": 2, "steps": 8, "learning_rate": 1e-3,
-               "text_encoder_lr": 1e-3, "resolution": [96, 64], "seed": 42, "trigger": "sks",
-               "tag_frequency": {"sks": 8}, "dataset_hash": "d", "started_at": "t0", "finished_at": "t1",
-               "base_model": params.base_model, "output_name": "test_lora"}
+    summary = summary_for(params, result.spec)
     return {"sd": sd, "result": result, "params": params, "summary": summary, "outputs": model_outputs(sd),
             "tmp": tmp}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_helpers import make_params
+from train_helpers import make_params, summary_for
 
 from lora_pipeline.config import TrainingParams
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
@@ -23,33 +23,30 @@ from lora_pipeline.errors import ConfigError, DataError, ModelNotFoundError
 from lora_pipeline.core import files as files_module
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.checkpoints import list_checkpoints
-from lora_pipeline.diffusion.export import build_kohya_file, load_lora_file, save_lora_file
+from lora_pipeline.diffusion.lora_files import build_kohya_file, load_lora_file, save_lora_file
 from lora_pipeline.diffusion.lora_files import tensor_hash
-from lora_pipeline.diffusion.loading import load_sd
+from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.training import train
 from lora_pipeline.pipelines.captioning.nodes import scan_images
 from lora_pipeline.pipelines.normalization.nodes import build_training_metadata, inspect_images, render_images
-from lora_pipeline.pipelines.training.nodes import build_examples, resolve_init_lora
+from lora_pipeline.diffusion.dataset import build_examples, resolve_init_lora
 
 KILL_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from lora_pipeline.config import TrainingParams
     from lora_pipeline.core.cache import DiskCache
-    from lora_pipeline.diffusion.loading import load_sd
+    from lora_pipeline.diffusion.loading import load_diffusion_model
     from lora_pipeline.diffusion.training import Example, train
     args = json.loads(sys.argv[1])
     params = TrainingParams(**args["params"])
     examples = [Example(Path(e[0]), e[1], e[2], e[3], e[4]) for e in args["examples"]]
-    train(load_sd(params.base_model), examples, params, DiskCache(args["cache"]), dataset_hash="d")
+    train(load_diffusion_model(params.base_model), examples, params, DiskCache(args["cache"]), dataset_hash="d")
 """)
 
 
-def _summary(params: TrainingParams) -> dict:
-    return {"lora_rank": params.lora_rank, "alpha": params.alpha, "dropout": 0.0, "unet_targets": params.unet_targets,
-            "text_encoder_targets": [], "train_text_encoder": False, "num_images": 8, "epochs": 1, "steps": 1,
-            "learning_rate": 1e-3, "text_encoder_lr": 1e-4, "resolution": [64, 64], "seed": 42,
-            "tag_frequency": {}, "dataset_hash": "d", "started_at": "now", "finished_at": "later"}
+def _summary(params: TrainingParams):
+    return summary_for(params, resolution=[64, 64], tag_frequency={})
 
 
 def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_models, tiny_examples, tmp_path):
@@ -70,11 +67,11 @@ def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_mod
     assert child.wait() == -signal.SIGKILL, f"training ended before the kill: {(tmp_path / 'child.log').read_text()[-2000:]}"
     log.close()
     assert list_checkpoints(folder)  # at least one intact checkpoint survived
-    resumed = train(load_sd(params.base_model), tiny_examples,
+    resumed = train(load_diffusion_model(params.base_model), tiny_examples,
                     make_params(tiny_models, tmp_path / "killed", resume="latest", **settings),
                     DiskCache(tmp_path / "killed" / "cache"), dataset_hash="d")
     assert resumed.resumed_from is not None
-    straight = train(load_sd(params.base_model), tiny_examples, make_params(tiny_models, tmp_path / "a", **settings),
+    straight = train(load_diffusion_model(params.base_model), tiny_examples, make_params(tiny_models, tmp_path / "a", **settings),
                      DiskCache(tmp_path / "a" / "cache"), dataset_hash="d")
     for key, tensor in straight.lora_state.items():
         assert torch.equal(tensor, resumed.lora_state[key]), key
@@ -99,9 +96,9 @@ def test_identical_inputs_give_a_bitwise_identical_lora(tiny_models, tiny_exampl
     hashes = []
     for run in ("a", "b"):
         params = make_params(tiny_models, tmp_path / run, max_steps=4, dropout=0.1, shuffle_tags=True)
-        result = train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / run / "cache"),
+        result = train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / run / "cache"),
                        dataset_hash="d")
-        state, metadata = build_kohya_file(result.lora_state, _summary(params), "fp16", "t", "tiny")
+        state, metadata = build_kohya_file(result.lora_state, _summary(params), _summary(params).unet_config(), "fp16", "t", "tiny")
         hashes.append((tensor_hash(state), metadata["sshs_model_hash"]))
     assert hashes[0] == hashes[1]
 
@@ -126,9 +123,9 @@ def test_odd_paths_spaces_and_chinese_names_work_end_to_end(tiny_models, tmp_pat
     out.save(render_images(folder, checks, params))
     examples = build_examples(out.load(), metadata)
     training = make_params(tiny_models, tmp_path / "训练 run", max_steps=2, batch_size=1)
-    result = train(load_sd(training.base_model), examples, training, DiskCache(tmp_path / "缓存 cache"),
+    result = train(load_diffusion_model(training.base_model), examples, training, DiskCache(tmp_path / "缓存 cache"),
                    dataset_hash="d")
-    state, metadata_header = build_kohya_file(result.lora_state, _summary(training), "fp16", "名字 lora", "tiny")
+    state, metadata_header = build_kohya_file(result.lora_state, _summary(training), _summary(training).unet_config(), "fp16", "名字 lora", "tiny")
     save_lora_file(tmp_path / "导出 out" / "名字 lora.safetensors", state, metadata_header)
     assert load_lora_file(tmp_path / "导出 out" / "名字 lora.safetensors")[1]["ss_output_name"] == "名字 lora"
 
@@ -166,9 +163,9 @@ def test_bad_training_settings_stop_early(tiny_models, tiny_examples, tmp_path):
         parse_params(TrainingParams, {"base_model": "x", "lora_rank": -4}, "training")
     with pytest.raises(ConfigError, match="batch_size \\(64\\) is larger than the training set"):
         params = make_params(tiny_models, tmp_path, batch_size=64)
-        train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "c"), dataset_hash="d")
+        train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "c"), dataset_hash="d")
     with pytest.raises(ModelNotFoundError, match="needs the network"):
-        load_sd("someone/some-sd-model")
+        load_diffusion_model("someone/some-sd-model")
 
 
 def test_init_lora_latest_resolves_the_newest_export(tmp_path):
@@ -177,7 +174,7 @@ def test_init_lora_latest_resolves_the_newest_export(tmp_path):
         folder.mkdir(parents=True)
         (folder / "hero.safetensors").write_bytes(b"x")
     params = TrainingParams(base_model="x", output_name="hero", init_lora="latest", export_dir=str(tmp_path))
-    assert resolve_init_lora(params).parent.name == "2026-03-01T00.00.00.000Z"
+    assert resolve_init_lora(params.init_lora, params.export_dir, params.output_name).parent.name == "2026-03-01T00.00.00.000Z"
     with pytest.raises(DataError, match="no export of 'other'"):
-        resolve_init_lora(params.model_copy(update={"output_name": "other"}))
+        resolve_init_lora(params.init_lora, params.export_dir, "other")
 

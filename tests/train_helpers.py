@@ -72,3 +72,24 @@ def random_kohya_lora(sd, rank: int, alpha: float, seed: int, unet_targets=("to_
         state[f"{name}.lora_up.weight"] = torch.randn(up_shape, generator=generator) * 0.1
         state[f"{name}.alpha"] = torch.tensor(alpha)
     return state
+
+
+SD1_UNET_LAYOUT = {"layers_per_block": 1, "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+
+
+def summary_for(params: TrainingParams, spec=None, family: str = "sd1", **overrides):
+    """A TrainingSummary as the training node writes it, for export tests that skip the node."""
+    from lora_pipeline.core.spec import LoraSpec, TrainingSummary
+
+    if spec is None:
+        targets = {"unet": list(params.unet_targets)}
+        if params.train_text_encoder:
+            targets["text_encoder"] = list(params.text_encoder_targets)
+        spec = LoraSpec(family=family, rank=params.lora_rank, alpha=params.alpha, dropout=params.dropout,
+                        targets=targets)
+    values = dict(spec=spec, base_model=params.base_model, output_name=params.output_name, steps=8, epochs=2,
+                  seed=params.seed, learning_rate=params.learning_rate, text_encoder_lr=params.text_encoder_lr,
+                  dataset_hash="d", started_at="t0", finished_at="t1", num_images=8, resolution=[96, 64],
+                  trigger="sks", tag_frequency={"sks": 8}, unet_layout=SD1_UNET_LAYOUT)
+    values.update(overrides)
+    return TrainingSummary(**values)

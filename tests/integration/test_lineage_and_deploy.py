@@ -17,7 +17,7 @@ import pytest
 from kedro_helpers import run
 
 from lora_pipeline import lineage
-from lora_pipeline.diffusion.export import load_lora_file
+from lora_pipeline.diffusion.lora_files import load_lora_file
 
 ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 BIN = Path(sys.executable).parent

@@ -15,7 +15,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from lora_pipeline import train_launch
-from lora_pipeline.diffusion.export import load_lora_file
+from lora_pipeline.diffusion.lora_files import load_lora_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

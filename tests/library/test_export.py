@@ -7,14 +7,19 @@ from peft import LoraConfig
 from train_helpers import model_outputs, webui_merge
 
 from lora_pipeline.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
-from lora_pipeline.diffusion.export import (
+from lora_pipeline.diffusion.families import SD1
+from lora_pipeline.diffusion.lora_files import (
     build_kohya_file,
+    kohya_modules,
     load_lora_file,
+    lora_modules_from_state,
     save_diffusers_lora,
     save_lora_file,
+    tensor_hash,
+    to_kohya_state_dict,
+    to_peft_state,
 )
-from lora_pipeline.diffusion.lora_files import from_kohya_state_dict, kohya_modules, tensor_hash, to_kohya_state_dict
-from lora_pipeline.diffusion.loading import load_sd
+from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.demo.tiny_models import build_sd15_architecture
 
 REQUIRED_HEADER = [
@@ -26,25 +31,25 @@ REQUIRED_HEADER = [
 
 
 def test_kohya_file_reproduces_trained_outputs_under_the_webui_rule(trained, tmp_path):
-    state, metadata = build_kohya_file(trained["result"].lora_state, trained["summary"], "fp32", "t", "tiny")
+    state, metadata = build_kohya_file(trained["result"].lora_state, trained["summary"], trained["summary"].unet_config(), "fp32", "t", "tiny")
     save_lora_file(tmp_path / "t.safetensors", state, metadata)
     loaded, header = load_lora_file(tmp_path / "t.safetensors")
     assert all(key.startswith(("lora_unet_", "lora_te_")) for key in loaded)
     assert any(key.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for key in loaded)
-    base = load_sd(trained["params"].base_model)
+    base = load_diffusion_model(trained["params"].base_model)
     applied = webui_merge(base, loaded)
     assert applied == len(trained["result"].lora_state) // 2
     unet_out, te_out = model_outputs(base)
     assert (unet_out - trained["outputs"][0]).abs().max() < 1e-4
     assert (te_out - trained["outputs"][1]).abs().max() < 1e-4
     # and the LoRA really changes the model (so the comparison above can fail)
-    untouched = model_outputs(load_sd(trained["params"].base_model))
+    untouched = model_outputs(load_diffusion_model(trained["params"].base_model))
     assert (untouched[0] - trained["outputs"][0]).abs().max() > 1e-3
     assert (untouched[1] - trained["outputs"][1]).abs().max() > 1e-3
 
 
 def test_header_metadata_and_alpha(trained, tmp_path):
-    state, metadata = build_kohya_file(trained["result"].lora_state, trained["summary"], "fp16", "t", "tiny")
+    state, metadata = build_kohya_file(trained["result"].lora_state, trained["summary"], trained["summary"].unet_config(), "fp16", "t", "tiny")
     save_lora_file(tmp_path / "t.safetensors", state, metadata)
     loaded, header = load_lora_file(tmp_path / "t.safetensors")
     for key in REQUIRED_HEADER:
@@ -59,15 +64,18 @@ def test_header_metadata_and_alpha(trained, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def test_kohya_round_trip(trained):
-    sd = trained["sd"]
-    kohya = to_kohya_state_dict(trained["result"].lora_state, alpha=8.0, dtype=torch.float32)
-    unet_names = [n.replace(".base_layer", "") for n, _ in sd.unet.named_modules()]
-    te_names = [n for n, _ in sd.text_encoder.named_modules()]
-    back, alpha, rank = from_kohya_state_dict(kohya, unet_names, te_names)
-    assert (alpha, rank) == (8.0, 4)
+def test_kohya_round_trip(trained, tiny_models):
+    kohya = to_kohya_state_dict(trained["result"].lora_state, SD1, 8.0, None, dtype=torch.float32)
+    base = load_diffusion_model(trained["params"].base_model)
+    modules = lora_modules_from_state(kohya, {}, SD1, base.modules(), "round trip")
+    assert {m.scale for m in modules} == {2.0}  # alpha 8 / rank 4, read back per module
+    back = to_peft_state(modules, target_scale=2.0)
     assert back.keys() == trained["result"].lora_state.keys()
     assert all(torch.equal(back[k], trained["result"].lora_state[k]) for k in back)
+    # folded to another scale, up @ down * scale is unchanged
+    folded = to_peft_state(modules, target_scale=0.5)
+    key = next(k for k in back if k.endswith("lora_B.weight"))
+    assert torch.allclose(folded[key] * 0.5, back[key] * 2.0)
 
 
 def test_diffusers_export_reloads_with_load_lora_weights(trained, tmp_path):
@@ -96,7 +104,7 @@ def sd15_lora_state():
 
 def test_sd15_module_names_are_valid_kohya_names(sd15_lora_state):
     unet, text_encoder, state = sd15_lora_state
-    kohya = to_kohya_state_dict(state, alpha=8.0)
+    kohya = to_kohya_state_dict(state, SD1, 8.0, unet.config)
     modules = kohya_modules(kohya)
     unet_names = [n for n in modules if n.startswith("lora_unet_")]
     te_names = [n for n in modules if n.startswith("lora_te_")]

@@ -37,7 +37,7 @@ def test_contact_sheet_layout():
 
 
 def test_unknown_lora_fails_before_any_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(nodes, "load_sd", lambda *a, **k: pytest.fail("must not load a model"))
+    monkeypatch.setattr(nodes, "load_diffusion_model", lambda *a, **k: pytest.fail("must not load a model"))
     params = {"base_model": "x", "prompt": "a cat <lora:nope:0.5>", "lora_dirs": [str(tmp_path)]}
     with pytest.raises(ConfigError, match="Unknown LoRA 'nope'"):
         nodes.generate_images({"metadata": {}}, params)

@@ -123,7 +123,7 @@ def test_exported_adapter_and_merged_model_give_the_trained_logits(tiny_models, 
     params = _params(tiny_models, tmp_path, max_steps=4)
     result = train_causal_lm(load_causal_lm(str(tiny_models["tiny-llm"]))[0], tokenizer, train_items, val_items,
                              params, dataset_hash="d")
-    trained = with_adapter(load_causal_lm(params.base_model)[0], params, result.adapter).eval()
+    trained = with_adapter(load_causal_lm(params.base_model)[0], result.spec, result.adapter).eval()
     ids = torch.tensor([train_items[0]["input_ids"]])
     with torch.no_grad():
         expected = trained(input_ids=ids).logits
@@ -132,7 +132,7 @@ def test_exported_adapter_and_merged_model_give_the_trained_logits(tiny_models, 
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 32
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(params.base_model),
                                          str(tmp_path / "adapter")).eval()
-    merged = with_adapter(load_causal_lm(params.base_model)[0], params, result.adapter).merge_and_unload()
+    merged = with_adapter(load_causal_lm(params.base_model)[0], result.spec, result.adapter).merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():

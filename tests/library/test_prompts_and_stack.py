@@ -4,10 +4,11 @@ from diffusers import StableDiffusionPipeline
 from train_helpers import model_outputs, random_kohya_lora, webui_merge
 
 from lora_pipeline.errors import ConfigError
-from lora_pipeline.diffusion.export import save_lora_file
+from lora_pipeline.diffusion.lora_files import save_lora_file
 from lora_pipeline.diffusion.prompts import LoraRef, lora_index, parse_prompt, resolve_loras
-from lora_pipeline.diffusion.loading import load_sd
-from lora_pipeline.diffusion.stack import load_stack, merge_into_base, set_weights
+from lora_pipeline.diffusion.loading import load_diffusion_model
+from lora_pipeline.diffusion.families import SD1
+from lora_pipeline.diffusion.stack import load_stack, merge_into_base, pipeline_modules, set_weights
 
 
 @pytest.mark.parametrize(
@@ -56,7 +57,7 @@ def test_resolve_prefers_project_exports_and_suggests_close_names(tmp_path):
 
 @pytest.fixture
 def two_loras(tiny_models, tmp_path):
-    base = load_sd(str(tiny_models["tiny-sd"]))
+    base = load_diffusion_model(str(tiny_models["tiny-sd"]))
     files = {}
     for name, rank, alpha, seed in (("char", 4, 8.0, 1), ("bg", 2, 1.0, 2)):
         files[name] = tmp_path / f"{name}.safetensors"
@@ -70,15 +71,15 @@ def _pipe(tiny_models):
 
 
 def test_stacked_loras_match_the_webui_rule(tiny_models, two_loras):
-    from lora_pipeline.diffusion.export import load_lora_file
+    from lora_pipeline.diffusion.lora_files import load_lora_file
 
     pipe = _pipe(tiny_models)
     base_out = model_outputs(pipe)
-    load_stack(pipe, two_loras)
+    load_stack(pipe, SD1, two_loras)
     set_weights(pipe, {"char": 0.6, "bg": 0.8})
     stacked = model_outputs(pipe)
 
-    reference = load_sd(str(tiny_models["tiny-sd"]))
+    reference = load_diffusion_model(str(tiny_models["tiny-sd"]))
     webui_merge(reference, load_lora_file(two_loras["char"])[0], 0.6)
     webui_merge(reference, load_lora_file(two_loras["bg"])[0], 0.8)
     expected = model_outputs(reference)
@@ -95,11 +96,11 @@ def test_stacked_loras_match_the_webui_rule(tiny_models, two_loras):
 
 def test_merge_equals_base_plus_lora(tiny_models, two_loras):
     pipe = _pipe(tiny_models)
-    load_stack(pipe, two_loras)
+    load_stack(pipe, SD1, two_loras)
     set_weights(pipe, {"char": 0.6, "bg": 0.8})
     with_adapters = model_outputs(pipe)
     merged = _pipe(tiny_models)
-    merge_into_base(merged, [(two_loras["char"], 0.6), (two_loras["bg"], 0.8)])
+    merge_into_base(pipeline_modules(merged, SD1), SD1, [(two_loras["char"], 0.6), (two_loras["bg"], 0.8)])
     fused = model_outputs(merged)
     assert (fused[0] - with_adapters[0]).abs().max() < 1e-4
     assert (fused[1] - with_adapters[1]).abs().max() < 1e-4

@@ -7,8 +7,8 @@ from train_helpers import make_params, model_outputs
 from lora_pipeline.errors import LoraPipelineError
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.checkpoints import ResumeError, find_resume_checkpoint, list_checkpoints
-from lora_pipeline.diffusion.export import build_kohya_file, load_lora_for_training, save_lora_file
-from lora_pipeline.diffusion.loading import load_sd
+from lora_pipeline.diffusion.lora_files import build_kohya_file, read_lora_modules, save_lora_file, to_peft_state
+from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.training import (
     NonFiniteLossError,
     bucket_batches,
@@ -16,6 +16,7 @@ from lora_pipeline.diffusion.training import (
     encode_latents,
     inject_lora,
     load_lora_state,
+    lora_spec,
     prepare_caption,
     train,
 )
@@ -42,7 +43,7 @@ def test_prepare_caption_keeps_leading_tokens():
 
 def test_training_lowers_a_fixed_denoising_loss(tiny_models, tiny_examples, tmp_path):
     params = make_params(tiny_models, tmp_path, max_steps=30, learning_rate=2e-3, batch_size=4)
-    sd = load_sd(params.base_model)
+    sd = load_diffusion_model(params.base_model)
     cache = DiskCache(tmp_path / "cache")
     keys, encoded = encode_latents(sd, tiny_examples, cache, torch.device("cpu"))
     assert encoded == len(tiny_examples)
@@ -56,7 +57,7 @@ def test_training_lowers_a_fixed_denoising_loss(tiny_models, tiny_examples, tmp_
 
 def _final_state(tiny_models, examples, tmp_path, **overrides):
     params = make_params(tiny_models, tmp_path, **overrides)
-    return train(load_sd(params.base_model), examples, params, DiskCache(tmp_path / "cache"), dataset_hash="d")
+    return train(load_diffusion_model(params.base_model), examples, params, DiskCache(tmp_path / "cache"), dataset_hash="d")
 
 
 def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_models, tiny_examples, tmp_path):
@@ -70,7 +71,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_models, tiny_exa
 
     params = make_params(tiny_models, tmp_path / "b", **settings)
     with pytest.raises(KeyboardInterrupt):
-        train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "b" / "cache"),
+        train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "b" / "cache"),
               dataset_hash="d", step_callback=interrupt)
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints" / "test_lora")] == ["checkpoint-0000002"]
     resumed = _final_state(tiny_models, tiny_examples, tmp_path / "b", resume="latest", **settings)
@@ -115,7 +116,7 @@ def _poison_after_step_2(step, sd):
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_models, tiny_examples, tmp_path):
     params = make_params(tiny_models, tmp_path, max_steps=6, save_steps=2)
     with pytest.raises(NonFiniteLossError, match="step 2.*checkpoint-0000002.*bf16"):
-        train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
+        train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
               dataset_hash="d", step_callback=_poison_after_step_2)
     [kept] = list_checkpoints(tmp_path / "checkpoints" / "test_lora")
     assert find_resume_checkpoint("latest", kept.parent) == kept
@@ -123,13 +124,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_models, tiny_e
 
 @pytest.mark.parametrize("new_alpha", [8.0, 2.0])
 def test_init_from_exported_lora_reproduces_it_at_step_zero(trained, tiny_models, tmp_path, new_alpha):
-    state, metadata = build_kohya_file(trained["result"].lora_state, trained["summary"], "fp32", "t", "tiny")
+    state, metadata = build_kohya_file(trained["result"].lora_state, trained["summary"], trained["summary"].unet_config(), "fp32", "t", "tiny")
     save_lora_file(tmp_path / "t.safetensors", state, metadata)
     params = make_params(tiny_models, tmp_path, train_text_encoder=True, alpha=new_alpha)
-    sd = load_sd(params.base_model)
-    init = load_lora_for_training(tmp_path / "t.safetensors", [n for n, _ in sd.unet.named_modules()],
-                                  [n for n, _ in sd.text_encoder.named_modules()], params.alpha, params.lora_rank)
-    inject_lora(sd, params)
+    sd = load_diffusion_model(params.base_model)
+    init = to_peft_state(read_lora_modules(tmp_path / "t.safetensors", sd.family, sd.modules()),
+                         target_scale=params.alpha / params.lora_rank)
+    inject_lora(sd, lora_spec(params, sd.family))
     load_lora_state(sd, init, "init")
     unet_out, te_out = model_outputs(sd)
     assert torch.allclose(unet_out, trained["outputs"][0], atol=1e-5)
@@ -138,8 +139,8 @@ def test_init_from_exported_lora_reproduces_it_at_step_zero(trained, tiny_models
 
 def test_init_lora_with_wrong_rank_says_what_to_change(trained, tiny_models, tmp_path):
     params = make_params(tiny_models, tmp_path, lora_rank=2)
-    sd = load_sd(params.base_model)
-    inject_lora(sd, params)
+    sd = load_diffusion_model(params.base_model)
+    inject_lora(sd, lora_spec(params, sd.family))
     unet_only = {k: v for k, v in trained["result"].lora_state.items() if k.startswith("unet.")}
     with pytest.raises(LoraPipelineError, match="set training.lora_rank"):
         load_lora_state(sd, unet_only, "init")
@@ -168,7 +169,7 @@ def test_windowed_loss_readback_still_stops_before_saving_a_nan_checkpoint(tiny_
     # Losses are read back every 5 steps, but a checkpoint is due at step 4: the read-back before it finds step 2.
     params = make_params(tiny_models, tmp_path, max_steps=8, save_steps=4, log_every_steps=5)
     with pytest.raises(NonFiniteLossError, match="step 2.*none saved yet"):
-        train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
+        train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
               dataset_hash="d", step_callback=_poison_after_step_2)
     assert list_checkpoints(tmp_path / "checkpoints" / "test_lora") == []
 
@@ -176,7 +177,7 @@ def test_windowed_loss_readback_still_stops_before_saving_a_nan_checkpoint(tiny_
 def test_metrics_are_reported_once_per_window_with_every_step_loss_kept(tiny_models, tiny_examples, tmp_path):
     params = make_params(tiny_models, tmp_path, max_steps=7, log_every_steps=3)
     seen = []
-    result = train(load_sd(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
+    result = train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
                    dataset_hash="d", on_metrics=lambda metrics, step: seen.append((step, metrics["loss"])))
     assert [step for step, _ in seen] == [3, 6, 7]
     assert len(result.losses) == 7

@@ -86,9 +86,16 @@ def test_build_training_metadata_normalizes_prompts_and_flags_captions(demo_imag
     metadata, snapshot, report, info, metrics = nodes.build_training_metadata(checks, captions, params)
     assert snapshot is metadata
     kept = checks[checks.status == "kept"]
-    assert list(metadata.columns) == ["file_name", "text", "width", "height"]
+    assert list(metadata.columns) == ["file_name", "text", "width", "height", "original_width", "original_height",
+                                      "crop_top", "crop_left"]
     assert sorted(metadata.file_name) == sorted(kept.output_name)
     by_out = metadata.set_index("file_name")
+    # SDXL size conditioning: the pre-resize size, and the center crop's offset in the resized image
+    for row in metadata.itertuples():
+        scale = max(row.width / row.original_width, row.height / row.original_height)
+        assert row.crop_left == (round(row.original_width * scale) - row.width) // 2
+        assert row.crop_top == (round(row.original_height * scale) - row.height) // 2
+    assert (metadata.crop_left > 0).any() or (metadata.crop_top > 0).any()
     assert by_out.loc["red_circle_1.png"].text == "sks, simple background, circle"
     flags = report.set_index("file_name").caption_flag
     assert flags["blue_circle_1.png"].startswith("empty caption")

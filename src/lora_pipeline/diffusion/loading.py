@@ -36,6 +36,10 @@ class DiffusionComponents:
     def text_encoder(self) -> Any:
         return self.text_encoders[0]
 
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers[0]
+
     def component(self, name: str) -> Any:
         """``unet``, ``text_encoder`` or ``text_encoder_2`` by name."""
         if name == "unet":
