@@ -145,18 +145,20 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     common = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # The two encoders differ in width as in SDXL (768 / 1280): diffusers' single-file loader tells CLIP-L from
+    # OpenCLIP-G by that width, so equal widths would load one encoder's weights into the other.
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32,
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=40,
                                                                 hidden_act="gelu", **common))
     # As SDXL base: layers_per_block 2 (so kohya's SGM names input_blocks_4_1 ... apply), a first block without
-    # attention, cross-attention over both encoders' states side by side (32 + 32), and the add embedding over
-    # the pooled projection (32) plus 6 time ids x addition_time_embed_dim.
+    # attention, cross-attention over both encoders' states side by side (32 + 48), and the add embedding over
+    # the pooled projection (40) plus 6 time ids x addition_time_embed_dim (8).
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+        cross_attention_dim=32 + 48, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=16,
+        projection_class_embeddings_input_dim=40 + 6 * 8, norm_num_groups=16,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -280,6 +282,33 @@ def build_sd15_architecture(device: str = "meta"):
 
     with torch.device(device):
         return UNet2DConditionModel(**SD15_UNET_CONFIG), CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+
+
+# Full-size SDXL base 1.0 architecture (configs only): for kohya module counts and FLOP figures.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_TEXT_CONFIG = SD15_TEXT_CONFIG  # CLIP ViT-L/14's text tower, as in SD1.5
+SDXL_TEXT_2_CONFIG = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+)
+SDXL_VAE_CONFIG = {**SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025}
+
+
+def build_sdxl_architecture(device: str = "meta"):
+    """SDXL base UNet + both text encoders with random (or, on ``meta``, no) weights."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device(device):
+        return (UNet2DConditionModel(**SDXL_UNET_CONFIG), CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_CONFIG)),
+                CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_CONFIG)))
 
 
 CHAT_TEMPLATE = (

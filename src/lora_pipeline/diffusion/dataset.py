@@ -4,7 +4,9 @@ earlier LoRA a retrain starts from."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -16,13 +18,13 @@ from lora_pipeline.errors import DataError
 GEOMETRY = ("original_width", "original_height", "crop_top", "crop_left")
 
 
-def build_examples(root: str | Path, metadata: pd.DataFrame) -> list[Example]:
+def build_examples(root: str | os.PathLike | Any, metadata: pd.DataFrame) -> list[Example]:
     """One :class:`Example` per ``metadata.csv`` row; every listed file must exist.
 
     The optional geometry columns (written by normalization) feed SDXL's size conditioning; without them the
     bucket size and no crop are assumed.
     """
-    root = Path(getattr(root, "root", root))
+    root = Path(root if isinstance(root, (str, os.PathLike)) else root.root)  # a folder, or an ImageFolder
     if metadata.empty:
         raise DataError("metadata.csv lists no images. Run `kedro run --pipelines normalization` first.")
     missing = [name for name in metadata.file_name if not (root / name).is_file()]
