@@ -21,12 +21,15 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m lora_pipeline.demo
 	$(KEDRO) run --env demo
+	$(KEDRO) run --env demo --pipelines training,export,evaluation --params "base_model=data/06_models/tiny-sdxl,output_name=demo_sdxl_lora"
 	$(KEDRO) run --env demo --pipelines llm
 	@echo
 	@echo "Normalized dataset:   data/03_primary/dataset/ (metadata.csv + images)"
 	@echo "Data-quality report:  $$(ls -td data/08_reporting/quality_report.csv/*/quality_report.csv | head -1)"
 	@echo "LoRA for WebUI/ComfyUI: $$(ls -t data/07_model_output/demo_lora.safetensors/*/demo_lora.safetensors | head -1)"
 	@echo "LoRA for diffusers:     $$(ls -td data/07_model_output/demo_lora_diffusers/*/demo_lora_diffusers | head -1)"
+	@echo "SDXL LoRA (WebUI):      $$(ls -t data/07_model_output/demo_sdxl_lora.safetensors/*/demo_sdxl_lora.safetensors | head -1)"
+	@echo "SDXL LoRA (diffusers):  $$(ls -td data/07_model_output/demo_sdxl_lora_diffusers/*/demo_sdxl_lora_diffusers | head -1)"
 	@echo "LLM adapter (PEFT):     $$(ls -td data/07_model_output/demo_llm_lora_adapter/*/demo_llm_lora_adapter | head -1)"
 	@echo "Reports:              data/08_reporting/ (quality, evaluation, llm_data_report, llm_eval_report)"
 	@echo "Runs:                 $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"

@@ -189,3 +189,30 @@ def test_training_with_packing_lowers_validation_loss(tiny_models, llm_items, tm
     result = train_causal_lm(base, tokenizer, train_items, val_items,
                              _params(tiny_models, tmp_path, packing=True, batch_size=2), dataset_hash="d")
     assert result.eval_losses[-1] < before * 0.9
+
+
+def test_llm_export_uses_the_trained_spec_not_edited_parameters(tiny_models, llm_items, tmp_path):
+    """Changing alpha/rank/targets in parameters_llm.yml after training must not change the exported adapter."""
+    from lora_pipeline.core.spec import TrainingSummary
+    from lora_pipeline.pipelines.llm_export.nodes import export_llm_adapter
+
+    tokenizer, train_items, val_items = llm_items
+    params = _params(tiny_models, tmp_path, max_steps=4)
+    result = train_causal_lm(load_causal_lm(str(tiny_models["tiny-llm"]))[0], tokenizer, train_items, val_items,
+                             params, dataset_hash="d")
+    summary = TrainingSummary(spec=result.spec, base_model=params.base_model, output_name="x", steps=4, epochs=1,
+                              seed=params.seed, learning_rate=params.learning_rate, dataset_hash="d",
+                              started_at="t0", finished_at="t1")
+    summary = TrainingSummary.model_validate_json(summary.model_dump_json())  # as the catalog stores it
+    edited = {**params.model_dump(), "alpha": 4.0, "lora_rank": 2, "target_modules": ["q_proj"]}
+    (peft_model, _), card = export_llm_adapter({"state": result.adapter}, summary, edited)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (params.lora_rank, params.alpha) == (16, 32.0)
+    assert "alpha 32.0" in card
+    ids = torch.tensor([train_items[0]["input_ids"]])
+    trained = with_adapter(load_causal_lm(params.base_model)[0], result.spec, result.adapter).eval()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(params.base_model),
+                                         str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - trained(input_ids=ids).logits).abs().max() < 1e-5

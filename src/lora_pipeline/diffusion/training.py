@@ -330,6 +330,11 @@ def train(
         load_lora_state(sd, init_state, f"init_lora {params.init_lora}")
     signature = run_signature(params, spec, base_id, dataset_hash)
 
+    if sd.family.name == "sdxl" and params.mixed_precision == "fp16":
+        # SDXL's original VAE overflows to NaN in fp16; it is kept in fp32 here (only the UNet and the text
+        # encoders are cast), so latents stay finite. A fp16-fixed VAE saves memory if you need it.
+        logger.warning("SDXL with fp16: the VAE stays fp32 (its fp16 version produces NaN latents); "
+                       "bf16 is the safer choice for the UNet on GPUs that support it.")
     if params.cache_latents:
         latent_keys, latents_encoded = encode_latents(sd, examples, cache, device)
         sd.vae.to("cpu")
