@@ -213,7 +213,7 @@ def sd15_components(tiny_sd: Path):
                                DDPMScheduler.from_pretrained(str(tiny_sd / "scheduler")), "sd15-random")
 
 
-def step_flops(unet, vae, text_encoder, pixels: int, prefix: str) -> dict[str, float]:
+def step_flops(unet, vae, text_encoders, pixels: int, prefix: str) -> dict[str, float]:
     """TFLOP per image (``torch.utils.flop_counter``): one LoRA training step of the UNet with our default kohya
     targets at r=8 (forward + backward), one VAE encode and one text-encoder forward at ``pixels`` px; and
     the most caching can speed a compute-bound step up by (``<prefix>_cache_ceiling_by_flops``)."""
@@ -229,15 +229,20 @@ def step_flops(unet, vae, text_encoder, pixels: int, prefix: str) -> dict[str, f
         unet.train()
         latent = pixels // 8
         hidden = torch.randn(1, 77, unet.config.cross_attention_dim)
+        extra = {}
+        if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding + 6 size/crop ids
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}}
         counts = {}
         with FlopCounterMode(display=False) as counter:
-            unet(torch.randn(1, 4, latent, latent), torch.tensor([500]), hidden).sample.pow(2).mean().backward()
+            unet(torch.randn(1, 4, latent, latent), torch.tensor([500]), hidden, **extra).sample.pow(2).mean().backward()
         counts[f"{prefix}_unet_lora_step_tflop_per_image"] = counter.get_total_flops() / 1e12
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             vae.encode(torch.randn(1, 3, pixels, pixels))
         counts[f"{prefix}_vae_encode_tflop_per_image"] = counter.get_total_flops() / 1e12
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            text_encoder(torch.zeros(1, 77, dtype=torch.long))
+            for text_encoder in text_encoders:
+                text_encoder(torch.zeros(1, 77, dtype=torch.long))
         counts[f"{prefix}_text_encode_tflop_per_image"] = counter.get_total_flops() / 1e12
     step = counts[f"{prefix}_unet_lora_step_tflop_per_image"]
     counts[f"{prefix}_cache_ceiling_by_flops"] = (step + counts[f"{prefix}_vae_encode_tflop_per_image"]
@@ -254,7 +259,20 @@ def sd15_flops() -> dict[str, float]:
     unet, text_encoder = build_sd15_architecture("meta")
     with torch.device("meta"):
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
-    return step_flops(unet, vae, text_encoder, 512, "sd15")
+    return step_flops(unet, vae, [text_encoder], 512, "sd15")
+
+
+def sdxl_flops() -> dict[str, float]:
+    """SDXL base at 1024 px (its native bucket), counted on meta tensors (no weights, no compute): both text
+    encoders count towards what caching saves."""
+    from diffusers import AutoencoderKL
+
+    from lora_pipeline.demo.tiny_models import SDXL_VAE_CONFIG, build_sdxl_architecture
+
+    unet, text_encoder, text_encoder_2 = build_sdxl_architecture("meta")
+    with torch.device("meta"):
+        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+    return step_flops(unet, vae, [text_encoder, text_encoder_2], 1024, "sdxl")
 
 
 def tiny_flops(models: dict[str, Path]) -> dict[str, float]:
@@ -262,7 +280,7 @@ def tiny_flops(models: dict[str, Path]) -> dict[str, float]:
     from lora_pipeline.diffusion.loading import load_diffusion_model
 
     sd = load_diffusion_model(str(models["tiny-sd"]))
-    return step_flops(sd.unet, sd.vae, sd.text_encoder, 128, "tiny")
+    return step_flops(sd.unet, sd.vae, sd.text_encoders, 128, "tiny")
 
 
 # Dense bf16 peak (no sparsity), TFLOP/s, from the vendors' data sheets (SXM parts).
@@ -323,8 +341,8 @@ def data_stages_once(raw: Path, out: Path, cache: Path) -> dict[str, float]:
     """captioning (sidecar) + normalization on ``raw``; run in a fresh process for a clean peak RSS."""
     import pandas as pd
 
-    from lora_pipeline.datasets.image_folder import ImageFolderDataset
     from lora_pipeline.core.cache import DiskCache
+    from lora_pipeline.datasets.image_folder import ImageFolderDataset
     from lora_pipeline.pipelines.captioning.nodes import caption_images, scan_images
     from lora_pipeline.pipelines.normalization.nodes import build_training_metadata, inspect_images, render_images
 
@@ -565,6 +583,7 @@ def main() -> None:
     if "flops" in sections:
         figures.update(tiny_flops(models))
         figures.update(sd15_flops())
+        figures.update(sdxl_flops())
     if "sd15" in sections:
         figures.update(bench_sd15(models, "cpu", args.quick))
         if torch.cuda.is_available():

@@ -16,11 +16,11 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from train_helpers import make_params, model_outputs, summary_for  # noqa: E402
 
-from lora_pipeline.demo import build_demo_images  # noqa: E402
 from lora_pipeline.core.cache import DiskCache  # noqa: E402
 from lora_pipeline.core.files import sha256_file  # noqa: E402
-from lora_pipeline.diffusion.loading import load_diffusion_model  # noqa: E402
+from lora_pipeline.demo import build_demo_images  # noqa: E402
 from lora_pipeline.demo.tiny_models import build_all  # noqa: E402
+from lora_pipeline.diffusion.loading import load_diffusion_model  # noqa: E402
 from lora_pipeline.diffusion.training import Example, train  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

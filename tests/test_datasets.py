@@ -3,8 +3,8 @@ import os
 import pytest
 from PIL import Image
 
-from lora_pipeline.datasets import ImageFolderDataset, ReviewedCaptionsDataset
 from lora_pipeline.core.files import atomic_path
+from lora_pipeline.datasets import ImageFolderDataset, ReviewedCaptionsDataset
 
 
 def test_reviewed_captions_missing_file_is_empty(tmp_path):

@@ -18,18 +18,17 @@ from PIL import Image
 from train_helpers import make_params, summary_for
 
 from lora_pipeline.config import TrainingParams
-from lora_pipeline.datasets.image_folder import ImageFolderDataset
-from lora_pipeline.errors import ConfigError, DataError, ModelNotFoundError
 from lora_pipeline.core import files as files_module
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.checkpoints import list_checkpoints
-from lora_pipeline.diffusion.lora_files import build_kohya_file, load_lora_file, save_lora_file
-from lora_pipeline.diffusion.lora_files import tensor_hash
+from lora_pipeline.datasets.image_folder import ImageFolderDataset
+from lora_pipeline.diffusion.dataset import build_examples, resolve_init_lora
 from lora_pipeline.diffusion.loading import load_diffusion_model
+from lora_pipeline.diffusion.lora_files import build_kohya_file, load_lora_file, save_lora_file, tensor_hash
 from lora_pipeline.diffusion.training import train
+from lora_pipeline.errors import ConfigError, DataError, ModelNotFoundError
 from lora_pipeline.pipelines.captioning.nodes import scan_images
 from lora_pipeline.pipelines.normalization.nodes import build_training_metadata, inspect_images, render_images
-from lora_pipeline.diffusion.dataset import build_examples, resolve_init_lora
 
 KILL_SCRIPT = textwrap.dedent("""
     import json, sys

@@ -1,9 +1,9 @@
 import pytest
 from PIL import Image
 
+from lora_pipeline.core.models import resolve_model
 from lora_pipeline.errors import ModelNotFoundError
 from lora_pipeline.prep import captions as cap
-from lora_pipeline.core.models import resolve_model
 
 
 def test_normalize_prompt_puts_trigger_then_front_keywords_first():

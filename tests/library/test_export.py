@@ -7,7 +7,9 @@ from peft import LoraConfig
 from train_helpers import model_outputs, webui_merge
 
 from lora_pipeline.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
+from lora_pipeline.demo.tiny_models import build_sd15_architecture
 from lora_pipeline.diffusion.families import SD1
+from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.lora_files import (
     build_kohya_file,
     kohya_modules,
@@ -19,8 +21,6 @@ from lora_pipeline.diffusion.lora_files import (
     to_kohya_state_dict,
     to_peft_state,
 )
-from lora_pipeline.diffusion.loading import load_diffusion_model
-from lora_pipeline.demo.tiny_models import build_sd15_architecture
 
 REQUIRED_HEADER = [
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_dropout", "ss_base_model_version",
