@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lora_pipeline.core.files import sha256_file
+from lora_pipeline.core.files import atomic_folder, sha256_file
 from lora_pipeline.errors import LoraPipelineError
 
 logger = logging.getLogger(__name__)
@@ -39,19 +39,13 @@ def save_checkpoint(folder: Path, step: int, lora_state: dict[str, torch.Tensor]
     from safetensors.torch import save_file
 
     target = folder / f"checkpoint-{step:07d}"
-    tmp = folder / f".{target.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(lora_state, str(tmp / "lora.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    meta = {"step": step, "signature": signature,
-            "sha256": {name: sha256_file(tmp / name) for name in ("lora.safetensors", "state.pt")}}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    with atomic_folder(target) as tmp:
+        save_file(lora_state, str(tmp / "lora.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        meta = {"step": step, "signature": signature,
+                "sha256": {name: sha256_file(tmp / name) for name in ("lora.safetensors", "state.pt")}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("Saved checkpoint %s", target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -50,3 +51,25 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder next to ``target``; it replaces ``target`` only if the block succeeds.
+
+    A leftover temp folder from a killed run is cleared first; readers never see a half-written folder under
+    the final name (a crash between removing the old folder and the rename leaves no folder, never a partial one).
+    """
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)

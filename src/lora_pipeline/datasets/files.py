@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 
+from lora_pipeline.core.files import atomic_folder
 from lora_pipeline.errors import DataError
 
 
@@ -59,12 +59,6 @@ class PretrainedFolderDataset(VersionedPathDataset):
 
     def save(self, data: Any) -> None:
         target = Path(self._get_save_path())
-        tmp = target.with_name(f".{target.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        for part in data if isinstance(data, tuple) else (data,):
-            part.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(target)
+        with atomic_folder(target) as tmp:
+            for part in data if isinstance(data, tuple) else (data,):
+                part.save_pretrained(tmp)

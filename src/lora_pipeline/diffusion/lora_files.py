@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from lora_pipeline.core.files import atomic_path
+from lora_pipeline.core.files import atomic_folder, atomic_path
 from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.diffusion.families import ModelFamily, get_family, sgm_unet_path, unet_layout
 from lora_pipeline.errors import DataError
@@ -216,14 +215,8 @@ def save_diffusers_lora(folder: str | os.PathLike, lora_state: Mapping[str, torc
         if part:
             layers[f"{component}_lora_layers"] = part
             layers[f"{component}_lora_adapter_metadata"] = spec.adapter_metadata(component)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    family.pipeline_class().save_lora_weights(tmp, **layers)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        family.pipeline_class().save_lora_weights(tmp, **layers)
     return folder
 
 

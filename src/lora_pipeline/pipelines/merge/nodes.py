@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lora_pipeline.config import GenerationParams, MergeParams, parse_params
+from lora_pipeline.core.files import atomic_folder
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.prompts import LoraRef, resolve_loras
 from lora_pipeline.diffusion.single_file import write_ldm_checkpoint
@@ -33,13 +33,8 @@ def merge_loras(params: dict[str, Any], generation: dict[str, Any]) -> str:
     pipe = sd.pipeline()
     dtype = torch.float16 if p.precision == "fp16" else torch.float32
     folder = MERGED_DIR / p.output_name
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.to(dtype=dtype).save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        pipe.to(dtype=dtype).save_pretrained(tmp)
     single = write_ldm_checkpoint(pipe, MERGED_DIR / f"{p.output_name}.safetensors", sd.family)
     logger.info("Merged %s into %s (diffusers) and %s (WebUI checkpoint)",
                 ", ".join(f"{e.name}:{e.weight:g}" for e in p.loras), folder, single)
