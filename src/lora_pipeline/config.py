@@ -215,6 +215,7 @@ class EvaluationParams(_Strict):
     eval_prompts: list[str] = Field(default_factory=list)
     eval_steps: int = Field(20, ge=1, le=200)
     eval_size: int = Field(512, ge=64, le=2048, multiple_of=8)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
 class MergeEntry(_Strict):

@@ -248,3 +248,23 @@ def test_real_sdxl_configs_give_kohyas_module_counts():
     assert counts == {"lora_unet_": 722, "lora_te1_": 72, "lora_te2_": 192}
     assert "lora_unet_input_blocks_7_1_transformer_blocks_9_attn2_to_k" in names
     assert "lora_unet_output_blocks_5_1_proj_out" in names
+
+
+def test_generation_stage_renders_sdxl_with_a_stacked_lora(tiny_models, sdxl_trained, tmp_path):
+    """The generation node on an SDXL base: the LoRA tag resolves, changes the image, and PNG info is written."""
+    import numpy as np
+
+    from lora_pipeline.pipelines.generation import nodes
+
+    library = tmp_path / "Lora"
+    library.mkdir()
+    (library / "xl.safetensors").write_bytes(sdxl_trained["kohya"].read_bytes())
+    params = {"base_model": str(tiny_models["tiny-sdxl"]), "lora_dirs": [str(library)], "device": "cpu",
+              "prompt": "sks, red circle <lora:xl:1.0>", "comparison_weights": [0.0, 1.0], "thumbnail": 32,
+              "defaults": {"prompt": "-", "steps": 2, "width": 64, "height": 64, "seed": 3}}
+    images, sheet, grid = nodes.generate_images({"metadata": {}}, params)
+    [(name, image)] = images.items()
+    assert image.size == (64, 64) and "<lora:xl:1>" in image.info["parameters"]
+    without = nodes.generate_images({"metadata": {}}, {**params, "prompt": "sks, red circle"})[0]
+    assert np.abs(np.asarray(image, float) - np.asarray(next(iter(without.values())), float)).max() > 0
+    assert grid.size[0] == 2 * 32

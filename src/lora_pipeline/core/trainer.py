@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_pipeline.core.checkpoints import choose_resume, list_checkpoints, load_checkpoint, save_checkpoint
+from lora_pipeline.core.models import pick_device
 from lora_pipeline.errors import LoraPipelineError
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_st
     """The one accelerate setup: CPU when asked or when no GPU exists, TF32 matmuls on Ampere+ GPUs."""
     from accelerate import Accelerator
 
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    cpu = pick_device(device).type == "cpu"  # an unavailable explicit choice fails here, with the fix
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu,
                               gradient_accumulation_steps=gradient_accumulation_steps)
     if accelerator.device.type == "cuda" and allow_tf32:

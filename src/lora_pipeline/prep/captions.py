@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from lora_pipeline.core.models import load_pretrained, pick_device
+
+if TYPE_CHECKING:
+    from lora_pipeline.config import CaptioningParams
 
 logger = logging.getLogger(__name__)
 
@@ -137,3 +140,41 @@ def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
         for tag in split_tags(caption):
             counts[tag] = counts.get(tag, 0) + 1
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+# ----------------------------------------------------------------------------- which caption an image gets
+
+def load_captioner(params: "CaptioningParams") -> Captioner:
+    """The auto-captioner the parameters ask for."""
+    if params.backend == "blip":
+        return BlipCaptioner(params.model, params.allow_download, params.device, params.max_new_tokens)
+    tags = params.clip_tags
+    return ClipTagger(params.model, tags.vocabulary, tags.top_k, tags.threshold, tags.prompt,
+                      params.allow_download, params.device)
+
+
+def auto_caption_key(sha256: str, params: "CaptioningParams") -> str:
+    """Cache key of an auto caption: image content + the settings that change it (model, tags, length).
+
+    A changed image or changed settings miss the cache; nothing stale is ever returned."""
+    from lora_pipeline.core.cache import settings_key
+
+    return f"{sha256}-{settings_key(params.fingerprint_fields())}"
+
+
+def has_human_caption(reviewed: bool, has_sidecar: bool, params: "CaptioningParams") -> bool:
+    """A reviewed row, or a kohya sidecar when sidecars are used: such images never reach the captioner."""
+    return reviewed or (params.use_sidecars and has_sidecar)
+
+
+def pick_caption(reviewed: str | None, sidecar: str | None, auto: str | None,
+                 params: "CaptioningParams") -> tuple[str, str]:
+    """``(text, source)``. Precedence: ``reviewed_captions.csv`` row (verbatim) > kohya sidecar > auto caption;
+    source ``none`` when there is none (sidecar-only backend without a sidecar, or an undecodable image)."""
+    if reviewed is not None:
+        return reviewed, "reviewed"
+    if params.use_sidecars and sidecar is not None:
+        return apply_template(params.template, params.trigger, sidecar), "sidecar"
+    if auto is not None:
+        return apply_template(params.template, params.trigger, auto), "auto"
+    return "", "none"

@@ -8,17 +8,17 @@ from typing import Any
 import pandas as pd
 
 from lora_pipeline.config import CaptioningParams, parse_params
-from lora_pipeline.core.cache import DiskCache, FileMemo, settings_key
+from lora_pipeline.core.cache import DiskCache, FileMemo
 from lora_pipeline.core.files import sha256_file
 from lora_pipeline.core.models import resolve_model
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
 from lora_pipeline.prep.captions import (
-    BlipCaptioner,
-    Captioner,
-    ClipTagger,
-    apply_template,
+    auto_caption_key,
     caption_in_batches,
+    has_human_caption,
+    load_captioner,
+    pick_caption,
 )
 from lora_pipeline.prep.images import load_rgb, read_sidecar
 
@@ -44,15 +44,6 @@ def scan_images(raw_images: ImageFolder, caption_cache: DiskCache | None = None)
     return pd.DataFrame(rows, columns=["file_name", "sha256", "has_sidecar", "sidecar"])
 
 
-def load_captioner(params: CaptioningParams) -> Captioner:
-    """The auto-captioner the parameters ask for."""
-    if params.backend == "blip":
-        return BlipCaptioner(params.model, params.allow_download, params.device, params.max_new_tokens)
-    tags = params.clip_tags
-    return ClipTagger(params.model, tags.vocabulary, tags.top_k, tags.threshold, tags.prompt,
-                      params.allow_download, params.device)
-
-
 def caption_images(
     manifest: pd.DataFrame,
     reviewed: pd.DataFrame,
@@ -74,15 +65,13 @@ def caption_images(
     if unknown:
         logger.warning("reviewed_captions.csv names %d image(s) not in the raw folder, e.g. %s", len(unknown),
                        unknown[0])
-    fingerprint = settings_key(p.fingerprint_fields())
     auto: dict[str, str] = {}
     unreadable: set[str] = set()
     to_caption: list[str] = []
     for row in manifest.itertuples():
-        human = row.file_name in reviewed_text or (p.use_sidecars and row.has_sidecar)
-        if human or p.backend == "sidecar":
+        if has_human_caption(row.file_name in reviewed_text, row.has_sidecar, p) or p.backend == "sidecar":
             continue
-        cached = caption_cache.get_json(f"{row.sha256}-{fingerprint}")
+        cached = caption_cache.get_json(auto_caption_key(row.sha256, p))
         if cached is None:
             to_caption.append(row.file_name)
         elif cached["caption"] is None:
@@ -96,22 +85,16 @@ def caption_images(
         )
         hashes = dict(zip(manifest.file_name, manifest.sha256))
         for name, caption in fresh.items():
-            caption_cache.put_json(f"{hashes[name]}-{fingerprint}", {"caption": caption, "file_name": name})
+            caption_cache.put_json(auto_caption_key(hashes[name], p), {"caption": caption, "file_name": name})
         for name, error in failed.items():
-            caption_cache.put_json(f"{hashes[name]}-{fingerprint}", {"caption": None, "error": error})
+            caption_cache.put_json(auto_caption_key(hashes[name], p), {"caption": None, "error": error})
         auto.update(fresh)
         unreadable.update(failed)
 
     rows = []
     for row in manifest.itertuples():
-        if row.file_name in reviewed_text:
-            text, source = reviewed_text[row.file_name], "reviewed"
-        elif p.use_sidecars and row.has_sidecar:
-            text, source = apply_template(p.template, p.trigger, row.sidecar), "sidecar"
-        elif row.file_name in auto:
-            text, source = apply_template(p.template, p.trigger, auto[row.file_name]), "auto"
-        else:
-            text, source = "", "none"  # sidecar-only backend without a sidecar, or undecodable image
+        text, source = pick_caption(reviewed_text.get(row.file_name), row.sidecar if row.has_sidecar else None,
+                                    auto.get(row.file_name), p)
         rows.append((row.file_name, row.sha256, text, source, source in ("reviewed", "sidecar"),
                      auto.get(row.file_name, "")))
     table = pd.DataFrame(rows, columns=CAPTION_COLUMNS)

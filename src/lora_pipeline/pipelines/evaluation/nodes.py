@@ -9,11 +9,11 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-import torch
 from PIL import Image
 
 from lora_pipeline.config import EvaluationParams, PromptSpec, TrainingParams, parse_params
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.models import pick_device
 from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.diffusion.dataset import build_examples
@@ -42,7 +42,9 @@ def evaluate_lora(
     t = parse_params(TrainingParams, training_params, "training")  # how to load the base: download, single file
     sd = load_diffusion_model(training_summary.base_model, training_summary.family, t.allow_download,
                               t.single_file_config)
-    device = torch.device("cpu")
+    device = pick_device(p.device)
+    for module in (sd.unet, *sd.text_encoders):
+        module.to(device)
     train_examples = build_examples(normalized_images.root, train_metadata)
     sets = {"train": train_examples}
     if p.holdout_dir:
@@ -82,7 +84,7 @@ def evaluate_lora(
 
 def _clip_figures(p: EvaluationParams, sd, scorer: ClipScorer, references, label: str) -> dict[str, float]:
     """CLIP score of images generated with fixed seeds, and their similarity to the training images."""
-    pipe = sd.pipeline()
+    pipe = sd.pipeline().to(next(sd.unet.parameters()).device)
     pipe.set_progress_bar_config(disable=True)
     spec = PromptSpec(prompt="-", steps=p.eval_steps, width=p.eval_size, height=p.eval_size)
     images = [render(pipe, prompt, spec, p.seed + i) for i, prompt in enumerate(p.eval_prompts)]

@@ -1,0 +1,127 @@
+"""Which images make the training set: duplicate and size decisions, buckets, output names, lazy renders,
+and the caption checks behind each quality-report row. Plain Python; the normalization nodes call it."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from lora_pipeline.config import NormalizationParams
+from lora_pipeline.prep.captions import normalize_prompt, split_tags
+from lora_pipeline.prep.images import (
+    ImageCheck,
+    choose_bucket,
+    crop_geometry,
+    fit_to,
+    hamming_matches,
+    load_rgb,
+    make_buckets,
+)
+
+CHECK_COLUMNS = [
+    "file_name", "sha256", "status", "reason_code", "reason", "orig_width", "orig_height", "width", "height",
+    "bucket_width", "bucket_height", "output_name", "note",
+]
+
+
+def output_name(file_name: str, fmt: str, taken: set[str]) -> str:
+    """``sub/a.jpg`` -> ``sub/a.png``; ``sub/a_jpg.png`` if another input already claimed that name."""
+    path = PurePosixPath(file_name)
+    name = path.with_suffix(f".{fmt}").as_posix()
+    if name in taken:
+        name = path.with_name(f"{path.stem}_{path.suffix.lstrip('.')}.{fmt}").as_posix()
+    taken.add(name)
+    return name
+
+
+def select_images(checks: Sequence[ImageCheck], p: NormalizationParams) -> list[dict[str, Any]]:
+    """One quality-report row per checked file: kept (with its bucket and output name) or rejected with a reason.
+
+    Rejections: corrupt file, below ``min_size``, exact duplicate (same bytes), near duplicate (perceptual
+    hash, optional), and in ``crop`` mode an image that would need upscaling. The first of two duplicates wins.
+    """
+    buckets = make_buckets(p.resolution, p.bucket_min, p.bucket_max, p.bucket_step)
+    first_with_hash: dict[str, str] = {}
+    kept_hashes: list[int] = []
+    kept_names: list[str] = []
+    taken: set[str] = set()
+    rows = []
+    for c in checks:
+        row = dict(file_name=c.file_name, sha256=c.sha256, status="rejected", reason_code=c.reason_code,
+                   reason=c.reason,
+                   orig_width=c.orig_width, orig_height=c.orig_height, width=c.width, height=c.height,
+                   bucket_width=0, bucket_height=0, output_name="", note="")
+        if c.ok and c.sha256 in first_with_hash:
+            row.update(reason_code="duplicate",
+                       reason=f"duplicate of {first_with_hash[c.sha256]} (identical file content)")
+        elif c.ok and p.near_duplicates and c.phash is not None:
+            matches = hamming_matches(np.array(kept_hashes, dtype=np.uint64), c.phash, p.near_duplicate_distance)
+            if matches.size:
+                row.update(reason_code="near_duplicate",
+                           reason=f"near-duplicate of {kept_names[matches[0]]} (perceptual hash)")
+        if c.ok and not row["reason"]:
+            if p.mode == "crop":
+                target, reduced = (p.resolution, p.resolution), min(c.width, c.height) < p.resolution
+                if reduced:
+                    row["reason_code"] = "needs_upscale"
+                    row["reason"] = (f"smaller than resolution {p.resolution} ({c.width}x{c.height}); crop mode "
+                                     f"never upscales: lower 'resolution' or use mode: buckets")
+            else:
+                target, reduced = choose_bucket((c.width, c.height), buckets, p.bucket_step)
+                if reduced:
+                    row["note"] = "smaller bucket than resolution (image too small; not upscaled)"
+            if not row["reason"]:
+                row.update(status="kept", bucket_width=target[0], bucket_height=target[1],
+                           output_name=output_name(c.file_name, p.output_format, taken))
+                if c.phash is not None:
+                    kept_hashes.append(c.phash)
+                    kept_names.append(c.file_name)
+        if c.ok:
+            first_with_hash.setdefault(c.sha256, c.file_name)
+        rows.append(row)
+    return rows
+
+
+class ImageRender:
+    """Lazy render of one kept image; ``cache_key`` lets the image folder skip it when nothing changed."""
+
+    def __init__(self, root: Any, file_name: str, sha256: str, size: tuple[int, int],
+                 background: tuple[int, int, int]):
+        self.root, self.file_name, self.size, self.background = root, file_name, size, background
+        self.cache_key = f"{sha256}|{size[0]}x{size[1]}|{background}"
+
+    def __call__(self) -> Image.Image:
+        return fit_to(load_rgb(self.root / self.file_name, self.background), self.size)
+
+
+
+
+def caption_flag(caption: tuple[str, str] | None, image_sha256: str, trigger: str) -> str:
+    """Why a kept image's caption needs a look (the image is still kept), or ``""``.
+
+    ``caption`` is ``(training prompt, sha256 of the image it was made for)``, or None when there is none.
+    """
+    if caption is None:
+        return "no caption: run the captioning pipeline first"
+    text, caption_sha = caption
+    if caption_sha != image_sha256:
+        return "stale caption: the image changed since captioning; re-run captioning"
+    if len(split_tags(text)) <= (1 if trigger else 0):
+        return "empty caption: only the trigger word; add tags in data/01_raw/reviewed_captions.csv"
+    return ""
+
+
+def training_prompt(caption_text: str, p: NormalizationParams) -> str:
+    """Trigger word first, then ``front_keywords``, then the other tags, lower-cased and de-duplicated."""
+    return normalize_prompt(str(caption_text), p.prompt.trigger, p.prompt.lowercase, p.prompt.front_keywords)
+
+
+def sdxl_geometry(widths, heights, bucket_widths, bucket_heights) -> dict[str, list[int]]:
+    """metadata.csv's SDXL micro-conditioning columns: the size before resizing and the crop's top-left."""
+    crops = [crop_geometry((int(w), int(h)), (int(bw), int(bh)))
+             for w, h, bw, bh in zip(widths, heights, bucket_widths, bucket_heights)]
+    return {"original_width": [int(w) for w in widths], "original_height": [int(h) for h in heights],
+            "crop_top": [top for top, _ in crops], "crop_left": [left for _, left in crops]}
