@@ -268,3 +268,20 @@ def test_generation_stage_renders_sdxl_with_a_stacked_lora(tiny_models, sdxl_tra
     without = nodes.generate_images({"metadata": {}}, {**params, "prompt": "sks, red circle"})[0]
     assert np.abs(np.asarray(image, float) - np.asarray(next(iter(without.values())), float)).max() > 0
     assert grid.size[0] == 2 * 32
+
+
+@pytest.mark.parametrize("new_alpha", [8.0, 1.0])
+def test_init_lora_from_the_sdxl_kohya_file_reproduces_the_trained_model(sdxl_trained, tiny_models, tmp_path,
+                                                                        new_alpha):
+    """A retrain (init_lora) at another alpha starts exactly where the exported LoRA left off."""
+    from lora_pipeline.diffusion.lora_files import read_lora_modules, to_peft_state
+    from lora_pipeline.diffusion.training import inject_lora, load_lora_state, lora_spec
+
+    params = sdxl_trained["params"].model_copy(update={"alpha": new_alpha})
+    sd = load_diffusion_model(params.base_model)
+    spec = lora_spec(params, sd.family)
+    init = to_peft_state(read_lora_modules(sdxl_trained["kohya"], sd.family, sd.modules()), target_scale=spec.scale)
+    inject_lora(sd, spec)
+    load_lora_state(sd, init, "init")
+    for got, want in zip(sdxl_outputs(sd), sdxl_trained["outputs"]):
+        assert (got - want).abs().max() < 1e-4
