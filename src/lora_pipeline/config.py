@@ -75,13 +75,20 @@ class PromptParams(_Strict):
     keep_tokens: int = Field(1, ge=0, le=32, description="Leading tags training never shuffles (kohya).")
 
 
+FamilyName = Literal["auto", "sd1", "sdxl"]
+
+
 class NormalizationParams(_Strict):
     min_size: int = Field(512, ge=8, le=16384, description="Shortest side an input image must have.")
     mode: Literal["buckets", "crop"] = "buckets"
-    resolution: int = Field(512, ge=64, le=4096, description="Square side (crop) or bucket area side.")
-    bucket_min: int = Field(256, ge=64, le=4096)
-    bucket_max: int = Field(1024, ge=64, le=8192)
+    resolution: int | Literal["auto"] = Field(
+        "auto", description="Square side (crop) or bucket area side; auto: the base model family's native size "
+                            "(SD1.x 512, SDXL 1024)")
+    bucket_min: int | None = Field(None, ge=64, le=4096, description="null: resolution / 2")
+    bucket_max: int | None = Field(None, ge=64, le=8192, description="null: resolution * 2")
     bucket_step: int = Field(64, ge=8, le=512)
+    base_model: str | None = Field(None, description="the training base, read only for resolution: auto")
+    base_model_family: FamilyName = "auto"
     background: tuple[int, int, int] = (255, 255, 255)
     near_duplicates: bool = False
     near_duplicate_distance: int = Field(4, ge=0, le=64, description="Max perceptual-hash Hamming distance.")
@@ -96,23 +103,49 @@ class NormalizationParams(_Strict):
             raise ValueError("each channel must be between 0 and 255")
         return value
 
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_range(cls, value: int | str) -> int | str:
+        if value != "auto" and not 64 <= value <= 4096:
+            raise ValueError("must be 'auto' or between 64 and 4096")
+        return value
+
     @model_validator(mode="after")
     def _buckets_consistent(self) -> "NormalizationParams":
-        if self.bucket_min > self.bucket_max:
+        if self.bucket_min and self.bucket_max and self.bucket_min > self.bucket_max:
             raise ValueError(f"bucket_min ({self.bucket_min}) must not exceed bucket_max ({self.bucket_max})")
-        for key in ("resolution", "bucket_min", "bucket_max"):
-            if getattr(self, key) % self.bucket_step:
-                raise ValueError(f"{key} must be a multiple of bucket_step ({self.bucket_step})")
-        if not self.bucket_min <= self.resolution <= self.bucket_max:
+        if self.resolution == "auto":
+            return self  # the rest is checked by sized(), once the family's size is known
+        low, high = self.bucket_bounds()
+        if low > high:
+            raise ValueError(f"bucket_min ({low}) must not exceed bucket_max ({high})")
+        for key, value in (("resolution", self.resolution), ("bucket_min", low), ("bucket_max", high)):
+            if value % self.bucket_step:
+                raise ValueError(f"{key} ({value}) must be a multiple of bucket_step ({self.bucket_step})")
+        if not low <= self.resolution <= high:
             raise ValueError("resolution must lie between bucket_min and bucket_max")
         return self
+
+    def bucket_bounds(self) -> tuple[int, int]:
+        res = int(self.resolution)
+        return (self.bucket_min or max(self.bucket_step, res // 2 // self.bucket_step * self.bucket_step),
+                self.bucket_max or res * 2)
+
+    def sized(self, native_resolution: int) -> "NormalizationParams":
+        """A copy with concrete sizes: ``auto`` becomes the family's native resolution, null bounds derived."""
+        resolution = native_resolution if self.resolution == "auto" else self.resolution
+        low, high = self.model_copy(update={"resolution": resolution}).bucket_bounds()
+        try:
+            return NormalizationParams.model_validate(
+                {**self.model_dump(), "resolution": resolution, "bucket_min": low, "bucket_max": high})
+        except ValidationError as exc:
+            raise ConfigError(f"Invalid parameters in conf/*/parameters_normalization.yml once resolution is "
+                              f"{resolution}: {exc.errors()[0]['msg']}. Set resolution, bucket_min and bucket_max "
+                              f"explicitly.") from None
 
 
 KOHYA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 KOHYA_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-
-FamilyName = Literal["auto", "sd1", "sdxl"]
 
 
 class TrainingParams(_Strict):

@@ -8,7 +8,9 @@ stacking, merge and evaluation only talk to this interface.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from lora_pipeline.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,10 +106,13 @@ def get_family(name: str) -> ModelFamily:
                       f"{', '.join(FAMILIES)}.")
 
 
-def detect_family(source: str | Path) -> ModelFamily:
-    """The family of a diffusers folder (``model_index.json``) or a single-file checkpoint (its keys)."""
+def detect_family(source: str | Path, allow_download: bool = False) -> ModelFamily:
+    """The family of a diffusers folder (``model_index.json``), a single-file checkpoint (its keys), or a hub id
+    (its ``model_index.json``, from the local hub cache, or fetched when downloads are allowed)."""
     path = Path(source)
     index = path / "model_index.json"
+    if not path.exists():
+        index = _hub_model_index(str(source), allow_download) or index
     if index.is_file():
         class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
         for family in FAMILIES.values():
@@ -122,8 +129,21 @@ def detect_family(source: str | Path) -> ModelFamily:
             return SD1
         raise ConfigError(f"{path}: cannot tell the model family from its keys (neither SD1.x nor SDXL layout); "
                           f"set base_model_family: sd1 or sdxl.")
-    # A hub id: the family cannot be read without downloading; SD1.x keeps the old behaviour.
+    logger.warning("Cannot tell the family of %s without its model_index.json; assuming %s. Set "
+                   "base_model_family: sdxl for an SDXL base (or allow_download: true).", source, SD1.display_name)
     return SD1
+
+
+def _hub_model_index(repo_id: str, allow_download: bool) -> Path | None:
+    """A hub repository's ``model_index.json`` (a few hundred bytes), or None when it cannot be had."""
+    if repo_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, "model_index.json", local_files_only=not allow_download))
+    except Exception:  # not cached, offline, no such repo: the caller falls back and says so
+        return None
 
 
 def _checkpoint_keys(path: Path) -> list[str]:
@@ -136,16 +156,28 @@ def _checkpoint_keys(path: Path) -> list[str]:
     return list(state.get("state_dict", state))
 
 
-def resolve_family(requested: str, source: str | Path) -> ModelFamily:
-    """``auto`` detects; an explicit family must agree with what the model files say."""
-    detected = detect_family(source)
+def resolve_family(requested: str, source: str | Path, allow_download: bool = False) -> ModelFamily:
+    """``auto`` detects; an explicit family must agree with what local model files say."""
+    if requested != "auto" and not Path(source).exists():
+        return get_family(requested)
+    detected = detect_family(source, allow_download)
     if requested == "auto":
         return detected
     family = get_family(requested)
-    if Path(source).exists() and family is not detected:
+    if family is not detected:
         raise ConfigError(f"base_model_family is '{requested}', but {source} is a {detected.display_name} model; "
                           f"set base_model_family: auto (or {detected.name}).")
     return family
+
+
+@functools.lru_cache(maxsize=32)  # three nodes ask per run; say a fallback warning once
+def native_resolution(base_model: str | None, requested: str = "auto") -> int:
+    """The bucket side a family trains at (SD1.x 512, SDXL 1024), for ``normalization.resolution: auto``."""
+    if requested != "auto":
+        return get_family(requested).default_resolution
+    if not base_model:
+        return SD1.default_resolution
+    return detect_family(base_model).default_resolution
 
 
 # ----------------------------------------------------------------------------- original (SGM/LDM) UNet names

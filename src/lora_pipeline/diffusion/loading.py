@@ -78,7 +78,7 @@ def load_diffusion_model(base_model: str, family: str = "auto", allow_download: 
     from diffusers import DDPMScheduler
 
     source = resolve_model(base_model, allow_download)
-    chosen = resolve_family(family, source)
+    chosen = resolve_family(family, source, allow_download)
     pipeline_class = chosen.pipeline_class()
     extra = {"safety_checker": None, "requires_safety_checker": False} if chosen.name == "sd1" else {}
     if source.endswith(SINGLE_FILE_SUFFIXES) and Path(source).is_file():

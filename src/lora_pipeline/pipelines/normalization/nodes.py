@@ -14,6 +14,7 @@ import pandas as pd
 from lora_pipeline.config import NormalizationParams, parse_params
 from lora_pipeline.core.cache import DiskCache, FileMemo, settings_key
 from lora_pipeline.datasets.image_folder import ImageFolder
+from lora_pipeline.diffusion.families import native_resolution
 from lora_pipeline.errors import DataError
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
 from lora_pipeline.prep.captions import tag_frequency
@@ -30,6 +31,12 @@ from lora_pipeline.prep.selection import (
 logger = logging.getLogger(__name__)
 
 
+def sized_params(params: dict[str, Any]) -> NormalizationParams:
+    """Validated parameters with concrete sizes (``resolution: auto`` -> the base model family's native size)."""
+    p = parse_params(NormalizationParams, params, "normalization")
+    return p.sized(native_resolution(p.base_model, p.base_model_family))
+
+
 def inspect_images(raw_images: ImageFolder, params: dict[str, Any], check_cache: DiskCache | None = None
                    ) -> pd.DataFrame:
     """Decode every image once (in parallel) and decide kept/rejected with a reason and a target size.
@@ -37,7 +44,7 @@ def inspect_images(raw_images: ImageFolder, params: dict[str, Any], check_cache:
     Rejections: corrupt file, below ``min_size``, exact duplicate (same bytes), near duplicate
     (perceptual hash, optional), and in ``crop`` mode an image that would need upscaling.
     """
-    p = parse_params(NormalizationParams, params, "normalization")
+    p = sized_params(params)
     # Checks are remembered by (path, size, mtime) and the check settings: a re-run decodes only new files.
     memo = FileMemo(check_cache, f"check-{settings_key({'min': p.min_size, 'phash': p.near_duplicates})}")
     root = raw_images.root
@@ -65,7 +72,7 @@ def render_images(
 
     Takes the saved quality report as input so the report is on disk even when this node stops the run.
     """
-    p = parse_params(NormalizationParams, params, "normalization")
+    p = sized_params(params)
     kept = quality_report[quality_report.status == "kept"]
     if kept.empty:
         reasons = Counter(quality_report.reason_code)
@@ -92,7 +99,7 @@ def build_training_metadata(
     de-duplicated. A caption that is empty, stale (image changed since captioning) or missing is flagged
     in the report; the image is still kept.
     """
-    p = parse_params(NormalizationParams, params, "normalization")
+    p = sized_params(params)
     # Plain dicts, not DataFrame.loc per row: .loc costs ~0.1 ms a call, which is most of a 10k-image re-run.
     caption_of = dict(zip(captions.file_name, zip(captions.text, captions.sha256)))
     report = image_checks.copy()
