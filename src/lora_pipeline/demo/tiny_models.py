@@ -63,12 +63,16 @@ def write_clip_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def build_clip_tokenizer(folder: Path, max_length: int = 77):
+def build_clip_tokenizer(max_length: int = 77):
+    """A CLIPTokenizer loaded through ``from_pretrained`` (the path a real one takes) from files written to a
+    temporary folder; the pipeline's ``save_pretrained`` then writes it where it belongs."""
+    import tempfile
+
     from transformers import CLIPTokenizer
 
-    write_clip_tokenizer_files(folder)
-    # Loading the written files through from_pretrained is the path a real CLIP tokenizer takes.
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
+    with tempfile.TemporaryDirectory() as folder:
+        write_clip_tokenizer_files(Path(folder))
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
 
 
 def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
@@ -101,7 +105,7 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
         norm_num_groups=8,
         sample_size=128,
     )
-    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    tokenizer = build_clip_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -125,9 +129,6 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir)
-    for leftover in (out_dir / "_tokenizer_src").iterdir():
-        leftover.unlink()
-    (out_dir / "_tokenizer_src").rmdir()
     logger.info("Wrote tiny Stable Diffusion pipeline to %s", out_dir)
     return out_dir
 
@@ -141,7 +142,7 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    tokenizer = build_clip_tokenizer()
     common = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -170,9 +171,6 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(out_dir)
-    for leftover in (out_dir / "_tokenizer_src").iterdir():
-        leftover.unlink()
-    (out_dir / "_tokenizer_src").rmdir()
     logger.info("Wrote tiny Stable Diffusion XL pipeline to %s", out_dir)
     return out_dir
 
@@ -218,7 +216,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     out_dir = Path(out_dir)
-    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -234,9 +232,6 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    for leftover in (out_dir / "_tokenizer_src").iterdir():
-        leftover.unlink()
-    (out_dir / "_tokenizer_src").rmdir()
     logger.info("Wrote tiny CLIP tagger to %s", out_dir)
     return out_dir
 
