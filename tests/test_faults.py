@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from lora_pipeline.config import TrainingParams
 from lora_pipeline.core import files as files_module
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.checkpoints import list_checkpoints
+from lora_pipeline.core.files import sha256_file
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
 from lora_pipeline.diffusion.dataset import build_examples, resolve_init_lora
 from lora_pipeline.diffusion.loading import load_diffusion_model
@@ -40,7 +42,8 @@ KILL_SCRIPT = textwrap.dedent("""
     args = json.loads(sys.argv[1])
     params = TrainingParams(**args["params"])
     examples = [Example(Path(e[0]), e[1], e[2], e[3], e[4]) for e in args["examples"]]
-    train(load_diffusion_model(params.base_model), examples, params, DiskCache(args["cache"]), dataset_hash="d")
+    train(load_diffusion_model(params.base_model), examples, params, DiskCache(args["cache"]),
+          dataset_hash=args.get("dataset_hash", "d"))
 """)
 
 
@@ -48,24 +51,35 @@ def _summary(params: TrainingParams):
     return summary_for(params, resolution=[64, 64], tag_frequency={})
 
 
-def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_models, tiny_examples, tmp_path):
-    settings = dict(max_steps=40, save_steps=4, dropout=0.1)
-    params = make_params(tiny_models, tmp_path / "killed", **settings)
-    payload = {"params": params.model_dump(), "cache": str(tmp_path / "killed" / "cache"),
-               "examples": [[str(e.path), e.text, e.width, e.height, e.sha256] for e in tiny_examples]}
+def _kill_during_training(params: TrainingParams, examples, tmp_path, dataset_hash: str = "d") -> list:
+    """Start training in a child process, SIGKILL it once a checkpoint of *this* run exists; return them."""
+    payload = {"params": params.model_dump(), "cache": str(Path(params.checkpoint_dir).parent / "cache"),
+               "dataset_hash": dataset_hash,
+               "examples": [[str(e.path), e.text, e.width, e.height, e.sha256] for e in examples]}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     log = open(tmp_path / "child.log", "w+")  # a file, not a pipe: a full pipe would stall the child
+    before = set(Path(params.checkpoint_dir, params.output_name).glob("run-*"))
     child = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(payload)], env=env,
                              stdout=subprocess.DEVNULL, stderr=log)
-    folder = tmp_path / "killed" / "checkpoints" / "test_lora"
+
+    def checkpoints() -> list:
+        runs = set(Path(params.checkpoint_dir, params.output_name).glob("run-*")) - before
+        return [c for run in runs for c in list_checkpoints(run)]
+
     deadline = time.time() + 240
-    while not list_checkpoints(folder) and time.time() < deadline and child.poll() is None:
+    while not checkpoints() and time.time() < deadline and child.poll() is None:
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 0.6))
     child.send_signal(signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL, f"training ended before the kill: {(tmp_path / 'child.log').read_text()[-2000:]}"
     log.close()
-    assert list_checkpoints(folder)  # at least one intact checkpoint survived
+    return checkpoints()
+
+
+def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_models, tiny_examples, tmp_path):
+    settings = dict(max_steps=40, save_steps=4, dropout=0.1)
+    params = make_params(tiny_models, tmp_path / "killed", **settings)
+    assert _kill_during_training(params, tiny_examples, tmp_path)  # at least one intact checkpoint survived
     resumed = train(load_diffusion_model(params.base_model), tiny_examples,
                     make_params(tiny_models, tmp_path / "killed", resume="latest", **settings),
                     DiskCache(tmp_path / "killed" / "cache"), dataset_hash="d")
@@ -177,3 +191,72 @@ def test_init_lora_latest_resolves_the_newest_export(tmp_path):
     with pytest.raises(DataError, match="no export of 'other'"):
         resolve_init_lora(params.init_lora, params.export_dir, "other")
 
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_kill_9_during_a_retrain_beside_an_older_longer_run(tiny_models, tiny_examples, tmp_path):
+    """A retrain (more images) is killed while the subject also holds an older run with higher step numbers:
+    it resumes its own checkpoint, never touches the older run, and ends bit-identical to an uninterrupted retrain."""
+    settings = dict(save_steps=4, dropout=0.1, keep_checkpoints=2)
+    older = make_params(tiny_models, tmp_path / "killed", max_steps=24, **settings)
+    train(load_diffusion_model(older.base_model), tiny_examples[:6], older, DiskCache(tmp_path / "killed" / "cache"),
+          dataset_hash="v1")
+    subject = tmp_path / "killed" / "checkpoints" / "test_lora"
+    [older_run] = subject.glob("run-*")
+    older_files = _files(older_run)
+
+    retrain = make_params(tiny_models, tmp_path / "killed", max_steps=20, resume="auto", **settings)
+    survived = _kill_during_training(retrain, tiny_examples, tmp_path, dataset_hash="v2")
+    assert survived and all(c.parent != older_run for c in survived)
+    resumed = train(load_diffusion_model(retrain.base_model), tiny_examples,
+                    retrain.model_copy(update={"resume": "latest"}), DiskCache(tmp_path / "killed" / "cache"),
+                    dataset_hash="v2")
+    assert resumed.resumed_from is not None and Path(resumed.resumed_from).parent == survived[0].parent
+    assert _files(older_run) == older_files  # neither resumed from, nor pruned, nor rewritten
+
+    straight = train(load_diffusion_model(retrain.base_model), tiny_examples,
+                     make_params(tiny_models, tmp_path / "straight", max_steps=20, **settings),
+                     DiskCache(tmp_path / "straight" / "cache"), dataset_hash="v2")
+    for key, tensor in straight.lora_state.items():
+        assert torch.equal(tensor, resumed.lora_state[key]), key
+
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from lora_pipeline.core.lock import subject_lock
+    with subject_lock(sys.argv[1], "test_lora"):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_one_run_per_subject_and_a_stale_lock_is_taken_over(tiny_models, tiny_examples, tmp_path, monkeypatch):
+    from lora_pipeline.core.lock import SubjectBusyError, subject_lock
+    from lora_pipeline.pipelines.training import nodes
+
+    params = make_params(tiny_models, tmp_path, max_steps=2)
+    subject = tmp_path / "checkpoints" / "test_lora"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(subject)], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        # the node stops before it loads anything, naming the holder
+        monkeypatch.setattr(nodes, "load_diffusion_model", lambda *a, **k: pytest.fail("must not load the model"))
+        with pytest.raises(SubjectBusyError, match=rf"subject test_lora is being trained by PID {holder.pid} since"):
+            nodes.train_lora(None, None, {}, None, params.model_dump())
+        with pytest.raises(SubjectBusyError, match=f"PID {holder.pid}"):
+            train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
+                  dataset_hash="d")
+        assert [p.name for p in subject.iterdir()] == [".train.lock"]  # nothing written, nothing lost
+        with subject_lock(tmp_path / "checkpoints" / "other", "other"):  # other subjects are free meanwhile
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    result = train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
+                   dataset_hash="d")  # the dead holder's lock file is taken over
+    assert result.steps == 2 and list(subject.glob("run-*/checkpoint-*"))

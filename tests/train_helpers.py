@@ -93,3 +93,12 @@ def summary_for(params: TrainingParams, spec=None, family: str = "sd1", **overri
                   trigger="sks", tag_frequency={"sks": 8}, unet_layout=SD1_UNET_LAYOUT)
     values.update(overrides)
     return TrainingSummary(**values)
+
+
+def run_dir(subject_folder):
+    """The one run folder (``run-<signature>``) under a subject's checkpoint folder."""
+    from pathlib import Path
+
+    runs = sorted(Path(subject_folder).glob("run-*"))
+    assert len(runs) == 1, runs
+    return runs[0]

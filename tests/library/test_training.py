@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 import torch
-from train_helpers import make_params, model_outputs
+from train_helpers import make_params, model_outputs, run_dir
 
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.checkpoints import ResumeError, find_resume_checkpoint, list_checkpoints
@@ -73,7 +73,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_models, tiny_exa
     with pytest.raises(KeyboardInterrupt):
         train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "b" / "cache"),
               dataset_hash="d", step_callback=interrupt)
-    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints" / "test_lora")] == ["checkpoint-0000002"]
+    assert [p.name for p in list_checkpoints(run_dir(tmp_path / "b" / "checkpoints" / "test_lora"))] == ["checkpoint-0000002"]
     resumed = _final_state(tiny_models, tiny_examples, tmp_path / "b", resume="latest", **settings)
     assert resumed.resumed_from.endswith("checkpoint-0000002")
     assert len(resumed.losses) == 4  # steps 3..6
@@ -99,7 +99,7 @@ def test_resume_never_silently_starts_over(tiny_models, tiny_examples, tmp_path)
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tiny_models, tiny_examples, tmp_path):
     _final_state(tiny_models, tiny_examples, tmp_path, max_steps=6, save_steps=2)
-    folder = tmp_path / "checkpoints" / "test_lora"
+    folder = run_dir(tmp_path / "checkpoints" / "test_lora")
     latest = list_checkpoints(folder)[-1]
     data = (latest / "lora.safetensors").read_bytes()
     (latest / "lora.safetensors").write_bytes(data[: len(data) // 2])
@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_models, tiny_e
     with pytest.raises(NonFiniteLossError, match="step 2.*checkpoint-0000002.*bf16"):
         train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
               dataset_hash="d", step_callback=_poison_after_step_2)
-    [kept] = list_checkpoints(tmp_path / "checkpoints" / "test_lora")
+    [kept] = list_checkpoints(run_dir(tmp_path / "checkpoints" / "test_lora"))
     assert find_resume_checkpoint("latest", kept.parent) == kept
 
 
@@ -148,9 +148,9 @@ def test_init_lora_with_wrong_rank_says_what_to_change(trained, tiny_models, tmp
 
 def test_checkpoints_are_pruned_to_keep_checkpoints(tiny_models, tiny_examples, tmp_path):
     _final_state(tiny_models, tiny_examples, tmp_path, max_steps=6, save_steps=1, keep_checkpoints=2)
-    names = [p.name for p in list_checkpoints(tmp_path / "checkpoints" / "test_lora")]
+    names = [p.name for p in list_checkpoints(run_dir(tmp_path / "checkpoints" / "test_lora"))]
     assert names == ["checkpoint-0000005", "checkpoint-0000006"]
-    assert not list((tmp_path / "checkpoints" / "test_lora").glob(".*tmp"))
+    assert not list(run_dir(tmp_path / "checkpoints" / "test_lora").glob(".*tmp"))
     shutil.rmtree(tmp_path / "checkpoints")
 
 
@@ -171,7 +171,7 @@ def test_windowed_loss_readback_still_stops_before_saving_a_nan_checkpoint(tiny_
     with pytest.raises(NonFiniteLossError, match="step 2.*none saved yet"):
         train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
               dataset_hash="d", step_callback=_poison_after_step_2)
-    assert list_checkpoints(tmp_path / "checkpoints" / "test_lora") == []
+    assert not list((tmp_path / "checkpoints" / "test_lora").glob("run-*/checkpoint-*"))
 
 
 def test_metrics_are_reported_once_per_window_with_every_step_loss_kept(tiny_models, tiny_examples, tmp_path):

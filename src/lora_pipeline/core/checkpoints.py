@@ -6,6 +6,7 @@ A checkpoint is ``checkpoint-<step>/`` holding ``lora.safetensors`` (the trainab
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -24,6 +25,16 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 class ResumeError(LoraPipelineError):
     """A requested resume cannot continue the same run."""
+
+
+def run_folder(subject_folder: Path, signature: dict) -> Path:
+    """Where one run's checkpoints live: ``<subject>/run-<hash of its signature>``.
+
+    A retrain (new images, other settings) gets its own folder, so it never resumes from, confuses or prunes
+    another run's checkpoints; raising max_steps keeps the signature, so the same run goes on.
+    """
+    text = json.dumps(signature, sort_keys=True, default=str)
+    return subject_folder / f"run-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -61,7 +72,7 @@ def checkpoint_is_intact(path: Path) -> bool:
 
 
 def find_resume_checkpoint(resume: str, folder: Path) -> Path | None:
-    """Resolve ``resume``: none | auto (latest if any) | latest (must exist) | a checkpoint folder.
+    """Resolve ``resume``: none | auto / latest (this run's newest, if any) | a checkpoint folder.
 
     Corrupt or truncated checkpoints are skipped (with a warning) in favour of the previous intact one.
     """
@@ -74,11 +85,6 @@ def find_resume_checkpoint(resume: str, folder: Path) -> Path | None:
                 return path
             logger.warning("Checkpoint %s is corrupt or incomplete (checksum mismatch); trying the previous one",
                            path)
-        if resume == "latest":
-            raise ResumeError(
-                f"resume: latest, but no intact checkpoint in {folder}. Use resume: auto to start a new run "
-                f"when none exists, or resume: none to start over on purpose."
-            )
         return None
     path = Path(resume)
     if not checkpoint_is_intact(path):
@@ -107,6 +113,14 @@ def choose_resume(resume: str, folder: Path, signature: dict, total_steps: int) 
     so); ``latest`` and an explicit folder must continue, or fail with the reason.
     """
     checkpoint = find_resume_checkpoint(resume, folder)
+    if checkpoint is None and resume == "latest":
+        others = [c for run in folder.parent.glob("run-*") if run != folder for c in list_checkpoints(run)]
+        newest = max(others, key=lambda c: c.stat().st_mtime, default=None)
+        why = (f" The subject's newest checkpoint, {newest}, cannot continue it: "
+               f"{resume_problem(newest, signature, total_steps) or 'it is another run'}." if newest else "")
+        raise ResumeError(f"resume: latest, but this run has no intact checkpoint in {folder}.{why} Restore those "
+                          f"settings, use resume: auto to start this run, or resume: <checkpoint folder> to "
+                          f"continue another run on purpose.")
     if checkpoint is None:
         if resume != "none":
             logger.info("No checkpoint to resume in %s: starting at step 0", folder)

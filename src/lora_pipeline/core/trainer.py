@@ -11,6 +11,7 @@ continues bit-for-bit like an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -22,7 +23,14 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from lora_pipeline.core.checkpoints import choose_resume, list_checkpoints, load_checkpoint, save_checkpoint
+from lora_pipeline.core.checkpoints import (
+    choose_resume,
+    list_checkpoints,
+    load_checkpoint,
+    run_folder,
+    save_checkpoint,
+)
+from lora_pipeline.core.lock import subject_lock
 from lora_pipeline.core.models import pick_device
 from lora_pipeline.errors import LoraPipelineError
 
@@ -146,18 +154,29 @@ class TrainerCore:
     :meth:`end_step` per optimizer step, then :meth:`finish`.
 
     ``unit`` names what throughput counts (``img`` or ``tok``); ``lora_state`` returns the weights to save.
+    Checkpoints go to this run's own folder (:func:`run_folder`); :meth:`locked` keeps a second process off
+    the subject while the run lasts.
     """
 
-    def __init__(self, *, accelerator, seed: int, folder: Path, signature: dict[str, Any], total_steps: int,
+    def __init__(self, *, accelerator, seed: int, subject: str, subject_folder: Path, signature: dict[str, Any],
+                 total_steps: int,
                  save_steps: int, keep_checkpoints: int, log_every_steps: int, advice: str, desc: str, unit: str,
                  lora_state: Callable[[], dict[str, torch.Tensor]], on_metrics: MetricsCallback | None = None):
-        self.accelerator, self.seed, self.folder, self.signature = accelerator, seed, folder, signature
+        self.accelerator, self.seed, self.signature = accelerator, seed, signature
+        self.subject, self.subject_folder = subject, subject_folder
+        self.folder = run_folder(subject_folder, signature)
         self.total_steps, self.save_steps, self.keep = total_steps, save_steps, keep_checkpoints
         self.log_every, self.unit, self.lora_state, self.on_metrics = log_every_steps, unit, lora_state, on_metrics
-        self.losses = LossLog(folder, advice)
+        self.losses = LossLog(self.folder, advice)
         self.desc = desc
         self.start_step, self.resumed_from = 0, None
         self._seen, self._started, self._bar = 0, 0.0, None
+
+    def locked(self):
+        """The subject's lock, held by the main process (the one that writes checkpoints)."""
+        if not self.accelerator.is_main_process:
+            return contextlib.nullcontext()
+        return subject_lock(self.subject_folder, self.subject)
 
     @property
     def device(self) -> torch.device:

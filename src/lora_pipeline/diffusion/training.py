@@ -368,118 +368,120 @@ def train(
                               num_training_steps=total_steps)
 
     core = TrainerCore(
-        accelerator=accelerator, seed=params.seed, folder=Path(params.checkpoint_dir) / params.output_name,
+        accelerator=accelerator, seed=params.seed, subject=params.output_name,
+        subject_folder=Path(params.checkpoint_dir) / params.output_name,
         signature=signature, total_steps=total_steps, save_steps=params.save_steps,
         keep_checkpoints=params.keep_checkpoints, log_every_steps=params.log_every_steps,
         advice="mixed_precision: bf16 instead of fp16, a lower learning_rate, or an fp32 VAE",
         desc=f"training {params.output_name}", unit="img", lora_state=lambda: lora_state_dict(sd),
         on_metrics=on_metrics)
-    restored = core.resume(params.resume, optimizer, scheduler)
-    if restored is not None:
-        load_lora_state(sd, restored, f"checkpoint {core.resumed_from}")
-    start_step = core.start_step
+    with core.locked():  # one run per subject; checkpoints are read and written under the lock
+        restored = core.resume(params.resume, optimizer, scheduler)
+        if restored is not None:
+            load_lora_state(sd, restored, f"checkpoint {core.resumed_from}")
+        start_step = core.start_step
 
-    prepared = accelerator.prepare(*models, optimizer, scheduler)
-    unet = prepared[0]
-    encoders = list(sd.text_encoders)
-    for name, wrapped in zip(trained_te, prepared[1:1 + len(trained_te)]):
-        encoders[sd.family.text_encoders.index(name)] = wrapped
-    optimizer, scheduler = prepared[-2], prepared[-1]
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        prepared = accelerator.prepare(*models, optimizer, scheduler)
+        unet = prepared[0]
+        encoders = list(sd.text_encoders)
+        for name, wrapped in zip(trained_te, prepared[1:1 + len(trained_te)]):
+            encoders[sd.family.text_encoders.index(name)] = wrapped
+        optimizer, scheduler = prepared[-2], prepared[-1]
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
-    noise_scheduler = sd.scheduler
-    prediction_type = noise_scheduler.config.prediction_type
-    epoch_cache: dict[int, list[list[int]]] = {}
+        noise_scheduler = sd.scheduler
+        prediction_type = noise_scheduler.config.prediction_type
+        epoch_cache: dict[int, list[list[int]]] = {}
 
-    def batch_for(micro: int) -> list[int]:
-        global_index = micro * accelerator.num_processes + accelerator.process_index
-        epoch, index = divmod(global_index, batches_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = bucket_batches(examples, params.batch_size, params.repeats, params.seed, epoch)
-        return epoch_cache[epoch][index]
+        def batch_for(micro: int) -> list[int]:
+            global_index = micro * accelerator.num_processes + accelerator.process_index
+            epoch, index = divmod(global_index, batches_per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache.clear()
+                epoch_cache[epoch] = bucket_batches(examples, params.batch_size, params.repeats, params.seed, epoch)
+            return epoch_cache[epoch][index]
 
-    ga = params.gradient_accumulation_steps
-    micro_batches = [batch_for(micro) for micro in range(start_step * ga, total_steps * ga)]
-    workers = data_workers(params.data_workers, device)
-    loader = iter(torch.utils.data.DataLoader(
-        StepInputs(examples, cache, latent_keys), batch_sampler=micro_batches, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None))
+        ga = params.gradient_accumulation_steps
+        micro_batches = [batch_for(micro) for micro in range(start_step * ga, total_steps * ga)]
+        workers = data_workers(params.data_workers, device)
+        loader = iter(torch.utils.data.DataLoader(
+            StepInputs(examples, cache, latent_keys), batch_sampler=micro_batches, num_workers=workers,
+            pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None))
 
-    unet.train()
-    for name in trained_te:
-        encoders[sd.family.text_encoders.index(name)].train()
-    core.start()
-    for step in range(start_step, total_steps):
-        step_loss = torch.zeros((), device=device)
-        seen = 0
-        for accum in range(ga):
-            micro = step * ga + accum
-            generator, rng = core.micro_seeds(micro)
-            indices = micro_batches[micro - start_step * ga]
-            inputs = next(loader)
-            with accelerator.accumulate(*([unet] + [encoders[sd.family.text_encoders.index(n)] for n in trained_te])):
-                if params.cache_latents:
-                    mean, std = inputs["mean"], inputs["std"]
-                else:  # the textbook loop: VAE-encode the batch every step
-                    with torch.no_grad():
-                        pixels = inputs["pixels"].to(device, sd.vae.dtype, non_blocking=True)
-                        dist = sd.vae.encode(pixels).latent_dist
-                        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-                latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
-                noise = torch.randn(latents.shape, generator=generator)
-                if params.noise_offset:
-                    noise = noise + params.noise_offset * torch.randn(
-                        (latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=generator)
-                texts = [prepare_caption(examples[i].text, rng, params.caption_dropout, params.shuffle_tags,
-                                         keep_tokens) for i in indices]
-                latents = latents.to(device, non_blocking=True)
-                noise = noise.to(device, non_blocking=True)
-                timesteps = timesteps.to(device, non_blocking=True)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                with accelerator.autocast():
-                    if text_cache is not None:
-                        cond = text_cache(texts)
-                    elif not trained_te:
+        unet.train()
+        for name in trained_te:
+            encoders[sd.family.text_encoders.index(name)].train()
+        core.start()
+        for step in range(start_step, total_steps):
+            step_loss = torch.zeros((), device=device)
+            seen = 0
+            for accum in range(ga):
+                micro = step * ga + accum
+                generator, rng = core.micro_seeds(micro)
+                indices = micro_batches[micro - start_step * ga]
+                inputs = next(loader)
+                with accelerator.accumulate(*([unet] + [encoders[sd.family.text_encoders.index(n)] for n in trained_te])):
+                    if params.cache_latents:
+                        mean, std = inputs["mean"], inputs["std"]
+                    else:  # the textbook loop: VAE-encode the batch every step
                         with torch.no_grad():
-                            cond = sd.encode_prompt(texts, device)
-                    else:
-                        cond = sd.encode_prompt(texts, device, encoders)
-                    hidden = cond.hidden.to(dtype)
-                    if cond.pooled is not None:
-                        cond = Conditioning(hidden, cond.pooled.to(dtype))
-                    time_ids = time_ids_for(sd, [examples[i] for i in indices], device)
-                    pred = unet(noisy.to(dtype), timesteps, hidden,
-                                **cond.unet_kwargs(time_ids.to(dtype) if time_ids is not None else None)).sample
-                target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(
-                    latents, noise, timesteps)
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if params.min_snr_gamma:
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    weight = snr.clamp(max=params.min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
-                    loss = loss * weight
-                loss = loss.mean()
-                optimizer_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm)
-            step_loss += loss.detach() / ga
-            seen += len(indices)
-        core.end_step(step, step_loss, seen, optimizer, scheduler)
-        done = step + 1
-        if on_samples and params.sample_prompts and params.sample_every_steps and done % params.sample_every_steps == 0:
-            on_samples(render_samples(sd, params), done)
-        if step_callback is not None:
-            step_callback(done, sd)
-    images_per_second = core.finish(optimizer, scheduler)
-    samples = render_samples(sd, params) if params.sample_prompts and accelerator.is_main_process else []
-    if on_samples and samples:
-        on_samples(samples, total_steps)
-    return TrainResult(
-        lora_state=lora_state_dict(sd), spec=spec, losses=core.losses.values, steps=total_steps,
-        epochs_done=total_steps * params.gradient_accumulation_steps / batches_per_epoch,
-        images_per_second=images_per_second, peak_memory_mb=peak_memory_mb(device),
-        samples=samples, resumed_from=core.resumed_from, latents_encoded=latents_encoded,
-    )
+                            pixels = inputs["pixels"].to(device, sd.vae.dtype, non_blocking=True)
+                            dist = sd.vae.encode(pixels).latent_dist
+                            mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+                    latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+                    noise = torch.randn(latents.shape, generator=generator)
+                    if params.noise_offset:
+                        noise = noise + params.noise_offset * torch.randn(
+                            (latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                              generator=generator)
+                    texts = [prepare_caption(examples[i].text, rng, params.caption_dropout, params.shuffle_tags,
+                                             keep_tokens) for i in indices]
+                    latents = latents.to(device, non_blocking=True)
+                    noise = noise.to(device, non_blocking=True)
+                    timesteps = timesteps.to(device, non_blocking=True)
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                    with accelerator.autocast():
+                        if text_cache is not None:
+                            cond = text_cache(texts)
+                        elif not trained_te:
+                            with torch.no_grad():
+                                cond = sd.encode_prompt(texts, device)
+                        else:
+                            cond = sd.encode_prompt(texts, device, encoders)
+                        hidden = cond.hidden.to(dtype)
+                        if cond.pooled is not None:
+                            cond = Conditioning(hidden, cond.pooled.to(dtype))
+                        time_ids = time_ids_for(sd, [examples[i] for i in indices], device)
+                        pred = unet(noisy.to(dtype), timesteps, hidden,
+                                    **cond.unet_kwargs(time_ids.to(dtype) if time_ids is not None else None)).sample
+                    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(
+                        latents, noise, timesteps)
+                    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    if params.min_snr_gamma:
+                        snr = compute_snr(noise_scheduler, timesteps)
+                        weight = snr.clamp(max=params.min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+                        loss = loss * weight
+                    loss = loss.mean()
+                    optimizer_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm)
+                step_loss += loss.detach() / ga
+                seen += len(indices)
+            core.end_step(step, step_loss, seen, optimizer, scheduler)
+            done = step + 1
+            if on_samples and params.sample_prompts and params.sample_every_steps and done % params.sample_every_steps == 0:
+                on_samples(render_samples(sd, params), done)
+            if step_callback is not None:
+                step_callback(done, sd)
+        images_per_second = core.finish(optimizer, scheduler)
+        samples = render_samples(sd, params) if params.sample_prompts and accelerator.is_main_process else []
+        if on_samples and samples:
+            on_samples(samples, total_steps)
+        return TrainResult(
+            lora_state=lora_state_dict(sd), spec=spec, losses=core.losses.values, steps=total_steps,
+            epochs_done=total_steps * params.gradient_accumulation_steps / batches_per_epoch,
+            images_per_second=images_per_second, peak_memory_mb=peak_memory_mb(device),
+            samples=samples, resumed_from=core.resumed_from, latents_encoded=latents_encoded,
+        )
 
 
 @torch.no_grad()

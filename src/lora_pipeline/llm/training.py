@@ -135,60 +135,62 @@ def train_causal_lm(
                  **params.model_dump(include={"batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps", "seed",
                                               "gradient_accumulation_steps", "packing", "pack_length"})}
     core = TrainerCore(
-        accelerator=accelerator, seed=params.seed, folder=Path(params.checkpoint_dir) / params.output_name,
+        accelerator=accelerator, seed=params.seed, subject=params.output_name,
+        subject_folder=Path(params.checkpoint_dir) / params.output_name,
         signature=signature, total_steps=total_steps, save_steps=params.save_steps,
         keep_checkpoints=params.keep_checkpoints, log_every_steps=params.log_every_steps,
         advice="mixed_precision: bf16 and a lower learning_rate", desc=f"training {params.output_name}",
         unit="tok", lora_state=lambda: adapter_state(accelerator.unwrap_model(model)), on_metrics=on_metrics)
-    restored = core.resume(params.resume, optimizer, scheduler)
-    if restored is not None:
-        from peft.utils import set_peft_model_state_dict
+    with core.locked():  # one run per subject; checkpoints are read and written under the lock
+        restored = core.resume(params.resume, optimizer, scheduler)
+        if restored is not None:
+            from peft.utils import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, restored)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    orders: dict[int, list[int]] = {}
-    device = accelerator.device
-    pad_id = tokenizer.pad_token_id
-    eval_losses: list[float] = []
-    model.train()
-    micro_per_epoch = math.ceil(len(train_items) / params.batch_size)
-    collate = pad_packed_batch if params.packing else pad_batch
-    ga = params.gradient_accumulation_steps
+            set_peft_model_state_dict(model, restored)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        orders: dict[int, list[int]] = {}
+        device = accelerator.device
+        pad_id = tokenizer.pad_token_id
+        eval_losses: list[float] = []
+        model.train()
+        micro_per_epoch = math.ceil(len(train_items) / params.batch_size)
+        collate = pad_packed_batch if params.packing else pad_batch
+        ga = params.gradient_accumulation_steps
 
-    def evaluate() -> dict[str, float]:
-        eval_losses.append(eval_loss(accelerator.unwrap_model(model), val_items, pad_id))
-        return {"eval_loss": eval_losses[-1], "eval_perplexity": math.exp(min(eval_losses[-1], 50))}
+        def evaluate() -> dict[str, float]:
+            eval_losses.append(eval_loss(accelerator.unwrap_model(model), val_items, pad_id))
+            return {"eval_loss": eval_losses[-1], "eval_perplexity": math.exp(min(eval_losses[-1], 50))}
 
-    core.start()
-    for step in range(core.start_step, total_steps):
-        step_loss = torch.zeros((), device=device)
-        seen = 0
-        for accum in range(ga):
-            micro = step * ga + accum
-            core.micro_seeds(micro)  # LoRA dropout
-            epoch, index = divmod(micro, micro_per_epoch)
-            if epoch not in orders:
-                orders.clear()
-                orders[epoch] = list(range(len(train_items)))
-                random.Random(params.seed * 1_000_003 + epoch).shuffle(orders[epoch])
-            chosen = orders[epoch][index * params.batch_size:(index + 1) * params.batch_size]
-            batch = {k: v.to(device, non_blocking=True)
-                     for k, v in collate([train_items[i] for i in chosen], pad_id).items()}
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                optimizer_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm)
-            step_loss += loss.detach() / ga
-            seen += sum(len(train_items[i]["input_ids"]) for i in chosen)
-        done = step + 1
-        evaluating = bool(val_items) and (done % per_epoch == 0 or done == total_steps)
-        core.end_step(step, step_loss, seen, optimizer, scheduler, evaluate if evaluating else None)
-        if step_callback:
-            step_callback(done, accelerator.unwrap_model(model))
-    tokens_per_second = core.finish(optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(model)
-    return LLMTrainResult(adapter_state(unwrapped), spec, core.losses.values, eval_losses, total_steps,
-                          tokens_per_second, peak_memory_mb(device), core.resumed_from)
+        core.start()
+        for step in range(core.start_step, total_steps):
+            step_loss = torch.zeros((), device=device)
+            seen = 0
+            for accum in range(ga):
+                micro = step * ga + accum
+                core.micro_seeds(micro)  # LoRA dropout
+                epoch, index = divmod(micro, micro_per_epoch)
+                if epoch not in orders:
+                    orders.clear()
+                    orders[epoch] = list(range(len(train_items)))
+                    random.Random(params.seed * 1_000_003 + epoch).shuffle(orders[epoch])
+                chosen = orders[epoch][index * params.batch_size:(index + 1) * params.batch_size]
+                batch = {k: v.to(device, non_blocking=True)
+                         for k, v in collate([train_items[i] for i in chosen], pad_id).items()}
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    optimizer_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm)
+                step_loss += loss.detach() / ga
+                seen += sum(len(train_items[i]["input_ids"]) for i in chosen)
+            done = step + 1
+            evaluating = bool(val_items) and (done % per_epoch == 0 or done == total_steps)
+            core.end_step(step, step_loss, seen, optimizer, scheduler, evaluate if evaluating else None)
+            if step_callback:
+                step_callback(done, accelerator.unwrap_model(model))
+        tokens_per_second = core.finish(optimizer, scheduler)
+        unwrapped = accelerator.unwrap_model(model)
+        return LLMTrainResult(adapter_state(unwrapped), spec, core.losses.values, eval_losses, total_steps,
+                              tokens_per_second, peak_memory_mb(device), core.resumed_from)
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -11,6 +12,7 @@ import pandas as pd
 
 from lora_pipeline.config import TrainingParams, parse_params
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.lock import subject_lock
 from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.diffusion.dataset import build_examples, dataset_hash, resolve_init_lora
@@ -37,6 +39,13 @@ def train_lora(
 ) -> tuple[dict[str, Any], TrainingSummary]:
     """Train a LoRA; returns the weights (training layout) and the typed summary export and the rest read."""
     p = parse_params(TrainingParams, params, "training")
+    # Taken before the base model loads, so a second run of this subject stops at once; train() holds it too.
+    with subject_lock(Path(p.checkpoint_dir) / p.output_name, p.output_name):
+        return _train_locked(p, normalized_images, train_metadata, dataset_info, latent_cache)
+
+
+def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metadata: pd.DataFrame,
+                  dataset_info: dict[str, Any], latent_cache: DiskCache) -> tuple[dict[str, Any], TrainingSummary]:
     examples = build_examples(normalized_images.root, train_metadata)
     data_hash = dataset_hash(examples)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
