@@ -67,10 +67,20 @@ def test_default_pipeline_trains_exports_and_tracks(project, monkeypatch):
     assert "loss_train_lora" in (report_version / "evaluation_report.md").read_text()
 
     # Generation: WebUI "parameters" PNG text, a contact sheet and the comparison grid (also in MLflow).
-    generated = sorted((project / "data/07_model_output/generated").glob("*.png"))
+    [first_version] = _versions(project / "data/07_model_output/generated")
+    generated = sorted((first_version / "generated").glob("*.png"))
     assert len(generated) == 4
+    export_version = _versions(project / "data/07_model_output/demo_lora.safetensors")[-1].name
     with Image.open(generated[0]) as image:
-        assert "<lora:demo_lora:0.8>" in image.text["parameters"] and "Seed: 1" in image.text["parameters"]
+        parameters = image.text["parameters"]
+        assert "<lora:demo_lora:0.8>" in parameters and "Seed: 1" in parameters
+        assert f'Lora hashes: "demo_lora: {header["sshs_model_hash"][:12]}"' in parameters
+        assert f'Lora versions: "demo_lora: {export_version}"' in parameters
+    first_bytes = {p.name: p.read_bytes() for p in generated}
+    run(project, "generation")  # a second run adds a version; the first run's images stay as they were
+    versions = _versions(project / "data/07_model_output/generated")
+    assert len(versions) == 2 and versions[0] == first_version
+    assert {p.name: p.read_bytes() for p in (first_version / "generated").glob("*.png")} == first_bytes
     with Image.open(project / "data/08_reporting/comparison_grid.png") as grid:
         assert grid.size == (3 * 96, 2 * (96 + 18))  # 0 / 0.5 / 1.0, then all LoRAs together
     assert {a.path for a in client.list_artifacts(last.info.run_id, "generation")} == {

@@ -104,3 +104,19 @@ def test_merge_equals_base_plus_lora(tiny_models, two_loras):
     fused = model_outputs(merged)
     assert (fused[0] - with_adapters[0]).abs().max() < 1e-4
     assert (fused[1] - with_adapters[1]).abs().max() < 1e-4
+
+
+def test_lora_name_at_version_pins_an_export(tmp_path):
+    from lora_pipeline.diffusion.prompts import LoraRef, export_version, parse_prompt, resolve_loras
+
+    for version in ("2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"):
+        target = tmp_path / "hero.safetensors" / version / "hero.safetensors"
+        target.parent.mkdir(parents=True)
+        save_lora_file(target, {"lora_unet_x.alpha": torch.tensor(1.0)}, {})
+    text, refs = parse_prompt("a knight <lora:hero@2026-01-01T00.00.00.000Z:0.6>, <lora:hero:0.2>")
+    assert refs == [LoraRef("hero@2026-01-01T00.00.00.000Z", 0.6), LoraRef("hero", 0.2)]
+    files = resolve_loras(refs, [tmp_path])
+    assert export_version(files["hero@2026-01-01T00.00.00.000Z"]) == "2026-01-01T00.00.00.000Z"
+    assert export_version(files["hero"]) == "2026-02-01T00.00.00.000Z"  # the newest
+    with pytest.raises(ConfigError, match="no exported version '2026-09-09T00.00.00.000Z'.*2026-01-01.*2026-02-01"):
+        resolve_loras([LoraRef("hero@2026-09-09T00.00.00.000Z", 1.0)], [tmp_path])

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import AbstractDataset, DatasetError, Version
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from lora_pipeline.core.files import atomic_path, atomic_write_text
+from lora_pipeline.datasets.files import VersionedPathDataset
 from lora_pipeline.prep.images import IMAGE_EXTENSIONS, list_images
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,27 @@ class ImageFolder:
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+
+def write_images(folder: Path, items: list[tuple[str, ImageSource]], save_args: dict[str, Any], workers: int) -> None:
+    """Write each ``(relative name, image or callable)`` atomically, in threads; PNGs keep WebUI's ``parameters``."""
+
+    def write(item: tuple[str, ImageSource]) -> None:
+        name, source = item
+        image = source() if callable(source) else source
+        target = folder / name
+        with atomic_path(target) as tmp:
+            fmt = Image.registered_extensions().get(target.suffix.lower())
+            extra = dict(save_args)
+            if fmt == "PNG" and "parameters" in image.info:  # WebUI's "PNG Info" convention
+                info = PngImagePlugin.PngInfo()
+                info.add_text("parameters", image.info["parameters"])
+                extra["pnginfo"] = info
+            image.save(tmp, format=fmt, **extra)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in tqdm(pool.map(write, items), total=len(items), desc="writing images", unit="img"):
+            pass
 
 
 class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]):
@@ -86,22 +108,7 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
                     continue  # unchanged since the last run: no decode, no encode
             todo.append((name, source))
 
-        def write(item: tuple[str, ImageSource]) -> None:
-            name, source = item
-            image = source() if callable(source) else source
-            target = self._path / name
-            with atomic_path(target) as tmp:
-                fmt = Image.registered_extensions().get(target.suffix.lower())
-                extra = dict(self._save_args)
-                if fmt == "PNG" and "parameters" in image.info:  # WebUI's "PNG Info" convention
-                    info = PngImagePlugin.PngInfo()
-                    info.add_text("parameters", image.info["parameters"])
-                    extra["pnginfo"] = info
-                image.save(tmp, format=fmt, **extra)
-
-        with ThreadPoolExecutor(self._workers) as pool:
-            for _ in tqdm(pool.map(write, todo), total=len(todo), desc="writing images", unit="img"):
-                pass
+        write_images(self._path, todo, self._save_args, self._workers)
         written = len(todo)
         atomic_write_text(manifest_path, json.dumps(manifest, sort_keys=True))
         logger.info("Images in %s: %d written, %d unchanged", self._path, written, len(data) - written)
@@ -117,3 +124,29 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path), "workers": self._workers}
+
+
+class VersionedImageFolderDataset(VersionedPathDataset):
+    """Generated images: every run writes a new ``<path>/<version>/`` folder, so no earlier image is deleted.
+
+    Load returns the newest (or the pinned) version as an :class:`ImageFolder`.
+    """
+
+    def __init__(self, filepath: str, version: Version | None = None, save_args: dict[str, Any] | None = None,
+                 metadata: dict[str, Any] | None = None):
+        super().__init__(filepath, version, metadata)
+        self._save_args = save_args or {}
+
+    def load(self) -> ImageFolder:
+        folder = Path(self._get_load_path())
+        return ImageFolder(folder, list_images(folder))
+
+    def save(self, data: Mapping[str, ImageSource]) -> None:
+        folder = Path(self._get_save_path())
+        for name in data:
+            relative = PurePosixPath(name)
+            if relative.is_absolute() or ".." in relative.parts:
+                raise DatasetError(f"Refusing to write '{name}' outside {folder}")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_images(folder, list(data.items()), self._save_args, os.cpu_count() or 1)
+        logger.info("Wrote %d images to %s", len(data), folder)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import yaml
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from lora_pipeline.config import PromptSpec
-from lora_pipeline.diffusion.prompts import LoraRef, parse_prompt
+from lora_pipeline.diffusion.prompts import LoraRef, export_version, parse_prompt
 from lora_pipeline.diffusion.stack import set_weights
 from lora_pipeline.errors import ConfigError
 
@@ -56,15 +57,39 @@ def read_prompts_file(path: str | Path, defaults: PromptSpec) -> list[PromptSpec
     return specs
 
 
-def webui_parameters(text: str, spec: PromptSpec, seed: int, model: str, loras: Sequence[LoraRef]) -> str:
-    """The PNG ``parameters`` text WebUI writes (and reads back with "PNG Info")."""
+def webui_parameters(text: str, spec: PromptSpec, seed: int, model: str, loras: Sequence[LoraRef],
+                     sources: Mapping[str, "LoraSource"] | None = None) -> str:
+    """The PNG ``parameters`` text WebUI writes (and reads back with "PNG Info"), with WebUI's ``Lora hashes``
+    and the exported version of each LoRA used."""
     tags = " ".join(f"<lora:{r.name}:{r.weight:g}>" for r in loras)
     lines = [f"{text} {tags}".strip()]
     if spec.negative_prompt:
         lines.append(f"Negative prompt: {spec.negative_prompt}")
-    lines.append(f"Steps: {spec.steps}, CFG scale: {spec.guidance:g}, Seed: {seed}, "
-                 f"Size: {spec.width}x{spec.height}, Model: {model}")
+    settings = (f"Steps: {spec.steps}, CFG scale: {spec.guidance:g}, Seed: {seed}, "
+                f"Size: {spec.width}x{spec.height}, Model: {model}")
+    used = [(r.name, sources[r.name]) for r in loras if sources and r.name in sources]
+    if used:
+        settings += ', Lora hashes: "' + ", ".join(f"{n}: {s.short_hash}" for n, s in used) + '"'
+        settings += ', Lora versions: "' + ", ".join(f"{n}: {s.version or 'unversioned'}" for n, s in used) + '"'
+    lines.append(settings)
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """Where a prompt's LoRA came from: its file, catalog version and WebUI short hash."""
+
+    path: Path
+    version: str | None
+    short_hash: str
+
+    @classmethod
+    def of(cls, path: Path) -> "LoraSource":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        return cls(path, export_version(path), header.get("sshs_model_hash", "")[:12] or "unknown")
 
 
 @torch.no_grad()
@@ -74,7 +99,8 @@ def render(pipe, text: str, spec: PromptSpec, seed: int) -> Image.Image:
                 guidance_scale=spec.guidance, width=spec.width, height=spec.height, generator=generator).images[0]
 
 
-def generate(pipe, specs: Sequence[PromptSpec], model_name: str) -> list[tuple[str, Image.Image]]:
+def generate(pipe, specs: Sequence[PromptSpec], model_name: str,
+             sources: Mapping[str, LoraSource] | None = None) -> list[tuple[str, Image.Image]]:
     """Render every prompt ``count`` times (seed, seed+1, ...) with its own LoRA weights."""
     out = []
     total = sum(spec.count for spec in specs)
@@ -85,7 +111,7 @@ def generate(pipe, specs: Sequence[PromptSpec], model_name: str) -> list[tuple[s
             for k in range(spec.count):
                 seed = spec.seed + k
                 image = render(pipe, text, spec, seed)
-                image.info["parameters"] = webui_parameters(text, spec, seed, model_name, refs)
+                image.info["parameters"] = webui_parameters(text, spec, seed, model_name, refs, sources)
                 out.append((f"{index:03d}_{k:02d}_seed{seed}.png", image))
                 bar.update(1)
     return out

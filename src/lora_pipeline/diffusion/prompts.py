@@ -79,11 +79,34 @@ def lora_index(folders: Sequence[str | Path]) -> dict[str, Path]:
     return index
 
 
+def export_version(path: Path) -> str | None:
+    """The catalog version of a versioned export (``name.safetensors/<version>/name.safetensors``), else None."""
+    return path.parent.name if path.parent.parent.name == path.name else None
+
+
+def _pinned(name: str, folders: Sequence[str | Path]) -> Path:
+    """``NAME@VERSION``: that exported version of NAME, or an error listing the versions there are."""
+    base, version = name.rsplit("@", 1)
+    versions = []
+    for folder in folders:
+        versioned = Path(folder).expanduser() / f"{base}.safetensors"
+        candidate = versioned / version / f"{base}.safetensors"
+        if candidate.is_file():
+            return candidate
+        versions += sorted(p.name for p in versioned.glob("*") if (p / f"{base}.safetensors").is_file())
+    raise ConfigError(f"LoRA {base!r} has no exported version {version!r}. Versions: "
+                      f"{', '.join(versions) or 'none'}. Write <lora:{base}:w> for the newest.")
+
+
 def resolve_loras(refs: Sequence[LoraRef], folders: Sequence[str | Path]) -> dict[str, Path]:
-    """Files for every referenced name, or one error listing close matches and the folders searched."""
+    """Files for every referenced name (``NAME`` = newest export, ``NAME@VERSION`` = that one), or one error
+    listing close matches and the folders searched."""
     index = lora_index(folders)
     found = {}
     for ref in refs:
+        if "@" in ref.name:
+            found[ref.name] = _pinned(ref.name, folders)
+            continue
         if ref.name in index:
             found[ref.name] = index[ref.name]
             continue

@@ -11,7 +11,13 @@ from PIL import Image
 
 from lora_pipeline.config import GenerationParams, PromptSpec, parse_params
 from lora_pipeline.core.models import pick_device
-from lora_pipeline.diffusion.generation import comparison_grid, contact_sheet, generate, read_prompts_file
+from lora_pipeline.diffusion.generation import (
+    LoraSource,
+    comparison_grid,
+    contact_sheet,
+    generate,
+    read_prompts_file,
+)
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.prompts import parse_prompt, resolve_loras
 from lora_pipeline.diffusion.stack import load_stack
@@ -47,7 +53,7 @@ def generate_images(
     files = resolve_loras(refs, p.lora_dirs)
     logger.info("%d prompt(s), LoRAs: %s", len(specs), ", ".join(f"{n} ({f})" for n, f in files.items()) or "none")
     pipe = load_generation_pipeline(p, files)
-    named = generate(pipe, specs, Path(p.base_model).name)
+    named = generate(pipe, specs, Path(p.base_model).name, {name: LoraSource.of(path) for name, path in files.items()})
     sheet = contact_sheet([image for _, image in named], p.thumbnail)
     with_loras = next((spec for spec in specs if parse_prompt(spec.prompt)[1]), specs[0])
     grid = comparison_grid(pipe, with_loras, parse_prompt(with_loras.prompt)[1], p.comparison_weights, p.thumbnail)
