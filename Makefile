@@ -21,22 +21,24 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m lora_pipeline.demo
 	$(KEDRO) run --env demo
-	$(KEDRO) run --env demo --pipelines training,export,evaluation --params "base_model=data/06_models/tiny-sdxl,output_name=demo_sdxl_lora"
 	$(KEDRO) run --env demo --pipelines llm
 	@echo
-	@echo "Normalized dataset:   data/03_primary/dataset/ (metadata.csv + images)"
-	@echo "Data-quality report:  $$(ls -td data/08_reporting/quality_report.csv/*/quality_report.csv | head -1)"
+	@echo "Subjects (conf/demo/subjects.yml): demo_lora, demo_stripes (SD1.x), demo_sdxl_lora (SDXL)"
+	@echo "Normalized dataset:   data/03_primary/demo_lora/dataset/ (metadata.csv + images)"
+	@echo "Data-quality report:  $$(ls -td data/08_reporting/demo_lora/quality_report.csv/*/quality_report.csv | head -1)"
 	@echo "LoRA for WebUI/ComfyUI: $$(ls -t data/07_model_output/demo_lora.safetensors/*/demo_lora.safetensors | head -1)"
 	@echo "LoRA for diffusers:     $$(ls -td data/07_model_output/demo_lora_diffusers/*/demo_lora_diffusers | head -1)"
+	@echo "Second subject:         $$(ls -t data/07_model_output/demo_stripes.safetensors/*/demo_stripes.safetensors | head -1)"
 	@echo "SDXL LoRA (WebUI):      $$(ls -t data/07_model_output/demo_sdxl_lora.safetensors/*/demo_sdxl_lora.safetensors | head -1)"
 	@echo "SDXL LoRA (diffusers):  $$(ls -td data/07_model_output/demo_sdxl_lora_diffusers/*/demo_sdxl_lora_diffusers | head -1)"
 	@echo "LLM adapter (PEFT):     $$(ls -td data/07_model_output/demo_llm_lora_adapter/*/demo_llm_lora_adapter | head -1)"
-	@echo "Reports:              data/08_reporting/ (quality, evaluation, llm_data_report, llm_eval_report)"
+	@echo "Both subjects stacked:  $$(ls -td data/07_model_output/generated/*/generated | head -1)/000_00_seed3.png"
+	@echo "Reports:              data/08_reporting/<subject>/ (quality, evaluation), llm_data_report, llm_eval_report"
 	@echo "Runs:                 $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean-demo:
-	rm -rf data/01_raw/images data/02_intermediate/* data/03_primary/* data/08_reporting/* mlflow.db mlruns
+	rm -rf data/01_raw/*/images data/02_intermediate/* data/03_primary/* data/08_reporting/* mlflow.db mlruns
 	git checkout -- data 2>/dev/null || true

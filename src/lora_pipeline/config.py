@@ -89,6 +89,7 @@ class NormalizationParams(_Strict):
     bucket_step: int = Field(64, ge=8, le=512)
     base_model: str | None = Field(None, description="the training base, read only for resolution: auto")
     base_model_family: FamilyName = "auto"
+    subject: str = Field("", description="set per subject from subjects.yml; names the MLflow artifacts")
     background: tuple[int, int, int] = (255, 255, 255)
     near_duplicates: bool = False
     near_duplicate_distance: int = Field(4, ge=0, le=64, description="Max perceptual-hash Hamming distance.")
@@ -309,6 +310,47 @@ class LLMEvalParams(_Strict):
     json_prompts: list[str] = Field(default_factory=list, description="prompts for the JSON-validity figure")
 
 
+SUBJECT_GROUPS = ("captioning", "normalization", "training", "export", "evaluation")
+
+
+class SubjectParams(_Strict):
+    """One LoRA of the project's library: its data, trigger, base and overrides of the shared parameter groups.
+
+    Every string in the subject's parameters may use ``{subject}`` and ``{trigger}``.
+    """
+
+    trigger: str | None = Field(None, description="the subject's trigger word (default: globals.trigger)")
+    base_model: str | None = Field(None, description="default: globals.base_model")
+    base_model_family: FamilyName | None = None
+    images: str | None = Field(None, description="raw image folder; default data/01_raw/<subject>/images")
+    reviewed_captions: str | None = Field(None, description="default data/01_raw/<subject>/reviewed_captions.csv")
+    captioning: dict[str, Any] = Field(default_factory=dict)
+    normalization: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    export: dict[str, Any] = Field(default_factory=dict)
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+
+
+SUBJECT_NAME = r"^[A-Za-z][A-Za-z0-9_]*$"  # a Kedro namespace and a WebUI <lora:NAME>: no dots or dashes
+
+
+def parse_subjects(raw: Mapping[str, Any] | None) -> dict[str, SubjectParams]:
+    """``subjects.yml``'s ``subjects:`` mapping, validated; errors name the subject and the key."""
+    import re
+
+    entries = dict((raw or {}).get("subjects") or {})
+    if not entries:
+        raise ConfigError("conf/*/subjects.yml lists no subjects. Add one, e.g.\nsubjects:\n  my_lora:\n    "
+                          "trigger: sks\nand put its images in data/01_raw/my_lora/images/.")
+    subjects = {}
+    for name, values in entries.items():
+        if not re.match(SUBJECT_NAME, str(name)):
+            raise ConfigError(f"subjects.yml: subject name {name!r} must start with a letter and hold only letters, "
+                              f"digits and _ (it becomes a Kedro namespace and the <lora:{name}> name).")
+        subjects[str(name)] = parse_params(SubjectParams, values or {}, f"subjects.{name}")
+    return subjects
+
+
 SCHEMAS: dict[str, type[_Strict]] = {
     "captioning": CaptioningParams,
     "normalization": NormalizationParams,
@@ -354,16 +396,27 @@ def parse_params(schema: type[P], raw: Mapping[str, Any] | None, group: str) -> 
     except ValidationError as exc:
         allowed = ", ".join(sorted(schema.model_fields))
         problems = "\n".join(f"  - {group}.{_describe(err, schema)}" for err in exc.errors())
+        if group.startswith("subjects."):
+            where = "conf/*/subjects.yml"
+        elif "." in group:  # a subject's copy: the shared group, or the subject's overrides
+            subject, shared = group.split(".", 1)
+            where = f"conf/*/parameters_{shared}.yml or subject '{subject}' in conf/*/subjects.yml"
+        else:
+            where = f"conf/*/parameters_{group}.yml"
         raise ConfigError(
-            f"Invalid parameters in conf/*/parameters_{group}.yml:\n{problems}\n"
+            f"Invalid parameters in {where}:\n{problems}\n"
             f"Known keys of '{group}': {allowed}. Fix the file (or your override in conf/local/) and re-run."
         ) from None
 
 
-def validate_all(parameters: Mapping[str, Any]) -> dict[str, BaseModel]:
-    """Validate every known parameter group that is present; used by a hook before any node runs."""
-    return {
-        group: parse_params(schema, parameters[group], group)
-        for group, schema in SCHEMAS.items()
-        if group in parameters
-    }
+def validate_all(parameters: Mapping[str, Any], subjects: Mapping[str, Any] = ()) -> dict[str, BaseModel]:
+    """Validate every known parameter group that is present, and each subject's copy of its groups
+    (``aki.training``); used by a hook before any node runs."""
+    validated = {group: parse_params(schema, parameters[group], group)
+                 for group, schema in SCHEMAS.items() if group in parameters}
+    for name in subjects:
+        for group in SUBJECT_GROUPS:
+            if group in parameters.get(name, {}):
+                validated[f"{name}.{group}"] = parse_params(SCHEMAS[group], parameters[name][group],
+                                                            f"{name}.{group}")
+    return validated

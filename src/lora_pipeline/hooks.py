@@ -16,5 +16,6 @@ class ValidateParametersHook:
 
     @hook_impl
     def after_context_created(self, context) -> None:
-        validated = validate_all(context.params)
+        subjects = context.config_loader.subjects() if hasattr(context.config_loader, "subjects") else {}
+        validated = validate_all(context.params, subjects)
         logger.info("Parameters valid: %s", ", ".join(sorted(validated)) or "none to check")

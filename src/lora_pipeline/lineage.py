@@ -23,8 +23,9 @@ def find_runs(lora_file: str | Path, tracking_uri: str) -> tuple[dict[str, str],
     if not digest:
         raise SystemExit(f"{lora_file} has no sshs_model_hash in its header: not exported by lora-pipeline?")
     mlflow.set_tracking_uri(tracking_uri)
+    subject = header.get("ss_output_name", "")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`lora.sshs_model_hash` = '{digest}'")
+                              filter_string=f"tags.`lora.{subject}.sshs_model_hash` = '{digest}'")
     return header, runs
 
 

@@ -1,8 +1,13 @@
-"""Every pipeline by the name users type in ``kedro run --pipelines <name>``."""
+"""Every pipeline by the name users type in ``kedro run --pipelines <name>``.
+
+The image stages (captioning -> evaluation) run once per subject, each under the subject's Kedro namespace
+(``kedro run --namespaces aki`` runs one). Generation and merge work on the whole LoRA library; the LLM track
+is not per subject.
+"""
 
 from __future__ import annotations
 
-from kedro.pipeline import Pipeline
+from kedro.pipeline import Pipeline, pipeline
 
 from lora_pipeline.pipelines import (
     captioning,
@@ -17,23 +22,34 @@ from lora_pipeline.pipelines import (
     normalization,
     training,
 )
+from lora_pipeline.subjects import project_subjects
+
+SUBJECT_STAGES = {
+    "captioning": captioning, "normalization": normalization, "training": training, "export": export,
+    "evaluation": evaluation,
+}
+# Content-addressed caches: safe to share between subjects (a retrain of one reuses another's latents).
+SHARED_DATASETS = {"caption_cache", "image_check_cache", "latent_cache"}
+
+
+def per_subject(template: Pipeline, subjects: list[str]) -> Pipeline:
+    """The stage once per subject, each under its namespace (datasets ``aki.captions``, ``params:aki.training``)."""
+    shared = SHARED_DATASETS & template.datasets()
+    return sum((pipeline(template, namespace=name, inputs=shared or None) for name in subjects), Pipeline([]))
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    pipelines = {
-        "captioning": captioning.create_pipeline(),
-        "normalization": normalization.create_pipeline(),
-        "training": training.create_pipeline(),
-        "export": export.create_pipeline(),
-        "evaluation": evaluation.create_pipeline(),
-        "generation": generation.create_pipeline(),
+    subjects = list(project_subjects())
+    pipelines = {name: per_subject(module.create_pipeline(), subjects) for name, module in SUBJECT_STAGES.items()}
+    pipelines.update({
+        "generation": generation.create_pipeline(subjects=subjects),
         "merge": merge.create_pipeline(),
         "llm_data": llm_data.create_pipeline(),
         "llm_training": llm_training.create_pipeline(),
         "llm_export": llm_export.create_pipeline(),
         "llm_eval": llm_eval.create_pipeline(),
         "llm_merge": llm_export.create_merge_pipeline(),
-    }
+    })
     image = ("captioning", "normalization", "training", "export", "evaluation", "generation")
     llm = ("llm_data", "llm_training", "llm_export", "llm_eval")
     pipelines["data"] = pipelines["captioning"] + pipelines["normalization"]

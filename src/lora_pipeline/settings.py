@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from kedro.config import OmegaConfigLoader
-
 from lora_pipeline.hooks import ValidateParametersHook
+from lora_pipeline.subjects import SubjectsConfigLoader
 
 # kedro-mlflow registers its own hook through its plugin entry point.
 HOOKS = (ValidateParametersHook(),)
 
-CONFIG_LOADER_CLASS = OmegaConfigLoader
+# Kedro's OmegaConfigLoader plus per-subject parameters from conf/<env>/subjects.yml (see subjects.py).
+CONFIG_LOADER_CLASS = SubjectsConfigLoader
 # `kedro` commands run from the project root, so the working folder is the project path. An absolute
 # sqlite URI keeps MLflow's per-URI store cache from mixing up two projects used in one process.
 CONFIG_LOADER_ARGS = {

@@ -16,7 +16,7 @@ from lora_pipeline.errors import ConfigError
 
 
 def latest_captions(root: Path) -> pd.DataFrame:
-    versions = sorted((root / "data/02_intermediate/captions.csv").iterdir())
+    versions = sorted((root / "data/02_intermediate/demo_lora/captions.csv").iterdir())
     return pd.read_csv(versions[-1] / "captions.csv", keep_default_na=False)
 
 
@@ -25,16 +25,16 @@ def test_captioning_then_normalization(project):
     run(project, "captioning")
     run(project, "normalization")
 
-    [version] = sorted((project / "data/08_reporting/quality_report.csv").iterdir())
+    [version] = sorted((project / "data/08_reporting/demo_lora/quality_report.csv").iterdir())
     report = pd.read_csv(version / "quality_report.csv", keep_default_na=False)
-    raw_names = sorted(p.name for p in (project / "data/01_raw/images").iterdir() if p.suffix != ".txt")
+    raw_names = sorted(p.name for p in (project / "data/01_raw/demo_lora/images").iterdir() if p.suffix != ".txt")
     assert sorted(report.file_name) == raw_names  # one row per input image
     rejected = report[report.status == "rejected"].set_index("file_name").reason_code.to_dict()
     assert rejected == {"corrupt.jpg": "corrupt", "too_small.png": "too_small",
                         "red_circle_0_copy.jpg": "duplicate"}
     assert (report[report.status == "rejected"].reason != "").all()
 
-    dataset = project / "data/03_primary/dataset"
+    dataset = project / "data/03_primary/demo_lora/dataset"
     metadata = pd.read_csv(dataset / "metadata.csv", keep_default_na=False)
     kept = report[report.status == "kept"]
     assert sorted(metadata.file_name) == sorted(kept.output_name)
@@ -54,12 +54,13 @@ def test_captioning_then_normalization(project):
     runs = mlflow.search_runs(experiment_names=["lora_pipeline"], order_by=["start_time DESC"])
     assert len(runs) == 2
     norm, cap = runs.iloc[0], runs.iloc[1]
-    assert norm["metrics.normalization.images_kept"] == len(kept)
-    assert norm["metrics.normalization.images_rejected"] == 3
-    assert norm["params.normalization.resolution"] == "128"
-    assert cap["metrics.captioning.reviewed"] == 1 and cap["metrics.captioning.auto_new"] > 0
-    artifacts = mlflow.artifacts.list_artifacts(run_id=norm.run_id)
-    assert {"quality_report.csv", "dataset_info.json"} <= {a.path for a in artifacts}
+    assert norm["metrics.demo_lora.normalization.images_kept"] == len(kept)
+    assert norm["metrics.demo_lora.normalization.images_rejected"] == 3
+    assert norm["params.demo_lora.normalization.resolution"] == "128"
+    assert cap["metrics.demo_lora.captioning.reviewed"] == 1 and cap["metrics.demo_lora.captioning.auto_new"] > 0
+    assert cap["metrics.demo_stripes.captioning.sidecar"] == 8  # the second subject, in the same run
+    artifacts = mlflow.artifacts.list_artifacts(run_id=norm.run_id, artifact_path="demo_lora")
+    assert {"demo_lora/quality_report.csv", "demo_lora/dataset_info.json"} <= {a.path for a in artifacts}
 
     raw_after = {p.name: sha256_file(p) for p in (project / "data/01_raw").rglob("*") if p.is_file()}
     assert raw_after == raw_before  # raw data is never modified
@@ -68,11 +69,11 @@ def test_captioning_then_normalization(project):
 def test_reviewed_caption_survives_rerun_and_new_images_are_the_only_ones_captioned(project):
     run(project, "captioning")
     first = latest_captions(project)
-    review = project / "data/01_raw/reviewed_captions.csv"
+    review = project / "data/01_raw/demo_lora/reviewed_captions.csv"
     review.write_text(review.read_text() + 'red_circle_1.png,"lorachar, my own words"\n', encoding="utf-8")
     review_hash = sha256_file(review)
-    Image.new("RGB", (640, 640), (9, 9, 9)).save(project / "data/01_raw/images/added_1.png")
-    Image.new("RGB", (512, 768), (90, 9, 9)).save(project / "data/01_raw/images/added_2.png")
+    Image.new("RGB", (640, 640), (9, 9, 9)).save(project / "data/01_raw/demo_lora/images/added_1.png")
+    Image.new("RGB", (512, 768), (90, 9, 9)).save(project / "data/01_raw/demo_lora/images/added_2.png")
 
     run(project, "captioning")
     second = latest_captions(project).set_index("file_name")
@@ -83,22 +84,22 @@ def test_reviewed_caption_survives_rerun_and_new_images_are_the_only_ones_captio
     assert len(first) + 2 == len(second)  # the earlier version is still on disk
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     last = mlflow.search_runs(experiment_names=["lora_pipeline"], order_by=["start_time DESC"]).iloc[0]
-    assert last["metrics.captioning.auto_new"] == 2  # only the two added images reached the captioner
+    assert last["metrics.demo_lora.captioning.auto_new"] == 2  # only the two added images reached the captioner
 
     run(project, "normalization")
-    metadata = pd.read_csv(project / "data/03_primary/dataset/metadata.csv", keep_default_na=False)
+    metadata = pd.read_csv(project / "data/03_primary/demo_lora/dataset/metadata.csv", keep_default_na=False)
     assert metadata.set_index("file_name").loc["red_circle_1.png"].text == "lorachar, my own words"
 
 
 def test_bad_parameter_stops_before_any_node(project):
     with pytest.raises(ConfigError, match="normalization.min_sise: unknown parameter"):
         run(project, "normalization", runtime_params={"normalization": {"min_sise": 5}})
-    assert not (project / "data/08_reporting/quality_report.csv").exists()
-    assert not (project / "data/03_primary/dataset").exists()
+    assert not (project / "data/08_reporting/demo_lora/quality_report.csv").exists()
+    assert not (project / "data/03_primary/demo_lora/dataset").exists()
 
 
 def test_empty_raw_folder_is_a_clear_error(project):
-    shutil.rmtree(project / "data/01_raw/images")
-    (project / "data/01_raw/images").mkdir()
+    shutil.rmtree(project / "data/01_raw/demo_lora/images")
+    (project / "data/01_raw/demo_lora/images").mkdir()
     with pytest.raises(Exception, match="holds no images"):
         run(project, "captioning")

@@ -19,7 +19,8 @@ from kedro_helpers import run
 from lora_pipeline import lineage
 from lora_pipeline.diffusion.lora_files import load_lora_file
 
-ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+       "KEDRO_ENV": "demo"}  # the environment whose subjects.yml the pipelines are registered for
 BIN = Path(sys.executable).parent
 
 
@@ -47,9 +48,11 @@ def test_kedro_viz_shows_the_lineage_in_a_browser(project, chromium, tmp_path):
     _kedro(project, "viz", "build")
     graph = json.loads((project / "build" / "api" / "main").read_text())
     layer_of = {node["name"]: node.get("layer") for node in graph["nodes"]}
-    assert {"train_lora", "lora_kohya", "raw_images", "quality_report"} <= set(layer_of)
-    assert (layer_of["raw_images"], layer_of["lora_kohya"], layer_of["quality_report"]) == (
-        "raw", "model_output", "reporting")
+    assert {"train_lora", "demo_lora.lora_kohya", "demo_lora.raw_images", "demo_lora.quality_report",
+            "demo_stripes.lora_kohya"} <= set(layer_of)
+    assert (layer_of["demo_lora.raw_images"], layer_of["demo_lora.lora_kohya"],
+            layer_of["demo_lora.quality_report"]) == ("raw", "model_output", "reporting")
+    assert {"demo_lora", "demo_stripes", "demo_sdxl_lora"} <= set(graph["modular_pipelines"])  # one per subject
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(project / "build"))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -65,8 +68,10 @@ def test_kedro_viz_shows_the_lineage_in_a_browser(project, chromium, tmp_path):
     finally:
         server.shutdown()
     lowered = dom.lower()
-    assert "train lora" in lowered or "train_lora" in lowered, dom[:2000]
-    assert "lora kohya" in lowered or "lora_kohya" in lowered
+    # each subject is one collapsible box (its namespace); generation reads every subject's export
+    for subject in ("demo lora", "demo stripes", "demo sdxl lora"):
+        assert subject in lowered or subject.replace(" ", "_") in lowered, dom[-3000:]
+    assert "generate images" in lowered or "generate_images" in lowered
     assert shot.is_file() and shot.stat().st_size > 10_000
     if os.environ.get("VIZ_SCREENSHOT_DIR"):  # keep the screenshot for a person to look at
         shutil.copy(shot, Path(os.environ["VIZ_SCREENSHOT_DIR"]) / "kedro_viz.png")
@@ -77,13 +82,14 @@ def test_lineage_from_a_lora_file_and_two_process_training(project):
     [version] = sorted((project / "data/07_model_output/demo_lora.safetensors").iterdir())
     lora_file = version / "demo_lora.safetensors"
     header, runs = lineage.find_runs(lora_file, f"sqlite:///{project / 'mlflow.db'}")
-    assert len(runs) == 1 and runs[0].data.tags["lora.dataset_hash"] == header["ss_dataset_hash"]
+    assert len(runs) == 1 and runs[0].data.tags["lora.demo_lora.dataset_hash"] == header["ss_dataset_hash"]
     assert header["lora_pipeline.training_run_id"] == runs[0].info.run_id  # one `kedro run` trained and exported
 
     # Same training node under `accelerate launch` with two CPU processes (gloo).
     result = subprocess.run(
         [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu", "-m", "lora_pipeline.train_launch",
-         "--env", "demo", "--project", str(project)], cwd=project, env=ENV, capture_output=True, text=True,
+         "--env", "demo", "--project", str(project), "--subject", "demo_lora"], cwd=project, env=ENV,
+        capture_output=True, text=True,
         timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     versions = sorted((project / "data/06_models/demo_lora_training.safetensors").iterdir())
@@ -93,8 +99,13 @@ def test_lineage_from_a_lora_file_and_two_process_training(project):
 
 
 def test_airflow_dag_is_generated_without_airflow(project):
-    _kedro(project, "airflow", "create", "--env", "demo", "-p", "image", "-t", "dags")
+    _kedro(project, "airflow", "create", "--env", "demo", "-p", "image", "-t", "dags", "--group-by", "namespace")
     [dag] = list((project / "dags").glob("*.py"))
     text = dag.read_text()
-    assert 'node_names=["train_lora"]' in text and 'node_names=["export_kohya"]' in text
+    # one Airflow task per subject (its whole namespace), independent of each other, then generation
+    for task in ("demo-lora", "demo-stripes", "demo-sdxl-lora"):
+        assert f'@task(task_id="{task}")' in text, text[-3000:]
+        assert f'tasks["{task}"] >> tasks["generate-images"]' in text
+    assert not any(f'tasks["{a}"] >> tasks["{b}"]' in text for a in ("demo-lora", "demo-stripes")
+                   for b in ("demo-lora", "demo-stripes", "demo-sdxl-lora"))  # subjects are independent
     compile(text, str(dag), "exec")  # valid Python; importing it needs Airflow, which is not installed here

@@ -44,52 +44,59 @@ def test_default_pipeline_trains_exports_and_tracks(project, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     client = MlflowClient()
     [last] = mlflow.search_runs(experiment_names=["lora_pipeline"], output_format="list")
-    assert last.data.params["training.lora_rank"] == "4"
-    assert len(last.data.params["training.dataset_hash"]) == 64
-    losses = [m.value for m in client.get_metric_history(last.info.run_id, "train.loss")]
+    assert last.data.params["demo_lora.training.lora_rank"] == "4"
+    assert len(last.data.params["demo_lora.training.dataset_hash"]) == 64
+    losses = [m.value for m in client.get_metric_history(last.info.run_id, "demo_lora.train.loss")]
     assert len(losses) == 30
     assert np.mean(losses[-10:]) < np.mean(losses[:10])  # the loss goes down
-    assert last.data.metrics["train.peak_memory_mb"] > 0
-    assert last.data.metrics["normalization.images_kept"] == 28
+    assert last.data.metrics["demo_lora.train.peak_memory_mb"] > 0
+    assert last.data.metrics["demo_lora.normalization.images_kept"] == 28
     artifacts = {a.path for a in client.list_artifacts(last.info.run_id)}
-    assert {"samples", "lora", "training_summary.json"} <= artifacts
-    samples = [a.path for a in client.list_artifacts(last.info.run_id, "samples")]
+    assert {"samples", "lora", "demo_lora"} <= artifacts
+    assert "demo_lora/training_summary.json" in {a.path for a in client.list_artifacts(last.info.run_id, "demo_lora")}
+    samples = [a.path for a in client.list_artifacts(last.info.run_id, "samples/demo_lora")]
     assert any(path.endswith(".png") for path in samples)
     assert {a.path for a in client.list_artifacts(last.info.run_id, "lora")} >= {
-        "lora/demo_lora.safetensors", "lora/README.md"}
+        "lora/demo_lora.safetensors", "lora/demo_lora_README.md", "lora/demo_stripes.safetensors"}
 
     # Evaluation: the LoRA lowers the fixed-noise denoising loss on its training images and on held-out ones.
     evaluation = last.data.metrics
-    assert evaluation["evaluation.loss_train_lora"] < evaluation["evaluation.loss_train_base"]
-    assert evaluation["evaluation.loss_holdout_lora"] < evaluation["evaluation.loss_holdout_base"]
-    assert "evaluation.clip_score_lora" in evaluation and "evaluation.style_similarity_lora" in evaluation
-    [report_version] = _versions(project / "data/08_reporting/evaluation_report.md")
+    assert evaluation["demo_lora.evaluation.loss_train_lora"] < evaluation["demo_lora.evaluation.loss_train_base"]
+    assert evaluation["demo_lora.evaluation.loss_holdout_lora"] < evaluation["demo_lora.evaluation.loss_holdout_base"]
+    assert "demo_lora.evaluation.clip_score_lora" in evaluation and "demo_lora.evaluation.style_similarity_lora" in evaluation
+    [report_version] = _versions(project / "data/08_reporting/demo_lora/evaluation_report.md")
     assert "loss_train_lora" in (report_version / "evaluation_report.md").read_text()
 
     # Generation: WebUI "parameters" PNG text, a contact sheet and the comparison grid (also in MLflow).
     [first_version] = _versions(project / "data/07_model_output/generated")
     generated = sorted((first_version / "generated").glob("*.png"))
-    assert len(generated) == 4
+    assert [p.name for p in generated] == ["000_00_seed3.png", "001_00_seed1.png", "001_01_seed2.png",
+                                           "002_00_seed7.png", "003_00_seed7.png"]
     export_version = _versions(project / "data/07_model_output/demo_lora.safetensors")[-1].name
-    with Image.open(generated[0]) as image:
+    stripes_header = load_lora_file(_versions(project / "data/07_model_output/demo_stripes.safetensors")[-1]
+                                    / "demo_stripes.safetensors")[1]
+    with Image.open(generated[0]) as image:  # two subjects stacked in one image
         parameters = image.text["parameters"]
-        assert "<lora:demo_lora:0.8>" in parameters and "Seed: 1" in parameters
-        assert f'Lora hashes: "demo_lora: {header["sshs_model_hash"][:12]}"' in parameters
-        assert f'Lora versions: "demo_lora: {export_version}"' in parameters
+        assert "<lora:demo_lora:0.6> <lora:demo_stripes:0.8>" in parameters and "Seed: 3" in parameters
+        assert (f'Lora hashes: "demo_lora: {header["sshs_model_hash"][:12]}, '
+                f'demo_stripes: {stripes_header["sshs_model_hash"][:12]}"') in parameters
+        assert f'Lora versions: "demo_lora: {export_version}, demo_stripes: ' in parameters
+    with Image.open(generated[1]) as image:
+        assert "<lora:demo_lora:0.8>" in image.text["parameters"] and "Seed: 1" in image.text["parameters"]
     first_bytes = {p.name: p.read_bytes() for p in generated}
     run(project, "generation")  # a second run adds a version; the first run's images stay as they were
     versions = _versions(project / "data/07_model_output/generated")
     assert len(versions) == 2 and versions[0] == first_version
     assert {p.name: p.read_bytes() for p in (first_version / "generated").glob("*.png")} == first_bytes
     with Image.open(project / "data/08_reporting/comparison_grid.png") as grid:
-        assert grid.size == (3 * 96, 2 * (96 + 18))  # 0 / 0.5 / 1.0, then all LoRAs together
+        assert grid.size == (3 * 96, 3 * (96 + 18))  # each subject at 0 / 0.5 / 1.0, then both together
     assert {a.path for a in client.list_artifacts(last.info.run_id, "generation")} == {
         "generation/comparison_grid.png", "generation/contact_sheet.png"}
 
     run(project, "evaluation")  # the same figure on a second run
     [again] = mlflow.search_runs(experiment_names=["lora_pipeline"], output_format="list", max_results=1,
                                  order_by=["start_time DESC"])
-    assert again.data.metrics["evaluation.loss_train_lora"] == evaluation["evaluation.loss_train_lora"]
+    assert again.data.metrics["demo_lora.evaluation.loss_train_lora"] == evaluation["demo_lora.evaluation.loss_train_lora"]
 
     # Merge: a diffusers folder and a WebUI single-file checkpoint of base + 0.8 * LoRA.
     run(project, "merge")
@@ -110,5 +117,5 @@ def test_default_pipeline_trains_exports_and_tracks(project, monkeypatch):
     assert len(_versions(project / "data/07_model_output/demo_lora.safetensors")) == 2
 
     # The accelerate entry point trains from the same catalog and parameters.
-    train_launch.main(["--env", "demo", "--project", str(project)])
+    train_launch.main(["--env", "demo", "--project", str(project), "--subject", "demo_lora"])
     assert len(_versions(project / "data/06_models/demo_lora_training.safetensors")) == 3

@@ -40,4 +40,4 @@ def test_unknown_lora_fails_before_any_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(nodes, "load_diffusion_model", lambda *a, **k: pytest.fail("must not load a model"))
     params = {"base_model": "x", "prompt": "a cat <lora:nope:0.5>", "lora_dirs": [str(tmp_path)]}
     with pytest.raises(ConfigError, match="Unknown LoRA 'nope'"):
-        nodes.generate_images({"metadata": {}}, params)
+        nodes.generate_images(params, {"metadata": {}})

@@ -7,6 +7,7 @@ from lora_pipeline.demo.assets import (  # noqa: F401
     build_demo,
     build_demo_holdout,
     build_demo_images,
+    build_demo_stripes,
     main,
     write_demo_llm_data,
     write_demo_prompts,

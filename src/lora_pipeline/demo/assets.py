@@ -1,6 +1,6 @@
 """Offline demo assets: tiny models and a deterministic raw image folder that hits every data branch.
 
-    python -m lora_pipeline.demo            # writes data/06_models/tiny-* and data/01_raw/images/
+    python -m lora_pipeline.demo            # writes data/06_models/tiny-* and data/01_raw/<subject>/images/
 
 Nothing is downloaded. Re-running keeps what is already there (use --force to rebuild the images).
 """
@@ -98,6 +98,21 @@ def build_demo_images(folder: str | Path, force: bool = False) -> Path:
     return folder
 
 
+def build_demo_stripes(folder: str | Path) -> Path:
+    """The second demo subject: a stripes "character" in four colours, each with a kohya sidecar caption."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, color in enumerate(COLORS):
+        for variant in range(2):
+            stem = f"stripes_{color}_{variant}"
+            draw_scene(color, "stripes", SIZES[(index + variant) % len(SIZES)], seed=300 + 2 * index + variant).save(
+                folder / f"{stem}.png")
+            (folder / f"{stem}.txt").write_text(f"stripes, {color} background\n", encoding="utf-8")
+    return folder
+
+
 def write_demo_review(path: str | Path) -> None:
     """One human-reviewed caption, to show that it wins over sidecar and auto captions.
 
@@ -118,6 +133,7 @@ def write_demo_prompts(path: str | Path) -> None:
         return
     path.write_text(
         "# prompt, negative_prompt, seed, steps, guidance, width, height, count (defaults: parameters_generation.yml)\n"
+        "- prompt: \"lorachar, stripechar, circle <lora:demo_lora:0.6>, <lora:demo_stripes:0.8>\"\n  seed: 3\n"
         "- prompt: \"lorachar, circle, simple background <lora:demo_lora:0.8>\"\n  seed: 1\n  count: 2\n"
         "- prompt: \"lorachar, square <lora:demo_lora:0.4>\"\n  seed: 7\n"
         "- prompt: \"a square, no lora\"\n  seed: 7\n",
@@ -173,8 +189,9 @@ def write_demo_llm_data(path: str | Path) -> None:
 def build_demo(root: str | Path = ".", force: bool = False) -> None:
     root = Path(root)
     build_all(root / "data" / "06_models")
-    build_demo_images(root / "data" / "01_raw" / "images", force=force)
-    write_demo_review(root / "data" / "01_raw" / "reviewed_captions.csv")
+    build_demo_images(root / "data" / "01_raw" / "demo_lora" / "images", force=force)
+    write_demo_review(root / "data" / "01_raw" / "demo_lora" / "reviewed_captions.csv")
+    build_demo_stripes(root / "data" / "01_raw" / "demo_stripes" / "images")
     write_demo_prompts(root / "data" / "01_raw" / "prompts.yml")
     build_demo_holdout(root / "data" / "01_raw" / "holdout")
     write_demo_llm_data(root / "data" / "01_raw" / "llm" / "conversations.jsonl")

@@ -76,8 +76,8 @@ def evaluate_lora(
     report = _report(training_summary, figures, {k: len(v) for k, v in sets.items()})
     if mlflow.active_run():
         if training_summary.mlflow_run_id:
-            mlflow.set_tag("training_run_id", training_summary.mlflow_run_id)
-        mlflow.log_text(report, "evaluation/report.md")
+            mlflow.set_tag(f"{training_summary.output_name}.training_run_id", training_summary.mlflow_run_id)
+        mlflow.log_text(report, f"evaluation/{training_summary.output_name}/report.md")
     logger.info("Evaluation: %s", ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
     return report, as_mlflow_metrics({f"{k}": v for k, v in figures.items()})
 

@@ -30,8 +30,8 @@ def export_kohya(lora_weights: dict[str, Any], training_summary: TrainingSummary
                                        p.precision, title, _base_name(training_summary, p))
     metadata["lora_pipeline.training_run_id"] = training_summary.mlflow_run_id
     # `python -m lora_pipeline.lineage <file>` finds this run from the file's sshs_model_hash.
-    log_lineage_tags(**{"lora.sshs_model_hash": metadata["sshs_model_hash"], "lora.output_name": title,
-                        "lora.dataset_hash": training_summary.dataset_hash})
+    log_lineage_tags(**{f"lora.{title}.sshs_model_hash": metadata["sshs_model_hash"],
+                        f"lora.{title}.dataset_hash": training_summary.dataset_hash})
     if p.webui_lora_dir:
         target = Path(p.webui_lora_dir).expanduser() / f"{title}.safetensors"
         save_lora_file(target, state, metadata)
@@ -53,5 +53,5 @@ def write_model_card(training_summary: TrainingSummary, params: dict[str, Any]) 
     title = training_summary.output_name
     card = model_card(training_summary, title, f"{title}.safetensors", _base_name(training_summary, p), [])
     if mlflow.active_run():
-        mlflow.log_text(card, "lora/README.md")
+        mlflow.log_text(card, f"lora/{title}_README.md")
     return card

@@ -35,16 +35,17 @@ def load_generation_pipeline(p: GenerationParams, files: dict[str, Path]):
 
 
 def generate_images(
-    latest_export: dict[str, Any], params: dict[str, Any]
+    params: dict[str, Any], *latest_exports: dict[str, Any]
 ) -> tuple[dict[str, Image.Image], Image.Image, Image.Image]:
     """Render the prompts file (or ``generation.prompt``); every LoRA name is resolved before any model loads.
 
-    ``latest_export`` is the newest exported LoRA: LoRA names resolve in ``lora_dirs`` (which hold it), and
-    taking it as an input orders this stage after export and shows the link in ``kedro viz``.
+    ``latest_exports`` are the subjects' newest exported LoRAs: names resolve in ``lora_dirs`` (which hold
+    them), and taking them as inputs orders this stage after every export and shows the links in ``kedro viz``.
     """
     p = parse_params(GenerationParams, params, "generation")
-    logger.info("Newest export: %s (hash %s)", latest_export["metadata"].get("ss_output_name"),
-                latest_export["metadata"].get("sshs_model_hash", "")[:12])
+    for export in latest_exports:
+        logger.info("Newest export: %s (hash %s)", export["metadata"].get("ss_output_name"),
+                    export["metadata"].get("sshs_model_hash", "")[:12])
     if p.prompt:
         specs = [PromptSpec.model_validate({**p.defaults.model_dump(), "prompt": p.prompt})]
     else:

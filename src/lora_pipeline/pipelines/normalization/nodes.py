@@ -132,5 +132,5 @@ def build_training_metadata(
     for code, count in Counter(code for code in report.reason_code if code).items():
         metrics[f"rejected_{code}"] = count
     if mlflow.active_run():
-        mlflow.log_text(report.to_csv(index=False), "quality_report.csv")
+        mlflow.log_text(report.to_csv(index=False), f"{p.subject or 'dataset'}/quality_report.csv")
     return metadata, metadata, report, info, as_mlflow_metrics(metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from accelerate import PartialState
 
 from lora_pipeline.config import TrainingParams, parse_params
 from lora_pipeline.core.cache import DiskCache
@@ -24,10 +26,12 @@ from lora_pipeline.pipelines.metrics import StepMetricsLogger, log_lineage_tags
 logger = logging.getLogger(__name__)
 
 
-def _log_samples(images: list[Any], step: int) -> None:
-    if mlflow.active_run():
-        for index, image in enumerate(images):
-            mlflow.log_image(image, f"samples/step_{step:06d}_{index}.png")
+def _sample_logger(subject: str):
+    def log_samples(images: list[Any], step: int) -> None:
+        if mlflow.active_run():
+            for index, image in enumerate(images):
+                mlflow.log_image(image, f"samples/{subject}/step_{step:06d}_{index}.png")
+    return log_samples
 
 
 def train_lora(
@@ -40,12 +44,16 @@ def train_lora(
     """Train a LoRA; returns the weights (training layout) and the typed summary export and the rest read."""
     p = parse_params(TrainingParams, params, "training")
     # Taken before the base model loads, so a second run of this subject stops at once; train() holds it too.
-    with subject_lock(Path(p.checkpoint_dir) / p.output_name, p.output_name):
+    # Under `accelerate launch` only the main process holds it (the others write no checkpoints).
+    lock = subject_lock(Path(p.checkpoint_dir) / p.output_name, p.output_name) if PartialState().is_main_process \
+        else contextlib.nullcontext()
+    with lock:
         return _train_locked(p, normalized_images, train_metadata, dataset_info, latent_cache)
 
 
 def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metadata: pd.DataFrame,
                   dataset_info: dict[str, Any], latent_cache: DiskCache) -> tuple[dict[str, Any], TrainingSummary]:
+    s = p.output_name  # the subject
     examples = build_examples(normalized_images.root, train_metadata)
     data_hash = dataset_hash(examples)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -57,20 +65,22 @@ def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metad
                                    target_scale=lora_spec(p, sd.family).scale)
         logger.info("Starting from LoRA %s (%d tensors)", init_path, len(init_state))
         if mlflow.active_run():
-            mlflow.set_tag("lora.init_from", str(init_path))
-    log_lineage_tags(**{"lora.dataset_hash": data_hash, "lora.family": sd.family.name})
+            mlflow.set_tag(f"lora.{s}.init_from", str(init_path))
+    # One MLflow run holds every subject of a `kedro run`: each key carries the subject.
+    log_lineage_tags(**{f"lora.{s}.dataset_hash": data_hash, f"lora.{s}.family": sd.family.name})
     if mlflow.active_run():
-        mlflow.log_params({"training.dataset_hash": data_hash, "training.num_images": len(examples),
-                           "training.family": sd.family.name})
+        mlflow.log_params({f"{s}.training.dataset_hash": data_hash, f"{s}.training.num_images": len(examples),
+                           f"{s}.training.family": sd.family.name})
     keep_tokens = p.keep_tokens if p.keep_tokens is not None else int(dataset_info.get("keep_tokens", 0))
-    with StepMetricsLogger("train") as log_metrics:
+    with StepMetricsLogger(f"{s}.train") as log_metrics:
         result = train(sd, examples, p, latent_cache, dataset_hash=data_hash, keep_tokens=keep_tokens,
-                       init_state=init_state, on_metrics=log_metrics, on_samples=_log_samples)
+                       init_state=init_state, on_metrics=log_metrics, on_samples=_sample_logger(s))
     if mlflow.active_run():
-        mlflow.log_metrics({"train.final_loss": result.losses[-1], "train.peak_memory_mb": result.peak_memory_mb,
-                            "train.images_per_second_mean": result.images_per_second,
-                            "train.latents_encoded": result.latents_encoded,
-                            "train.latents_cached": len(examples) - result.latents_encoded})
+        mlflow.log_metrics({f"{s}.train.final_loss": result.losses[-1],
+                            f"{s}.train.peak_memory_mb": result.peak_memory_mb,
+                            f"{s}.train.images_per_second_mean": result.images_per_second,
+                            f"{s}.train.latents_encoded": result.latents_encoded,
+                            f"{s}.train.latents_cached": len(examples) - result.latents_encoded})
     sizes = sorted({(ex.width, ex.height) for ex in examples}, key=lambda s: s[0] * s[1])
     summary = TrainingSummary(
         spec=result.spec, base_model=p.base_model, output_name=p.output_name, steps=result.steps,
@@ -87,7 +97,7 @@ def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metad
                      "up_block_types": list(sd.unet.config.up_block_types)},
     )
     if mlflow.active_run():
-        mlflow.log_dict(summary.to_json(), "training_summary.json")
+        mlflow.log_dict(summary.to_json(), f"{s}/training_summary.json")
     logger.info("Trained %d steps: loss %.4f -> %.4f, %.1f img/s, peak memory %.0f MB", result.steps,
                 summary.first_loss or 0.0, summary.final_loss, result.images_per_second, result.peak_memory_mb)
     return {"state": result.lora_state, "metadata": {"format": "lora_pipeline.training"}}, summary

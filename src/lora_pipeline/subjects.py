@@ -1,0 +1,119 @@
+"""Many subjects in one project: each LoRA runs the image pipelines under its own Kedro namespace.
+
+``conf/<env>/subjects.yml`` lists the subjects. The shared parameter groups (``parameters_training.yml``
+...) are the defaults; :class:`SubjectsConfigLoader` gives each subject its own copy under its namespace
+(``params:aki.training``), with the subject's trigger, base model and overrides merged in. The catalog's
+dataset factories (``"{subject}.captions"``) give every subject its own files, so adding a subject is one
+YAML entry and a folder of images.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from kedro.config import OmegaConfigLoader
+
+from lora_pipeline.config import SUBJECT_GROUPS, SubjectParams, parse_subjects
+
+SUBJECT_PATTERNS = ["subjects*", "subjects*/**", "**/subjects*"]
+
+
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, Mapping) and isinstance(override, Mapping):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _merge(base.get(key), value) if key in base else copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(override)
+
+
+def _fill(value: Any, name: str, trigger: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{subject}", name).replace("{trigger}", trigger)
+    if isinstance(value, Mapping):
+        return {k: _fill(v, name, trigger) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, name, trigger) for v in value]
+    return value
+
+
+def subject_parameters(parameters: Mapping[str, Any], name: str, subject: SubjectParams) -> dict[str, Any]:
+    """One subject's parameter groups: the shared group, then what the subject implies, then its overrides."""
+    trigger = subject.trigger if subject.trigger is not None else str(
+        parameters.get("captioning", {}).get("trigger", ""))
+    implied: dict[str, dict[str, Any]] = {"training": {"output_name": name}, "normalization": {"subject": name}}
+    if subject.trigger is not None:
+        implied["captioning"] = {"trigger": subject.trigger}
+        implied["normalization"]["prompt"] = {"trigger": subject.trigger}
+    for group in ("training", "normalization"):
+        if subject.base_model:
+            implied.setdefault(group, {})["base_model"] = subject.base_model
+        if subject.base_model_family:
+            implied.setdefault(group, {})["base_model_family"] = subject.base_model_family
+    groups = {}
+    for group in SUBJECT_GROUPS:
+        merged = _merge(parameters.get(group, {}), implied.get(group, {}))
+        groups[group] = _fill(_merge(merged, getattr(subject, group)), name, trigger)
+    return groups
+
+
+def subject_catalog(name: str, subject: SubjectParams) -> dict[str, Any]:
+    """Explicit raw-data entries for a subject whose images live elsewhere (they win over the factories)."""
+    entries = {}
+    if subject.images:
+        entries[f"{name}.raw_images"] = {"type": "lora_pipeline.datasets.ImageFolderDataset", "path": subject.images,
+                                         "metadata": {"kedro-viz": {"layer": "raw"}}}
+    if subject.reviewed_captions:
+        entries[f"{name}.reviewed_captions"] = {"type": "lora_pipeline.datasets.ReviewedCaptionsDataset",
+                                                "filepath": subject.reviewed_captions,
+                                                "metadata": {"kedro-viz": {"layer": "raw"}}}
+    return entries
+
+
+class SubjectsConfigLoader(OmegaConfigLoader):
+    """Kedro's OmegaConfigLoader, plus per-subject parameters and raw-data catalog entries from subjects.yml."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.config_patterns.setdefault("subjects", SUBJECT_PATTERNS)
+
+    def subjects(self) -> dict[str, SubjectParams]:
+        return parse_subjects(super().__getitem__("subjects"))
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        value = super().__getitem__(key)
+        if key == "parameters":
+            value = dict(value)
+            for name, subject in self.subjects().items():
+                value[name] = _merge(subject_parameters(value, name, subject), value.get(name, {}))
+        elif key == "catalog":
+            value = dict(value)
+            for name, subject in self.subjects().items():
+                value.update(subject_catalog(name, subject))
+        return value
+
+
+def run_env() -> str:
+    """The environment of the current ``kedro`` command: ``--env``/``-e``, else ``KEDRO_ENV``, else local.
+
+    Pipelines are registered before Kedro hands the environment to the config loader, so the registry reads
+    it the way the CLI will.
+    """
+    argv = sys.argv
+    for index, arg in enumerate(argv):
+        if arg in ("--env", "-e") and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--env="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("KEDRO_ENV", "local")
+
+
+def project_subjects(conf_source: str | Path = "conf", env: str | None = None) -> dict[str, SubjectParams]:
+    """The subjects of the project in the working folder, for the pipeline registry."""
+    loader = SubjectsConfigLoader(conf_source=str(conf_source), env=env or run_env(), base_env="base",
+                                  default_run_env="local")
+    return loader.subjects()
