@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -119,3 +120,35 @@ def test_default_pipeline_trains_exports_and_tracks(project, monkeypatch):
     # The accelerate entry point trains from the same catalog and parameters.
     train_launch.main(["--env", "demo", "--project", str(project), "--subject", "demo_lora"])
     assert len(_versions(project / "data/06_models/demo_lora_training.safetensors")) == 3
+
+
+def test_subjects_in_parallel_equal_sequential_and_stay_apart(project):
+    """ParallelRunner trains the subjects at once (one process each); every LoRA equals the sequential one, and
+    each subject has its own files. Run as `kedro run` is, in a fresh process: forking this test process, whose
+    torch thread pool is already running, would deadlock the workers."""
+    import subprocess
+    import sys
+
+    run(project, "data")
+    run(project, "training")
+    sequential = {s: _versions(project / f"data/06_models/{s}_training.safetensors")[-1] / f"{s}_training.safetensors"
+                  for s in ("demo_lora", "demo_stripes", "demo_sdxl_lora")}
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([str(Path(sys.executable).parent / "kedro"), "run", "--env", "demo", "--pipelines",
+                             "training", "--runner", "ParallelRunner"], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for subject, first in sequential.items():
+        versions = _versions(project / f"data/06_models/{subject}_training.safetensors")
+        assert len(versions) == 2
+        again = load_lora_file(versions[-1] / f"{subject}_training.safetensors")[0]
+        before = load_lora_file(first)[0]
+        assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in before), subject
+    # separate paths and summaries per subject
+    stripes = json.loads((_versions(project / "data/06_models/demo_stripes_summary.json")[-1]
+                          / "demo_stripes_summary.json").read_text())
+    assert stripes["output_name"] == "demo_stripes" and stripes["trigger"] == "stripechar"
+    assert stripes["num_images"] == 8 and stripes["steps"] == 20
+    sdxl = json.loads((_versions(project / "data/06_models/demo_sdxl_lora_summary.json")[-1]
+                       / "demo_sdxl_lora_summary.json").read_text())
+    assert sdxl["spec"]["family"] == "sdxl" and sdxl["num_images"] == 28

@@ -133,4 +133,6 @@ def build_training_metadata(
         metrics[f"rejected_{code}"] = count
     if mlflow.active_run():
         mlflow.log_text(report.to_csv(index=False), f"{p.subject or 'dataset'}/quality_report.csv")
+        # Logged here rather than through kedro-mlflow's artifact dataset, which ParallelRunner cannot pickle.
+        mlflow.log_dict(info, f"{p.subject or 'dataset'}/dataset_info.json")
     return metadata, metadata, report, info, as_mlflow_metrics(metrics)
