@@ -1,0 +1,76 @@
+"""subjects.yml: each subject's parameters are the shared groups + what the subject implies + its overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_pipeline.config import SubjectParams, parse_subjects, validate_all
+from lora_pipeline.errors import ConfigError
+from lora_pipeline.subjects import SubjectsConfigLoader, run_env, subject_catalog, subject_parameters
+
+SHARED = {
+    "captioning": {"backend": "sidecar", "trigger": "sks", "template": "{trigger}, {caption}"},
+    "normalization": {"resolution": 512, "prompt": {"trigger": "sks", "keep_tokens": 1}},
+    "training": {"base_model": "base-sd", "lora_rank": 8, "sample_prompts": ["{trigger}, portrait of {subject}"]},
+    "export": {"precision": "fp16"},
+    "evaluation": {"eval_prompts": ["{trigger}, portrait"]},
+}
+
+
+def test_subject_parameters_merge_shared_implied_and_overrides():
+    subject = SubjectParams(trigger="aki", base_model="xl-base", training={"lora_rank": 16},
+                            normalization={"prompt": {"keep_tokens": 2}})
+    params = subject_parameters(SHARED, "aki", subject)
+    assert params["training"]["output_name"] == "aki" and params["training"]["lora_rank"] == 16
+    assert params["training"]["base_model"] == "xl-base" and params["normalization"]["base_model"] == "xl-base"
+    assert params["training"]["sample_prompts"] == ["aki, portrait of aki"]
+    assert params["normalization"]["prompt"] == {"trigger": "aki", "keep_tokens": 2}  # deep merge keeps the rest
+    assert params["captioning"]["trigger"] == "aki" and params["evaluation"]["eval_prompts"] == ["aki, portrait"]
+    assert params["normalization"]["subject"] == "aki"
+    assert SHARED["training"]["lora_rank"] == 8  # the shared groups are not modified
+    # without a trigger of its own the subject keeps the shared one
+    plain = subject_parameters(SHARED, "bg", SubjectParams())
+    assert plain["captioning"]["trigger"] == "sks" and plain["training"]["base_model"] == "base-sd"
+    assert validate_all({**SHARED, "aki": params}, {"aki": subject})["aki.training"].lora_rank == 16
+
+
+def test_subject_errors_name_the_subject_and_the_key():
+    with pytest.raises(ConfigError, match="subjects.aki.trainig: unknown parameter; did you mean 'training'"):
+        parse_subjects({"subjects": {"aki": {"trainig": {}}}})
+    with pytest.raises(ConfigError, match="'red-jacket' must start with a letter"):
+        parse_subjects({"subjects": {"red-jacket": {}}})
+    with pytest.raises(ConfigError, match="lists no subjects"):
+        parse_subjects({"subjects": {}})
+    bad = subject_parameters(SHARED, "aki", SubjectParams(training={"lora_rank": 0}))
+    with pytest.raises(ConfigError, match=r"subject 'aki' in conf/\*/subjects.yml:\n  - aki.training.lora_rank"):
+        validate_all({**SHARED, "aki": bad}, {"aki": None})
+
+
+def test_subject_with_images_elsewhere_gets_explicit_raw_entries():
+    entries = subject_catalog("aki", SubjectParams(images="/art/aki", reviewed_captions="/art/aki.csv"))
+    assert entries["aki.raw_images"]["path"] == "/art/aki"
+    assert entries["aki.reviewed_captions"]["filepath"] == "/art/aki.csv"
+    assert subject_catalog("bg", SubjectParams()) == {}
+
+
+def test_config_loader_expands_subjects_from_yaml(tmp_path):
+    for env in ("base", "local"):
+        (tmp_path / env).mkdir()
+    (tmp_path / "base" / "parameters_training.yml").write_text("training:\n  base_model: sd\n  lora_rank: 8\n")
+    (tmp_path / "base" / "subjects.yml").write_text(
+        "subjects:\n  aki:\n    trigger: aki\n    training: {lora_rank: 4}\n  city: {}\n")
+    loader = SubjectsConfigLoader(conf_source=str(tmp_path), base_env="base", default_run_env="local")
+    params = loader["parameters"]
+    assert list(loader.subjects()) == ["aki", "city"]
+    assert params["aki"]["training"]["lora_rank"] == 4 and params["city"]["training"]["lora_rank"] == 8
+    assert params["training"]["lora_rank"] == 8
+
+
+def test_run_env_follows_the_cli(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["kedro", "run", "--env", "demo"])
+    assert run_env() == "demo"
+    monkeypatch.setattr("sys.argv", ["kedro", "run", "-e", "prod"])
+    assert run_env() == "prod"
+    monkeypatch.setattr("sys.argv", ["kedro", "run"])
+    monkeypatch.setenv("KEDRO_ENV", "staging")
+    assert run_env() == "staging"
