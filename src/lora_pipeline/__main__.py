@@ -1,19 +1,79 @@
-"""``python -m lora_pipeline`` runs the project like ``kedro run``."""
+"""``lora-pipeline``: helpers around the Kedro project.
 
+    lora-pipeline run [--env E] [--all] [--runner R]   train only the subjects whose data or parameters changed
+    python -m lora_pipeline [kedro run options]         exactly ``kedro run``
+"""
+
+from __future__ import annotations
+
+import logging
 import sys
 from pathlib import Path
 
-from kedro.framework.cli.utils import find_run_command
-from kedro.framework.project import configure_project
+import click
 
 
-def main(*args, **kwargs):
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Helpers around the Kedro project (run them from the project root)."""
+
+
+@cli.command("run")
+@click.option("--env", "-e", default=None, help="Kedro configuration environment (default: local)")
+@click.option("--all", "run_all", is_flag=True, help="run every subject, changed or not")
+@click.option("--runner", default=None, help="SequentialRunner (default), ParallelRunner or ThreadRunner")
+def run_subjects(env: str | None, run_all: bool, runner: str | None) -> None:
+    """Run the image pipelines for the subjects whose raw data or parameters changed since they were last
+    trained, then generation. ``kedro run`` runs every subject; this skips the ones with nothing new."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+    from kedro.runner import ParallelRunner, SequentialRunner, ThreadRunner
+
+    from lora_pipeline.subjects import recorded_fingerprint, subject_fingerprint
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bootstrap_project(Path.cwd())
+    with KedroSession.create(env=env) as session:
+        context = session.load_context()
+        subjects = list(context.config_loader.subjects())
+        changed = []
+        for name in subjects:
+            previous = recorded_fingerprint(name)
+            if run_all or previous.get("fingerprint") != subject_fingerprint(context.catalog, context.params, name):
+                changed.append(name)
+            else:
+                click.echo(f"Subject {name}: unchanged since it was trained at {previous.get('trained_at')} "
+                           f"(same images, captions and parameters); not retrained.")
+    if not changed:
+        click.echo("No subject changed: nothing to do. `lora-pipeline run --all` runs every subject anyway.")
+        return
+    click.echo(f"Running subject(s): {', '.join(changed)}")
+    runners = {"SequentialRunner": SequentialRunner, "ParallelRunner": ParallelRunner, "ThreadRunner": ThreadRunner}
+    if runner is not None and runner not in runners:
+        raise click.BadParameter(f"one of {', '.join(runners)}", param_hint="--runner")
+    make_runner = runners[runner or "SequentialRunner"]
+    with KedroSession.create(env=env) as session:
+        session.run(pipeline_names=["__default__"], namespaces=changed, runner=make_runner())
+    with KedroSession.create(env=env) as session:
+        session.run(pipeline_names=["generation"], runner=SequentialRunner())
+
+
+def kedro_run(*args, **kwargs):
+    """Exactly ``kedro run`` (what ``python -m lora_pipeline`` always did)."""
+    from kedro.framework.cli.utils import find_run_command
+    from kedro.framework.project import configure_project
+
     package_name = Path(__file__).parent.name
     configure_project(package_name)
-    interactive = hasattr(sys, "ps1")
-    kwargs["standalone_mode"] = not interactive
-    run = find_run_command(package_name)
-    return run(*args, **kwargs)
+    kwargs["standalone_mode"] = not hasattr(sys, "ps1")
+    return find_run_command(package_name)(*args, **kwargs)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in cli.commands or sys.argv[1:2] in (["-h"], ["--help"]):
+        cli()
+    else:
+        kedro_run()
 
 
 if __name__ == "__main__":

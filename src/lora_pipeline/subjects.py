@@ -117,3 +117,52 @@ def project_subjects(conf_source: str | Path = "conf", env: str | None = None) -
     loader = SubjectsConfigLoader(conf_source=str(conf_source), env=env or run_env(), base_env="base",
                                   default_run_env="local")
     return loader.subjects()
+
+
+# ----------------------------------------------------------------------------- which subjects changed
+
+FINGERPRINT_DIR = Path("data/06_models/subject_inputs")
+
+
+def _raw_paths(catalog, name: str) -> list[Path]:
+    """The files a subject's run reads from raw data: its image folder (sidecars included) and reviewed captions."""
+    paths = []
+    for dataset in (f"{name}.raw_images", f"{name}.reviewed_captions"):
+        described = catalog.get(dataset)._describe() if catalog.get(dataset) is not None else {}
+        location = Path(str(described.get("path") or described.get("filepath") or ""))
+        if location.is_dir():
+            paths += sorted(p for p in location.rglob("*") if p.is_file())
+        elif location.is_file():
+            paths.append(location)
+    return paths
+
+
+def subject_fingerprint(catalog, parameters: Mapping[str, Any], name: str) -> str:
+    """What a subject's training depends on: its raw files (name, size, mtime) and its parameters."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(parameters.get(name, {}), sort_keys=True, default=str).encode())
+    for path in _raw_paths(catalog, name):
+        stat = path.stat()
+        digest.update(f"{path.as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def recorded_fingerprint(name: str) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads((FINGERPRINT_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def record_fingerprint(name: str, fingerprint: str) -> None:
+    import json
+    from datetime import datetime, timezone
+
+    from lora_pipeline.core.files import atomic_write_text
+
+    atomic_write_text(FINGERPRINT_DIR / f"{name}.json", json.dumps(
+        {"fingerprint": fingerprint, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))

@@ -152,3 +152,38 @@ def test_subjects_in_parallel_equal_sequential_and_stay_apart(project):
     sdxl = json.loads((_versions(project / "data/06_models/demo_sdxl_lora_summary.json")[-1]
                        / "demo_sdxl_lora_summary.json").read_text())
     assert sdxl["spec"]["family"] == "sdxl" and sdxl["num_images"] == 28
+
+
+def test_new_images_in_one_subject_retrain_only_that_subject(project):
+    """`lora-pipeline run` trains subjects whose images or parameters changed; the others are a no-op that says
+    so, and their outputs keep their bytes and get no new version."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    cli = [str(Path(sys.executable).parent / "lora-pipeline"), "run", "--env", "demo"]
+
+    def lora_pipeline_run() -> str:
+        result = subprocess.run(cli, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    def outputs(subject: str) -> dict[str, bytes]:
+        return {str(p.relative_to(project)): p.read_bytes() for p in sorted((project / "data").rglob("*"))
+                if p.is_file() and f"{subject}." in p.name and "07_model_output" in str(p)}
+
+    first = lora_pipeline_run()
+    assert "Running subject(s): demo_lora, demo_stripes, demo_sdxl_lora" in first
+    assert "No subject changed" in lora_pipeline_run()
+    lora_before = outputs("demo_lora")
+    stripes_versions = len(_versions(project / "data/07_model_output/demo_stripes.safetensors"))
+    added = project / "data/01_raw/demo_stripes/images/stripes_extra.png"
+    Image.new("RGB", (640, 640), (200, 30, 30)).save(added)
+    added.with_suffix(".txt").write_text("stripes, red background, bold\n", encoding="utf-8")
+
+    again = lora_pipeline_run()
+    assert "Subject demo_lora: unchanged" in again and "Running subject(s): demo_stripes" in again
+    assert outputs("demo_lora") == lora_before  # same bytes, no new version
+    assert len(_versions(project / "data/07_model_output/demo_stripes.safetensors")) == stripes_versions + 1
+    newest = _versions(project / "data/06_models/demo_stripes_summary.json")[-1] / "demo_stripes_summary.json"
+    assert json.loads(newest.read_text())["num_images"] == 9
