@@ -74,3 +74,14 @@ def test_run_env_follows_the_cli(monkeypatch):
     monkeypatch.setattr("sys.argv", ["kedro", "run"])
     monkeypatch.setenv("KEDRO_ENV", "staging")
     assert run_env() == "staging"
+
+
+def test_one_subject_per_gpu_in_subjects_order():
+    from lora_pipeline.core.trainer import gpu_for
+
+    positions = [subject_parameters(SHARED, name, SubjectParams(), i)["training"]["gpu"]
+                 for i, name in enumerate(("aki", "jacket", "city"))]
+    assert positions == [0, 1, 2]
+    assert [gpu_for(p, 2, distributed=False) for p in positions] == [0, 1, 0]  # round robin over 2 GPUs
+    assert gpu_for(1, 1, distributed=False) is None  # one GPU (or CPU): the default device
+    assert gpu_for(3, 4, distributed=True) is None  # accelerate launch assigns GPUs per process itself

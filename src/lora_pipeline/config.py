@@ -195,6 +195,8 @@ class TrainingParams(_Strict):
     sample_inference_steps: int = Field(20, ge=1, le=200)
     sample_size: int | None = Field(None, ge=64, le=2048)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    gpu: int | None = Field(None, ge=0, description="with several GPUs visible, this run's GPU (index modulo their "
+                                                     "count); subjects get their position in subjects.yml")
     data_workers: int | None = Field(None, ge=0, le=64, description="DataLoader processes; null: 0 on CPU, "
                                      "up to 4 beside a GPU")
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs (about 2x; loss differs ~1e-3)")

@@ -41,11 +41,17 @@ def _fill(value: Any, name: str, trigger: str) -> Any:
     return value
 
 
-def subject_parameters(parameters: Mapping[str, Any], name: str, subject: SubjectParams) -> dict[str, Any]:
-    """One subject's parameter groups: the shared group, then what the subject implies, then its overrides."""
+def subject_parameters(parameters: Mapping[str, Any], name: str, subject: SubjectParams,
+                       position: int = 0) -> dict[str, Any]:
+    """One subject's parameter groups: the shared group, then what the subject implies, then its overrides.
+
+    ``position`` (the subject's place in subjects.yml) becomes ``training.gpu``: with several GPUs and
+    ParallelRunner, subject k trains on GPU k modulo the GPU count.
+    """
     trigger = subject.trigger if subject.trigger is not None else str(
         parameters.get("captioning", {}).get("trigger", ""))
-    implied: dict[str, dict[str, Any]] = {"training": {"output_name": name}, "normalization": {"subject": name}}
+    implied: dict[str, dict[str, Any]] = {"training": {"output_name": name, "gpu": position},
+                                          "normalization": {"subject": name}}
     if subject.trigger is not None:
         implied["captioning"] = {"trigger": subject.trigger}
         implied["normalization"]["prompt"] = {"trigger": subject.trigger}
@@ -88,8 +94,8 @@ class SubjectsConfigLoader(OmegaConfigLoader):
         value = super().__getitem__(key)
         if key == "parameters":
             value = dict(value)
-            for name, subject in self.subjects().items():
-                value[name] = _merge(subject_parameters(value, name, subject), value.get(name, {}))
+            for position, (name, subject) in enumerate(self.subjects().items()):
+                value[name] = _merge(subject_parameters(value, name, subject, position), value.get(name, {}))
         elif key == "catalog":
             value = dict(value)
             for name, subject in self.subjects().items():

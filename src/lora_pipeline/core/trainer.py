@@ -75,17 +75,39 @@ class LossLog:
         return read
 
 
-def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_steps: int, allow_tf32: bool = True):
-    """The one accelerate setup: CPU when asked or when no GPU exists, TF32 matmuls on Ampere+ GPUs."""
+def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_steps: int, allow_tf32: bool = True,
+                     gpu: int | None = None):
+    """The one accelerate setup: CPU when asked or when no GPU exists, TF32 matmuls on Ampere+ GPUs.
+
+    ``gpu`` picks this process's GPU when several are visible and the run is not distributed (one subject per
+    GPU under ParallelRunner); ``accelerate launch`` keeps assigning one GPU per process itself.
+    """
     from accelerate import Accelerator
 
     cpu = pick_device(device).type == "cpu"  # an unavailable explicit choice fails here, with the fix
+    index = gpu_for(gpu, torch.cuda.device_count() if not cpu else 0, distributed=_launched_distributed())
+    if index is not None:
+        torch.cuda.set_device(index)  # accelerate's single-process device is plain "cuda": the current one
+        logger.info("Training on GPU %d of %d", index, torch.cuda.device_count())
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu,
                               gradient_accumulation_steps=gradient_accumulation_steps)
     if accelerator.device.type == "cuda" and allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True  # as diffusers' --allow_tf32: ~2x matmuls on Ampere+
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
+
+
+def gpu_for(gpu: int | None, gpu_count: int, distributed: bool) -> int | None:
+    """The GPU index for a single-process run that asked for ``gpu``, or None to leave the default."""
+    if gpu is None or gpu_count <= 1 or distributed:
+        return None
+    return gpu % gpu_count
+
+
+def _launched_distributed() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

@@ -317,7 +317,7 @@ def train(
         raise ConfigError(f"training.batch_size ({params.batch_size}) is larger than the training set "
                           f"({len(examples)} images x repeats {params.repeats}); lower batch_size or raise repeats.")
     accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps,
-                                   params.allow_tf32)
+                                   params.allow_tf32, params.gpu)
     device = accelerator.device
     dtype = weight_dtype(params.mixed_precision)
     spec = lora_spec(params, sd.family)
