@@ -20,6 +20,7 @@ from lora_pipeline.pipelines import (
     llm_training,
     merge,
     normalization,
+    reporting,
     training,
 )
 from lora_pipeline.subjects import project_subjects
@@ -43,6 +44,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipelines = {name: per_subject(module.create_pipeline(), subjects) for name, module in SUBJECT_STAGES.items()}
     pipelines.update({
         "generation": generation.create_pipeline(subjects=subjects),
+        "reporting": reporting.create_pipeline(subjects=subjects),
         "merge": merge.create_pipeline(),
         "llm_data": llm_data.create_pipeline(),
         "llm_training": llm_training.create_pipeline(),
@@ -50,7 +52,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "llm_eval": llm_eval.create_pipeline(),
         "llm_merge": llm_export.create_merge_pipeline(),
     })
-    image = ("captioning", "normalization", "training", "export", "evaluation", "generation")
+    image = ("captioning", "normalization", "training", "export", "evaluation", "reporting", "generation")
     llm = ("llm_data", "llm_training", "llm_export", "llm_eval")
     pipelines["data"] = pipelines["captioning"] + pipelines["normalization"]
     pipelines["image"] = sum((pipelines[n] for n in image), Pipeline([]))

@@ -120,3 +120,20 @@ def test_lora_name_at_version_pins_an_export(tmp_path):
     assert export_version(files["hero"]) == "2026-02-01T00.00.00.000Z"  # the newest
     with pytest.raises(ConfigError, match="no exported version '2026-09-09T00.00.00.000Z'.*2026-01-01.*2026-02-01"):
         resolve_loras([LoraRef("hero@2026-09-09T00.00.00.000Z", 1.0)], [tmp_path])
+
+
+def test_comparison_grid_covers_every_pair_of_three_subjects(tiny_models, two_loras, tmp_path):
+    from lora_pipeline.config import PromptSpec
+    from lora_pipeline.diffusion.generation import comparison_grid
+
+    base = load_diffusion_model(str(tiny_models["tiny-sd"]))
+    files = {**two_loras, "city": tmp_path / "city.safetensors"}
+    save_lora_file(files["city"], random_kohya_lora(base, 2, 4.0, 3), {})
+    pipe = _pipe(tiny_models)
+    pipe.set_progress_bar_config(disable=True)
+    load_stack(pipe, SD1, files)
+    spec = PromptSpec(prompt="a city <lora:char:0.6> <lora:bg:0.8> <lora:city:0.5>", steps=2, width=64, height=64)
+    refs = parse_prompt(spec.prompt)[1]
+    grid = comparison_grid(pipe, spec, refs, [0.0, 1.0], thumbnail=32)
+    # 3 rows of single LoRAs (2 weights), 1 row of the 3 pairs, 1 row with all: 5 rows, 3 columns
+    assert grid.size == (3 * 32, 5 * (32 + 18))

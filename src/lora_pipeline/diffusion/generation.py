@@ -130,7 +130,10 @@ def contact_sheet(images: Sequence[Image.Image], thumbnail: int, columns: int | 
 
 def comparison_grid(pipe, spec: PromptSpec, refs: Sequence[LoraRef], weights: Sequence[float],
                     thumbnail: int) -> Image.Image:
-    """Rows: each LoRA alone at each weight; last row: all LoRAs together at their prompt weights."""
+    """Rows: each LoRA alone at each weight; with three or more LoRAs, a row of every pair at their prompt
+    weights; last row: all LoRAs together."""
+    from itertools import combinations
+
     text, _ = parse_prompt(spec.prompt)
     label_h = 18
     cells: list[list[tuple[str, Image.Image]]] = []
@@ -140,6 +143,12 @@ def comparison_grid(pipe, spec: PromptSpec, refs: Sequence[LoraRef], weights: Se
             set_weights(pipe, {ref.name: weight})
             row.append((f"{ref.name} {weight:g}", render(pipe, text, spec, spec.seed)))
         cells.append(row)
+    if len(refs) > 2:
+        pairs = []
+        for a, b in combinations(refs, 2):
+            set_weights(pipe, {a.name: a.weight, b.name: b.weight})
+            pairs.append((f"{a.name} {a.weight:g} + {b.name} {b.weight:g}", render(pipe, text, spec, spec.seed)))
+        cells.append(pairs)
     set_weights(pipe, {r.name: r.weight for r in refs})
     cells.append([("all: " + ", ".join(f"{r.name} {r.weight:g}" for r in refs),
                    render(pipe, text, spec, spec.seed))])

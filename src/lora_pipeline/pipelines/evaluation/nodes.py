@@ -36,8 +36,9 @@ def evaluate_lora(
     training_summary: TrainingSummary,
     params: dict[str, Any],
     training_params: dict[str, Any],
-) -> tuple[str, dict[str, dict[str, float]]]:
-    """Denoising loss (train and held-out images) and optional CLIP figures, base vs LoRA; a markdown report."""
+) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
+    """Denoising loss (train and held-out images) and optional CLIP figures, base vs LoRA: a markdown report,
+    the figures for MLflow, and the same figures as plain numbers for the subjects report."""
     p = parse_params(EvaluationParams, params, "evaluation")
     t = parse_params(TrainingParams, training_params, "training")  # how to load the base: download, single file
     sd = load_diffusion_model(training_summary.base_model, training_summary.family, t.allow_download,
@@ -79,7 +80,7 @@ def evaluate_lora(
             mlflow.set_tag(f"{training_summary.output_name}.training_run_id", training_summary.mlflow_run_id)
         mlflow.log_text(report, f"evaluation/{training_summary.output_name}/report.md")
     logger.info("Evaluation: %s", ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
-    return report, as_mlflow_metrics({f"{k}": v for k, v in figures.items()})
+    return report, as_mlflow_metrics({f"{k}": v for k, v in figures.items()}), figures
 
 
 def _clip_figures(p: EvaluationParams, sd, scorer: ClipScorer, references, label: str) -> dict[str, float]:

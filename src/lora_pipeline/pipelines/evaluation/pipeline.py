@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 evaluate_lora,
                 ["normalized_images", "train_metadata", "latent_cache", "lora_kohya", "training_summary",
                  "params:evaluation", "params:training"],
-                ["evaluation_report", "evaluation_metrics"],
+                ["evaluation_report", "evaluation_metrics", "evaluation_figures"],
                 name="evaluate_lora",
             ),
         ]
