@@ -41,11 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("  no MLflow run carries this hash (another tracking URI? pass --tracking-uri)")
         return 1
+    import mlflow
+
     for run in runs:
         tags = run.data.tags
+        parent = mlflow.get_run(tags["mlflow.parentRunId"]) if "mlflow.parentRunId" in tags else run
         print(f"  export run      {run.info.run_id}  ({tags.get('mlflow.runName')}, started {run.info.start_time})")
-        print(f"  git commit      {tags.get('git_commit')}")
-        print(f"  kedro version   {tags.get('run_id')}  (every dataset this run saved has this version id)")
+        print(f"  kedro run       {parent.info.run_id}  ({parent.info.run_name})")
+        print(f"  git commit      {tags.get('git_commit') or parent.data.tags.get('git_commit')}")
+        print(f"  kedro version   {parent.data.tags.get('run_id')}  (every dataset this run saved has this version id)")
     return 0
 
 

@@ -33,6 +33,14 @@ SUBJECT_STAGES = {
 SHARED_DATASETS = {"caption_cache", "image_check_cache", "latent_cache"}
 
 
+def stage_of_node(node_name: str) -> str | None:
+    """The subject stage (``training`` ...) a node belongs to, by its name without the namespace."""
+    for stage, module in SUBJECT_STAGES.items():
+        if any(node.name == node_name for node in module.create_pipeline().nodes):
+            return stage
+    return None
+
+
 def per_subject(template: Pipeline, subjects: list[str]) -> Pipeline:
     """The stage once per subject, each under its namespace (datasets ``aki.captions``, ``params:aki.training``)."""
     shared = SHARED_DATASETS & template.datasets()

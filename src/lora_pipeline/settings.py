@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from lora_pipeline.hooks import SubjectFingerprintHook, ValidateParametersHook
+from lora_pipeline.hooks import SubjectFingerprintHook, SubjectStageRunsHook, ValidateParametersHook
 from lora_pipeline.subjects import SubjectsConfigLoader
 
 # kedro-mlflow registers its own hook through its plugin entry point.
-HOOKS = (ValidateParametersHook(), SubjectFingerprintHook())
+HOOKS = (ValidateParametersHook(), SubjectFingerprintHook(), SubjectStageRunsHook())
 
 # Kedro's OmegaConfigLoader plus per-subject parameters from conf/<env>/subjects.yml (see subjects.py).
 CONFIG_LOADER_CLASS = SubjectsConfigLoader

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from kedro_helpers import run
+from kedro_helpers import kedro_runs, run, stage_run
 from PIL import Image
 
 from lora_pipeline.core.files import sha256_file
@@ -51,15 +51,19 @@ def test_captioning_then_normalization(project):
         assert rotated.height > rotated.width
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["lora_pipeline"], order_by=["start_time DESC"])
-    assert len(runs) == 2
-    norm, cap = runs.iloc[0], runs.iloc[1]
-    assert norm["metrics.demo_lora.normalization.images_kept"] == len(kept)
-    assert norm["metrics.demo_lora.normalization.images_rejected"] == 3
-    assert norm["params.demo_lora.normalization.resolution"] == "128"
-    assert cap["metrics.demo_lora.captioning.reviewed"] == 1 and cap["metrics.demo_lora.captioning.auto_new"] > 0
-    assert cap["metrics.demo_stripes.captioning.sidecar"] == 8  # the second subject, in the same run
-    artifacts = mlflow.artifacts.list_artifacts(run_id=norm.run_id, artifact_path="demo_lora")
+    runs = kedro_runs(project)
+    assert len(runs) == 2  # two `kedro run`s, each with one MLflow run per subject and stage inside
+    norm_run, cap_run = runs
+    assert norm_run.data.params["demo_lora.normalization.resolution"] == "128"
+    norm = stage_run(project, norm_run, "demo_lora", "normalization").data.metrics
+    assert norm["demo_lora.normalization.images_kept"] == len(kept)
+    assert norm["demo_lora.normalization.images_rejected"] == 3
+    cap = stage_run(project, cap_run, "demo_lora", "captioning").data.metrics
+    assert cap["demo_lora.captioning.reviewed"] == 1 and cap["demo_lora.captioning.auto_new"] > 0
+    stripes = stage_run(project, cap_run, "demo_stripes", "captioning")
+    assert stripes.data.metrics["demo_stripes.captioning.sidecar"] == 8 and stripes.data.tags["subject"] == "demo_stripes"
+    norm_stage = stage_run(project, norm_run, "demo_lora", "normalization")
+    artifacts = mlflow.artifacts.list_artifacts(run_id=norm_stage.info.run_id, artifact_path="demo_lora")
     assert {"demo_lora/quality_report.csv", "demo_lora/dataset_info.json"} <= {a.path for a in artifacts}
 
     raw_after = {p.name: sha256_file(p) for p in (project / "data/01_raw").rglob("*") if p.is_file()}
@@ -83,8 +87,8 @@ def test_reviewed_caption_survives_rerun_and_new_images_are_the_only_ones_captio
     assert sha256_file(review) == review_hash
     assert len(first) + 2 == len(second)  # the earlier version is still on disk
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    last = mlflow.search_runs(experiment_names=["lora_pipeline"], order_by=["start_time DESC"]).iloc[0]
-    assert last["metrics.demo_lora.captioning.auto_new"] == 2  # only the two added images reached the captioner
+    last = stage_run(project, kedro_runs(project)[0], "demo_lora", "captioning").data.metrics
+    assert last["demo_lora.captioning.auto_new"] == 2  # only the two added images reached the captioner
 
     run(project, "normalization")
     metadata = pd.read_csv(project / "data/03_primary/demo_lora/dataset/metadata.csv", keep_default_na=False)

@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import mlflow
 import pytest
 from kedro_helpers import run
 
@@ -82,8 +83,15 @@ def test_lineage_from_a_lora_file_and_two_process_training(project):
     [version] = sorted((project / "data/07_model_output/demo_lora.safetensors").iterdir())
     lora_file = version / "demo_lora.safetensors"
     header, runs = lineage.find_runs(lora_file, f"sqlite:///{project / 'mlflow.db'}")
-    assert len(runs) == 1 and runs[0].data.tags["lora.demo_lora.dataset_hash"] == header["ss_dataset_hash"]
-    assert header["lora_pipeline.training_run_id"] == runs[0].info.run_id  # one `kedro run` trained and exported
+    [export_run] = runs  # the subject's export stage run
+    assert export_run.data.tags["lora.demo_lora.dataset_hash"] == header["ss_dataset_hash"]
+    assert (export_run.data.tags["subject"], export_run.data.tags["stage"]) == ("demo_lora", "export")
+    training = mlflow.get_run(header["lora_pipeline.training_run_id"])
+    assert training.data.tags["stage"] == "training"  # one `kedro run` trained and exported:
+    assert training.data.tags["mlflow.parentRunId"] == export_run.data.tags["mlflow.parentRunId"]
+    printed = subprocess.run([sys.executable, "-m", "lora_pipeline.lineage", str(lora_file)], cwd=project, env=ENV,
+                             capture_output=True, text=True, timeout=120).stdout
+    assert "export run" in printed and export_run.info.run_id in printed and "kedro version" in printed
 
     # Same training node under `accelerate launch` with two CPU processes (gloo).
     result = subprocess.run(

@@ -10,7 +10,7 @@ import mlflow
 import nbformat
 import numpy as np
 import torch
-from kedro_helpers import run
+from kedro_helpers import kedro_runs, run, stage_run
 from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 from PIL import Image
@@ -44,24 +44,32 @@ def test_default_pipeline_trains_exports_and_tracks(project, monkeypatch):
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     client = MlflowClient()
-    [last] = mlflow.search_runs(experiment_names=["lora_pipeline"], output_format="list")
+    [last] = kedro_runs(project)  # the `kedro run`: parameters; one MLflow run per subject and stage inside it
     assert last.data.params["demo_lora.training.lora_rank"] == "4"
-    assert len(last.data.params["demo_lora.training.dataset_hash"]) == 64
-    losses = [m.value for m in client.get_metric_history(last.info.run_id, "demo_lora.train.loss")]
+    training = stage_run(project, last, "demo_lora", "training")
+    assert training.data.tags["subject"] == "demo_lora" and training.data.tags["stage"] == "training"
+    assert len(training.data.params["demo_lora.training.dataset_hash"]) == 64
+    losses = [m.value for m in client.get_metric_history(training.info.run_id, "demo_lora.train.loss")]
     assert len(losses) == 30
     assert np.mean(losses[-10:]) < np.mean(losses[:10])  # the loss goes down
-    assert last.data.metrics["demo_lora.train.peak_memory_mb"] > 0
-    assert last.data.metrics["demo_lora.normalization.images_kept"] == 28
-    artifacts = {a.path for a in client.list_artifacts(last.info.run_id)}
-    assert {"samples", "lora", "demo_lora"} <= artifacts
-    assert "demo_lora/training_summary.json" in {a.path for a in client.list_artifacts(last.info.run_id, "demo_lora")}
-    samples = [a.path for a in client.list_artifacts(last.info.run_id, "samples/demo_lora")]
+    assert training.data.metrics["demo_lora.train.peak_memory_mb"] > 0
+    assert stage_run(project, last, "demo_lora", "normalization").data.metrics[
+        "demo_lora.normalization.images_kept"] == 28
+    artifacts = {a.path for a in client.list_artifacts(training.info.run_id)}
+    assert {"samples", "demo_lora"} <= artifacts
+    assert "demo_lora/training_summary.json" in {a.path for a in client.list_artifacts(training.info.run_id,
+                                                                                         "demo_lora")}
+    samples = [a.path for a in client.list_artifacts(training.info.run_id, "samples/demo_lora")]
     assert any(path.endswith(".png") for path in samples)
-    assert {a.path for a in client.list_artifacts(last.info.run_id, "lora")} >= {
-        "lora/demo_lora.safetensors", "lora/demo_lora_README.md", "lora/demo_stripes.safetensors"}
+    export = stage_run(project, last, "demo_lora", "export")
+    assert {a.path for a in client.list_artifacts(export.info.run_id, "lora")} >= {
+        "lora/demo_lora.safetensors", "lora/demo_lora_README.md"}
+    stripes_export = stage_run(project, last, "demo_stripes", "export")
+    assert "lora/demo_stripes.safetensors" in {a.path for a in client.list_artifacts(stripes_export.info.run_id,
+                                                                                     "lora")}
 
     # Evaluation: the LoRA lowers the fixed-noise denoising loss on its training images and on held-out ones.
-    evaluation = last.data.metrics
+    evaluation = stage_run(project, last, "demo_lora", "evaluation").data.metrics
     assert evaluation["demo_lora.evaluation.loss_train_lora"] < evaluation["demo_lora.evaluation.loss_train_base"]
     assert evaluation["demo_lora.evaluation.loss_holdout_lora"] < evaluation["demo_lora.evaluation.loss_holdout_base"]
     assert "demo_lora.evaluation.clip_score_lora" in evaluation and "demo_lora.evaluation.style_similarity_lora" in evaluation
@@ -95,8 +103,7 @@ def test_default_pipeline_trains_exports_and_tracks(project, monkeypatch):
         "generation/comparison_grid.png", "generation/contact_sheet.png"}
 
     run(project, "evaluation")  # the same figure on a second run
-    [again] = mlflow.search_runs(experiment_names=["lora_pipeline"], output_format="list", max_results=1,
-                                 order_by=["start_time DESC"])
+    again = stage_run(project, kedro_runs(project)[0], "demo_lora", "evaluation")
     assert again.data.metrics["demo_lora.evaluation.loss_train_lora"] == evaluation["demo_lora.evaluation.loss_train_lora"]
 
     # Merge: a diffusers folder and a WebUI single-file checkpoint of base + 0.8 * LoRA.
