@@ -58,6 +58,28 @@ def run_subjects(env: str | None, run_all: bool, runner: str | None) -> None:
         session.run(pipeline_names=["generation"], runner=SequentialRunner())
 
 
+@cli.command("import-kohya")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--subject", default=None, help="subject name (default: the config's output_name)")
+@click.option("--dry-run", is_flag=True, help="print the subjects.yml entry instead of writing it")
+@click.option("--conf", "conf_dir", default="conf/local", show_default=True, help="where subjects.yml is written")
+def import_kohya(config: str, subject: str | None, dry_run: bool, conf_dir: str) -> None:
+    """Turn a kohya sd-scripts / lora-scripts training TOML (or dataset config) into a subject here, and list
+    every key that has no equivalent, with the reason."""
+    from lora_pipeline.kohya_import import read_toml, translate, write_subject
+
+    result = translate(read_toml(config), subject)
+    if dry_run:
+        click.echo(result.yaml())
+    else:
+        path = write_subject(result, conf_dir)
+        click.echo(f"Wrote subject {result.subject} to {path}; run it with `kedro run --namespaces {result.subject}`.")
+    if result.unmapped:
+        click.echo(f"\nNot carried over ({len(result.unmapped)}):")
+        for key, reason in result.unmapped:
+            click.echo(f"  - {key}: {reason}")
+
+
 def kedro_run(*args, **kwargs):
     """Exactly ``kedro run`` (what ``python -m lora_pipeline`` always did)."""
     from kedro.framework.cli.utils import find_run_command
