@@ -135,7 +135,7 @@ batch_size = 4
     assert result.entry["normalization"]["resolution"] == 1024
     unmapped = dict(result.unmapped)
     assert "regularization" in unmapped["datasets.subsets.is_reg"]
-    assert ".caption" in unmapped["caption_extension"]
+    assert result.entry["captioning"] == {"caption_extension": ".caption"}
 
 
 def test_import_writes_subjects_yml_keeping_other_subjects(config, tmp_path):

@@ -40,7 +40,9 @@ class CaptioningParams(_Strict):
     max_new_tokens: int = Field(30, ge=1, le=512)
     trigger: str = ""
     template: str = "{trigger}, {caption}"
-    use_sidecars: bool = Field(True, description="kohya .txt files next to images win over auto captions.")
+    use_sidecars: bool = Field(True, description="kohya caption files next to images win over auto captions.")
+    caption_extension: str = Field(".txt", pattern=r"^\.[A-Za-z0-9_]+$",
+                                   description="the sidecar captions' extension, as kohya's caption_extension")
     clip_tags: ClipTagsParams = Field(default_factory=ClipTagsParams)
 
     @field_validator("template")

@@ -152,8 +152,8 @@ def translate(config: dict[str, Any], subject: str | None = None) -> KohyaImport
                         ("bucket_reso_steps", "bucket_step")):
         if (value := take(key)) is not None:
             normalization[target] = value
-    if (value := take("caption_extension")) is not None and value not in (".txt", "txt"):
-        unmapped.append(("caption_extension", f"only .txt sidecars are read yet, not {value}"))
+    if (value := take("caption_extension")) is not None:
+        captioning["caption_extension"] = value if str(value).startswith(".") else f".{value}"
     if (value := take("network_module")) is not None and value != "networks.lora":
         unmapped.append(("network_module", f"{value}: only plain LoRA (networks.lora) is trained here"))
     take("output_name")
@@ -175,6 +175,7 @@ def translate(config: dict[str, Any], subject: str | None = None) -> KohyaImport
     for key in sorted(c):
         unmapped.append((key, NO_EFFECT.get(key) or "not a known sd-scripts training key"))
         c.pop(key)
+    captioning.update(entry.pop("captioning", {}))
     entry.update({k: v for k, v in (("training", training), ("normalization", normalization),
                                     ("captioning", captioning)) if v})
     _check(name, entry)
@@ -210,9 +211,8 @@ def _dataset_config(datasets: list[dict[str, Any]], entry: dict[str, Any], train
         normalization["resolution"], note = _resolution(first["resolution"])
         if note:
             unmapped.append(("datasets.resolution", note))
-    if first.get("caption_extension", ".txt") not in (".txt", "txt"):
-        unmapped.append(("datasets.subsets.caption_extension",
-                         f"only .txt sidecars are read yet, not {first['caption_extension']}"))
+    if "caption_extension" in first:
+        entry.setdefault("captioning", {})["caption_extension"] = first["caption_extension"]
 
 
 def _check(name: str, entry: dict[str, Any]) -> None:

@@ -107,3 +107,17 @@ def test_captions_to_metadata_has_imagefolder_columns():
     captions = pd.DataFrame({"file_name": ["a.png"], "sha256": ["x"], "text": ["t"], "source": ["auto"],
                              "reviewed": [False], "auto_caption": ["t"]})
     assert nodes.captions_to_metadata(captions).to_dict("records") == [{"file_name": "a.png", "text": "t"}]
+
+
+def test_caption_extension_reads_kohya_caption_files(tmp_path):
+    from PIL import Image
+
+    from lora_pipeline.datasets.image_folder import ImageFolderDataset
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "a.caption").write_text("aki, red jacket\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("not this one\n", encoding="utf-8")
+    raw = ImageFolderDataset(str(tmp_path)).load()
+    assert nodes.scan_images(raw, None, {"backend": "sidecar", "caption_extension": ".caption"}).sidecar[0] == \
+        "aki, red jacket"
+    assert nodes.scan_images(raw).sidecar[0] == "not this one"  # .txt by default

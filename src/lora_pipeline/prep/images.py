@@ -39,12 +39,12 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     return names
 
 
-def read_sidecar(image_path: str | os.PathLike) -> str | None:
-    """The kohya caption next to an image (``a.png`` -> ``a.txt``), or None.
+def read_sidecar(image_path: str | os.PathLike, extension: str = ".txt") -> str | None:
+    """The kohya caption next to an image (``a.png`` -> ``a.txt``, or ``a.caption`` with that extension), or None.
 
     Raises ValueError for a file that is not UTF-8 (with a BOM it is fine), rather than guessing.
     """
-    sidecar = Path(image_path).with_suffix(".txt")
+    sidecar = Path(image_path).with_suffix(extension)
     if not sidecar.is_file():
         return None
     try:

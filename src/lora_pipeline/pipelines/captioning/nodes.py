@@ -27,16 +27,19 @@ logger = logging.getLogger(__name__)
 CAPTION_COLUMNS = ["file_name", "sha256", "text", "source", "reviewed", "auto_caption"]
 
 
-def scan_images(raw_images: ImageFolder, caption_cache: DiskCache | None = None) -> pd.DataFrame:
-    """One row per raw image: ``file_name``, content ``sha256``, ``has_sidecar`` and the kohya ``sidecar`` text.
+def scan_images(raw_images: ImageFolder, caption_cache: DiskCache | None = None,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+    """One row per raw image: ``file_name``, content ``sha256``, ``has_sidecar`` and the kohya ``sidecar`` text
+    (``captioning.caption_extension``, ``.txt`` by default).
 
     Hashes are remembered by (path, size, mtime), so a re-run hashes only new or changed files."""
+    extension = parse_params(CaptioningParams, params, "captioning").caption_extension if params else ".txt"
     paths = [raw_images.path(name) for name in raw_images.names]
     hashes = FileMemo(caption_cache, "sha256").map(sha256_file, paths, None, "hashing")
     rows = []
     for name, path, sha in zip(raw_images.names, paths, hashes):
         try:
-            sidecar = read_sidecar(path)
+            sidecar = read_sidecar(path, extension)
         except ValueError as exc:
             logger.warning("Ignoring the sidecar caption of %s: %s", name, exc)
             sidecar = None

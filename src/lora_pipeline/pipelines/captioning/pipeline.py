@@ -6,7 +6,8 @@ from lora_pipeline.pipelines.captioning.nodes import caption_images, captions_to
 def create_pipeline(**kwargs) -> Pipeline:
     return pipeline(
         [
-            node(scan_images, ["raw_images", "caption_cache"], "image_manifest", name="scan_images"),
+            node(scan_images, ["raw_images", "caption_cache", "params:captioning"], "image_manifest",
+                 name="scan_images"),
             node(
                 caption_images,
                 ["image_manifest", "reviewed_captions", "caption_cache", "raw_images", "params:captioning"],
