@@ -70,7 +70,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def _subject_name(raw: str) -> str:
-    name = re.sub(r"\W", "_", raw.strip()) or "imported"
+    name = re.sub(r"\W+", "_", raw.strip()).strip("_") or "imported"
     return name if re.match(SUBJECT_NAME, name) else f"lora_{name}"
 
 
@@ -225,7 +225,9 @@ def _check(name: str, entry: dict[str, Any]) -> None:
         unknown = set(entry.get(group, {})) - set(schema.model_fields)
         if unknown:
             raise ConfigError(f"import-kohya produced unknown {group} keys {sorted(unknown)}; please report this.")
-    assert set(entry) <= set(SubjectParams.model_fields)
+    if not set(entry) <= set(SubjectParams.model_fields):
+        raise ConfigError(f"import-kohya produced unknown subject keys {sorted(set(entry) - set(SubjectParams.model_fields))}; "
+                          f"please report this.")
 
 
 def write_subject(result: KohyaImport, conf_dir: str | Path) -> Path:

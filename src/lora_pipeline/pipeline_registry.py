@@ -7,6 +7,8 @@ is not per subject.
 
 from __future__ import annotations
 
+import functools
+
 from kedro.pipeline import Pipeline, pipeline
 
 from lora_pipeline.pipelines import (
@@ -33,12 +35,14 @@ SUBJECT_STAGES = {
 SHARED_DATASETS = {"caption_cache", "image_check_cache", "latent_cache"}
 
 
+@functools.lru_cache(maxsize=1)
+def _node_stages() -> dict[str, str]:
+    return {node.name: stage for stage, module in SUBJECT_STAGES.items() for node in module.create_pipeline().nodes}
+
+
 def stage_of_node(node_name: str) -> str | None:
     """The subject stage (``training`` ...) a node belongs to, by its name without the namespace."""
-    for stage, module in SUBJECT_STAGES.items():
-        if any(node.name == node_name for node in module.create_pipeline().nodes):
-            return stage
-    return None
+    return _node_stages().get(node_name)
 
 
 def per_subject(template: Pipeline, subjects: list[str]) -> Pipeline:

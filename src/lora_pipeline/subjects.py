@@ -134,7 +134,8 @@ def _raw_paths(catalog, name: str) -> list[Path]:
     """The files a subject's run reads from raw data: its image folder (sidecars included) and reviewed captions."""
     paths = []
     for dataset in (f"{name}.raw_images", f"{name}.reviewed_captions"):
-        described = catalog.get(dataset)._describe() if catalog.get(dataset) is not None else {}
+        found = catalog.get(dataset)
+        described = found._describe() if found is not None else {}
         location = Path(str(described.get("path") or described.get("filepath") or ""))
         if location.is_dir():
             paths += sorted(p for p in location.rglob("*") if p.is_file())
