@@ -13,7 +13,7 @@ def test_unknown_key_is_named_with_the_known_keys():
 
 
 def test_unknown_backend_lists_allowed_values():
-    with pytest.raises(ConfigError, match="'sidecar', 'blip' or 'clip_tags'"):
+    with pytest.raises(ConfigError, match="'sidecar', 'blip', 'clip_tags' or 'wd14'"):
         parse_params(CaptioningParams, {"backend": "gpt"}, "captioning")
 
 
@@ -41,9 +41,10 @@ def test_backends_that_need_a_model_say_so():
         parse_params(CaptioningParams, {"backend": "sidecar", "template": "{trigger}"}, "captioning")
 
 
-def test_validate_all_checks_only_known_groups():
-    out = validate_all({"normalization": {}, "something_else": {"x": 1}})
-    assert set(out) == {"normalization"}
+def test_validate_all_checks_known_groups_and_refuses_unknown_ones():
+    assert set(validate_all({"normalization": {}})) == {"normalization"}
+    with pytest.raises(ConfigError, match="something_else: unknown parameter group"):
+        validate_all({"normalization": {}, "something_else": {"x": 1}})
     with pytest.raises(ConfigError):
         validate_all({"captioning": {"backend": "sidecar", "batch_size": 0}})
 
@@ -61,3 +62,11 @@ def test_resolution_auto_follows_the_base_model_family(tiny_models):
     assert (explicit.resolution, explicit.bucket_min, explicit.bucket_max) == (768, 512, 1024)
     with pytest.raises(ConfigError, match="resolution is 1024.*explicitly"):
         NormalizationParams(bucket_max=768).sized(1024)
+
+
+def test_llm_errors_name_the_file_that_exists():
+    from lora_pipeline.config import LLMTrainingParams
+
+    with pytest.raises(ConfigError, match=r"conf/\*/parameters_llm\.yml") as info:
+        parse_params(LLMTrainingParams, {"base_model": "x", "init_adaptr": "latest"}, "llm_training")
+    assert "did you mean 'init_adapter'" in str(info.value)

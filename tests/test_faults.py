@@ -39,6 +39,10 @@ KILL_SCRIPT = textwrap.dedent("""
     from lora_pipeline.core.cache import DiskCache
     from lora_pipeline.diffusion.loading import load_diffusion_model
     from lora_pipeline.diffusion.training import Example, train
+    import time, torch
+    # Pace the steps so the parent's kill (at most 0.6 s after the first checkpoint) lands before the run
+    # finishes on any machine: the tiny model alone trains 20 steps in under a second.
+    torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: time.sleep(0.1))
     args = json.loads(sys.argv[1])
     params = TrainingParams(**args["params"])
     examples = [Example(Path(e[0]), e[1], e[2], e[3], e[4]) for e in args["examples"]]
@@ -99,7 +103,7 @@ def test_full_disk_while_saving_keeps_the_earlier_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(files_module.os, "fsync", full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=f"no space left on {tmp_path} while writing hero.safetensors"):
         save_lora_file(target, {"lora_unet_x.alpha": torch.tensor(2.0)}, {"v": "2"})
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hero.safetensors"]
@@ -152,8 +156,9 @@ def test_bad_image_files_become_report_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 700x700 = 490k > 2x the limit: a "bomb"
     checks = inspect_images(ImageFolderDataset(str(tmp_path)).load(), {"min_size": 64}).set_index("file_name")
     assert checks.loc["good.png"].status == "kept"
-    for name in ("empty.png", "truncated.png", "bomb.png"):
+    for name in ("truncated.png", "bomb.png"):
         assert checks.loc[name].reason_code == "corrupt", name
+    assert checks.loc["empty.png"].reason_code == "empty" and "0 bytes" in checks.loc["empty.png"].reason
     assert "DecompressionBomb" in checks.loc["bomb.png"].reason
 
 
@@ -161,8 +166,9 @@ def test_non_utf8_caption_and_non_image_folders(tmp_path, caplog):
     Image.new("RGB", (600, 600)).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes("caf\xe9 latin-1".encode("latin-1"))
     manifest = scan_images(ImageFolderDataset(str(tmp_path)).load())
-    assert not manifest.iloc[0].has_sidecar
-    assert "a.txt is not UTF-8" in caplog.text
+    # read with the detected encoding, and flagged for a look (never silently replaced by an auto caption)
+    assert manifest.iloc[0].has_sidecar and manifest.iloc[0].sidecar == "café latin-1"
+    assert "not UTF-8" in manifest.iloc[0].sidecar_note and "not UTF-8" in caplog.text
     only_text = tmp_path / "texts"
     only_text.mkdir()
     (only_text / "notes.txt").write_text("x")
@@ -260,3 +266,51 @@ def test_one_run_per_subject_and_a_stale_lock_is_taken_over(tiny_models, tiny_ex
     result = train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
                    dataset_hash="d")  # the dead holder's lock file is taken over
     assert result.steps == 2 and list(subject.glob("run-*/checkpoint-*"))
+
+
+def test_runs_left_running_by_a_killed_process_are_closed_on_the_next_start(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from lora_pipeline.pipelines.metrics import close_abandoned_runs, process_tags
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("x")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    client = MlflowClient()
+    killed = client.create_run(experiment, tags={**process_tags(), "lora_pipeline.pid": dead.stdout.strip()})
+    alive = client.create_run(experiment, tags=process_tags())  # this very process
+    elsewhere = client.create_run(experiment, tags={"lora_pipeline.host": "another-machine", "lora_pipeline.pid": "1"})
+    assert close_abandoned_runs([experiment]) == [killed.info.run_id]
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    assert {client.get_run(r.info.run_id).info.status for r in (alive, elsewhere)} == {"RUNNING"}
+
+
+SIGTERM_SCRIPT = """
+import os, signal, sys, mlflow
+from lora_pipeline.pipelines.metrics import StepMetricsLogger
+mlflow.set_tracking_uri(sys.argv[1])
+mlflow.set_experiment("sigterm")
+with mlflow.start_run() as run:
+    print(run.info.run_id, flush=True)
+    with StepMetricsLogger("t", flush_seconds=3600) as log:
+        for step in range(5):
+            log({"loss": 1.0 / (step + 1)}, step)
+        os.kill(os.getpid(), signal.SIGTERM)
+        sys.exit("not reached")
+"""
+
+
+def test_sigterm_writes_the_buffered_step_metrics(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # no experiment from earlier tests
+    result = subprocess.run([sys.executable, "-c", SIGTERM_SCRIPT, uri], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 128 + 15, result.stderr[-2000:]
+    mlflow.set_tracking_uri(uri)
+    run_id = result.stdout.split()[0]
+    assert len(MlflowClient().get_metric_history(run_id, "t.loss")) == 5
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"

@@ -21,7 +21,7 @@ pretrained_model_name_or_path = "./sd-models/model.safetensors"
 
 [dataset_arguments]
 train_data_dir = "{train}"
-reg_data_dir = ""
+reg_data_dir = "{reg}"
 resolution = "768,512"
 enable_bucket = true
 min_bucket_reso = 256
@@ -49,7 +49,7 @@ cache_latents = true
 prior_loss_weight = 1.0
 min_snr_gamma = 5
 noise_offset = 0.05
-flip_aug = false
+flip_aug = true
 
 [network_arguments]
 network_module = "networks.lora"
@@ -59,7 +59,8 @@ network_dropout = 0.1
 network_train_unet_only = false
 
 [optimizer_arguments]
-optimizer_type = "AdamW8bit"
+optimizer_type = "Prodigy"
+optimizer_args = ["weight_decay=0.01", "betas=0.9,0.99", "use_bias_correction=True"]
 learning_rate = 1e-4
 unet_lr = 2e-4
 text_encoder_lr = 5e-5
@@ -74,7 +75,9 @@ def config(tmp_path) -> Path:
     train = tmp_path / "train"
     (train / "10_aki").mkdir(parents=True)
     path = tmp_path / "aki.toml"
-    path.write_text(LORA_SCRIPTS_TOML.format(train=train.as_posix()), encoding="utf-8")
+    (tmp_path / "reg" / "1_woman").mkdir(parents=True)
+    path.write_text(LORA_SCRIPTS_TOML.format(train=train.as_posix(), reg=(tmp_path / "reg").as_posix()),
+                    encoding="utf-8")
     return path
 
 
@@ -83,28 +86,33 @@ def test_realistic_lora_scripts_config_maps_every_value(config):
     assert result.subject == "aki_v2"  # a valid namespace and <lora:NAME>
     entry = result.entry
     assert entry["base_model"] == "./sd-models/model.safetensors" and entry["images"].endswith("/train")
+    assert entry["reg_images"].endswith("/reg")
     assert entry["training"] == {
         "seed": 1337, "batch_size": 2, "epochs": 10, "lora_rank": 32, "alpha": 16, "dropout": 0.1,
         "text_encoder_lr": 5e-5, "lr_warmup_steps": 50, "min_snr_gamma": 5, "noise_offset": 0.05,
         "gradient_checkpointing": True, "gradient_accumulation_steps": 2, "max_grad_norm": 1.0,
-        "shuffle_tags": True, "keep_tokens": 1, "cache_latents": True, "learning_rate": 2e-4,
-        "mixed_precision": "bf16", "optimizer": "adamw8bit", "lr_scheduler": "cosine_with_restarts",
-        "train_text_encoder": True}
-    # 768x512 has the bucket area of a 576 px square (multiples of 64)
-    assert entry["normalization"] == {"resolution": 576, "mode": "buckets", "bucket_min": 256, "bucket_max": 1024,
-                                      "bucket_step": 64}
+        "shuffle_tags": True, "keep_tokens": 1, "cache_latents": True, "save_every_n_epochs": 2,
+        "lr_scheduler_num_cycles": 3, "prior_loss_weight": 1.0, "clip_skip": 2, "flip_aug": True,
+        "learning_rate": 2e-4, "mixed_precision": "bf16", "optimizer": "prodigy",
+        "optimizer_args": {"weight_decay": 0.01, "betas": (0.9, 0.99), "use_bias_correction": True},
+        "lr_scheduler": "cosine_with_restarts", "train_text_encoder": True}
+    assert entry["normalization"] == {"resolution": [768, 512], "mode": "buckets", "bucket_min": 256,
+                                      "bucket_max": 1024, "bucket_step": 64}
     unmapped = dict(result.unmapped)
-    for key in ("clip_skip", "save_every_n_epochs", "lr_scheduler_num_cycles", "prior_loss_weight", "train_data_dir",
-                "pretrained_model_name_or_path", "resolution", "output_dir", "xformers", "save_model_as", "v2"):
+    for key in ("pretrained_model_name_or_path", "output_dir", "xformers", "save_model_as", "v2"):
         assert unmapped.get(key), key
-    assert "repeats and class tokens" in unmapped["train_data_dir"]
-    assert "flip_aug" not in unmapped and "reg_data_dir" not in unmapped  # false / empty: nothing is lost
+    for key in ("clip_skip", "flip_aug", "save_every_n_epochs", "lr_scheduler_num_cycles", "prior_loss_weight",
+                "train_data_dir", "reg_data_dir", "resolution", "optimizer_type", "optimizer_args"):
+        assert key not in unmapped, key  # carried over
     # the entry is a valid subject whose merged parameters pass the run's own validation
     subject = parse_subjects({"subjects": {result.subject: entry}})[result.subject]
     params = subject_parameters({"training": {"base_model": "x"}}, result.subject, subject)
     from lora_pipeline.config import TrainingParams
 
     assert TrainingParams(**params["training"]).lora_rank == 32
+    from lora_pipeline.config import NormalizationParams
+
+    assert NormalizationParams(**params["normalization"]).size == (768, 512)
 
 
 def test_dataset_config_subsets_and_flat_configs(tmp_path):
@@ -133,8 +141,7 @@ batch_size = 4
     assert result.entry["training"]["repeats"] == 10 and result.entry["training"]["keep_tokens"] == 2
     assert result.entry["training"]["batch_size"] == 4 and result.entry["training"]["shuffle_tags"] is True
     assert result.entry["normalization"]["resolution"] == 1024
-    unmapped = dict(result.unmapped)
-    assert "regularization" in unmapped["datasets.subsets.is_reg"]
+    assert result.entry["reg_images"] == "/data/reg/woman"
     assert result.entry["captioning"] == {"caption_extension": ".caption"}
 
 
@@ -154,7 +161,7 @@ def test_cli_dry_run_prints_the_entry_and_the_reasons(config, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     printed = yaml.safe_load(result.stdout.split("\nNot carried over")[0])
     assert printed["subjects"]["aki_v2"]["training"]["lora_rank"] == 32
-    assert "clip_skip: clip_skip is not applied yet" in result.stdout
+    assert "output_dir: outputs go to data/07_model_output" in result.stdout
     assert not (tmp_path / "conf").exists()  # a dry run writes nothing
 
 

@@ -1,6 +1,9 @@
 """``lora-pipeline``: helpers around the Kedro project.
 
     lora-pipeline run [--env E] [--all] [--runner R]   train only the subjects whose data or parameters changed
+    lora-pipeline generate "PROMPT <lora:a:0.8>" ...   one prompt through the generation stage
+    lora-pipeline import-kohya CONFIG.toml              a kohya / lora-scripts config becomes a subject
+    lora-pipeline lineage FILE                          from a LoRA file back to its MLflow runs and data
     python -m lora_pipeline [kedro run options]         exactly ``kedro run``
 """
 
@@ -78,6 +81,49 @@ def import_kohya(config: str, subject: str | None, dry_run: bool, conf_dir: str)
         click.echo(f"\nNot carried over ({len(result.unmapped)}):")
         for key, reason in result.unmapped:
             click.echo(f"  - {key}: {reason}")
+
+
+@cli.command("generate")
+@click.argument("prompt")
+@click.option("--negative", default=None, help="negative prompt")
+@click.option("--seed", type=int, default=None)
+@click.option("--steps", type=int, default=None, help="sampling steps")
+@click.option("--count", type=int, default=None, help="images for this prompt (seed, seed+1, ...)")
+@click.option("--guidance", type=float, default=None, help="CFG scale")
+@click.option("--width", type=int, default=None)
+@click.option("--height", type=int, default=None)
+@click.option("--clip-skip", type=click.IntRange(1, 2), default=None, help="WebUI's CLIP skip (default: the LoRA's)")
+@click.option("--env", "-e", default=None, help="Kedro configuration environment (default: local)")
+def generate_command(prompt: str, negative: str | None, seed: int | None, steps: int | None, count: int | None,
+                     guidance: float | None, width: int | None, height: int | None, clip_skip: int | None,
+                     env: str | None) -> None:
+    """Render one WebUI-style PROMPT (commas and <lora:name:weight> tags welcome) with the generation stage;
+    the images land in a new version folder of data/07_model_output/generated/."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    defaults = {key: value for key, value in {
+        "negative_prompt": negative, "seed": seed, "steps": steps, "count": count, "guidance": guidance,
+        "width": width, "height": height, "clip_skip": clip_skip}.items() if value is not None}
+    # Passed as a nested dict: `kedro run --params` would split the prompt at its commas.
+    runtime = {"generation": {"prompt": prompt, **({"defaults": defaults} if defaults else {})}}
+    bootstrap_project(Path.cwd())
+    with KedroSession.create(env=env, runtime_params=runtime) as session:
+        session.run(pipeline_names=["generation"])
+        store = session.load_context().catalog.get("generated_images")
+    root = Path(store._describe()["filepath"]) if store is not None else None
+    if root is not None and root.is_dir():  # Kedro versions live in <filepath>/<version>/<name>
+        click.echo(f"Images: {max(root.iterdir(), key=lambda p: p.name) / root.name}")
+
+
+@cli.command("lineage", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lineage_command(args: tuple[str, ...]) -> None:
+    """From an exported LoRA file back to the MLflow runs, dataset and git commit that made it
+    (same as ``python -m lora_pipeline.lineage``; --help there lists the options)."""
+    from lora_pipeline.lineage import main as lineage_main
+
+    sys.exit(lineage_main(list(args)))
 
 
 def kedro_run(*args, **kwargs):

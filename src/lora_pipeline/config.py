@@ -31,8 +31,16 @@ class ClipTagsParams(_Strict):
         return value
 
 
+class WD14Params(_Strict):
+    general_threshold: float = Field(0.35, ge=0.0, le=1.0)
+    character_threshold: float = Field(0.85, ge=0.0, le=1.0)
+    exclude_tags: list[str] = Field(default_factory=list, description="tags never written (e.g. 'simple background')")
+    underscores_to_spaces: bool = True
+    escape_parentheses: bool = Field(True, description="'(' -> '\\(' so WebUI does not read them as weights")
+
+
 class CaptioningParams(_Strict):
-    backend: Literal["sidecar", "blip", "clip_tags"] = "blip"
+    backend: Literal["sidecar", "blip", "clip_tags", "wd14"] = "blip"
     model: str | None = Field(None, description="Local folder or hub id of the captioning model.")
     allow_download: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -44,6 +52,8 @@ class CaptioningParams(_Strict):
     caption_extension: str = Field(".txt", pattern=r"^\.[A-Za-z0-9_]+$",
                                    description="the sidecar captions' extension, as kohya's caption_extension")
     clip_tags: ClipTagsParams = Field(default_factory=ClipTagsParams)
+    wd14: WD14Params = Field(default_factory=WD14Params, description="backend: wd14 (a WD tagger: model.onnx + "
+                             "selected_tags.csv)")
 
     @field_validator("template")
     @classmethod
@@ -67,6 +77,8 @@ class CaptioningParams(_Strict):
             fields["max_new_tokens"] = self.max_new_tokens
         if self.backend == "clip_tags":
             fields["clip_tags"] = self.clip_tags.model_dump()
+        if self.backend == "wd14":
+            fields["wd14"] = self.wd14.model_dump()
         return fields
 
 
@@ -83,15 +95,19 @@ FamilyName = Literal["auto", "sd1", "sdxl"]
 class NormalizationParams(_Strict):
     min_size: int = Field(512, ge=8, le=16384, description="Shortest side an input image must have.")
     mode: Literal["buckets", "crop"] = "buckets"
-    resolution: int | Literal["auto"] = Field(
-        "auto", description="Square side (crop) or bucket area side; auto: the base model family's native size "
-                            "(SD1.x 512, SDXL 1024)")
+    resolution: int | Literal["auto"] | tuple[int, int] = Field(
+        "auto", description="Square side, or 'W,H' / [W, H] as kohya's resolution: the crop size, or the bucket "
+                            "area W*H; auto: the base model family's native size (SD1.x 512, SDXL 1024)")
     bucket_min: int | None = Field(None, ge=64, le=4096, description="null: resolution / 2")
     bucket_max: int | None = Field(None, ge=64, le=8192, description="null: resolution * 2")
     bucket_step: int = Field(64, ge=8, le=512)
     base_model: str | None = Field(None, description="the training base, read only for resolution: auto")
     base_model_family: FamilyName = "auto"
     subject: str = Field("", description="set per subject from subjects.yml; names the MLflow artifacts")
+    kohya_folders: bool = Field(True, description="read kohya's N_concept sub-folders as N repeats of class token "
+                                "'concept'; false: folder names are plain names")
+    reg_caption_extension: str = Field(".txt", pattern=r"^\.[A-Za-z0-9_]+$",
+                                       description="caption files of regularization images (else their class token)")
     background: tuple[int, int, int] = (255, 255, 255)
     near_duplicates: bool = False
     near_duplicate_distance: int = Field(4, ge=0, le=64, description="Max perceptual-hash Hamming distance.")
@@ -106,12 +122,34 @@ class NormalizationParams(_Strict):
             raise ValueError("each channel must be between 0 and 255")
         return value
 
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution_pair(cls, value: Any) -> Any:
+        if isinstance(value, str) and "," in value:  # kohya writes "768,512"
+            try:
+                value = [int(part) for part in value.split(",")]
+            except ValueError:
+                raise ValueError("must be 'auto', one size, or 'W,H' such as '768,512'") from None
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+            value = value[0]
+        return value
+
     @field_validator("resolution")
     @classmethod
-    def _resolution_range(cls, value: int | str) -> int | str:
-        if value != "auto" and not 64 <= value <= 4096:
-            raise ValueError("must be 'auto' or between 64 and 4096")
+    def _resolution_range(cls, value: Any) -> Any:
+        sides = value if isinstance(value, tuple) else (value,)
+        if value != "auto" and not all(64 <= side <= 4096 for side in sides):
+            raise ValueError("must be 'auto', or sizes between 64 and 4096")
         return value
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the base resolution (square unless written as W,H)."""
+        if isinstance(self.resolution, tuple):
+            return self.resolution
+        return int(self.resolution), int(self.resolution)
 
     @model_validator(mode="after")
     def _buckets_consistent(self) -> "NormalizationParams":
@@ -122,17 +160,18 @@ class NormalizationParams(_Strict):
         low, high = self.bucket_bounds()
         if low > high:
             raise ValueError(f"bucket_min ({low}) must not exceed bucket_max ({high})")
-        for key, value in (("resolution", self.resolution), ("bucket_min", low), ("bucket_max", high)):
+        for key, value in (("resolution", self.size[0]), ("resolution", self.size[1]), ("bucket_min", low),
+                           ("bucket_max", high)):
             if value % self.bucket_step:
                 raise ValueError(f"{key} ({value}) must be a multiple of bucket_step ({self.bucket_step})")
-        if not low <= self.resolution <= high:
+        if not all(low <= side <= high for side in self.size):
             raise ValueError("resolution must lie between bucket_min and bucket_max")
         return self
 
     def bucket_bounds(self) -> tuple[int, int]:
-        res = int(self.resolution)
-        return (self.bucket_min or max(self.bucket_step, res // 2 // self.bucket_step * self.bucket_step),
-                self.bucket_max or res * 2)
+        short, long = min(self.size), max(self.size)
+        return (self.bucket_min or max(self.bucket_step, short // 2 // self.bucket_step * self.bucket_step),
+                self.bucket_max or long * 2)
 
     def sized(self, native_resolution: int) -> "NormalizationParams":
         """A copy with concrete sizes: ``auto`` becomes the family's native resolution, null bounds derived."""
@@ -173,6 +212,7 @@ class TrainingParams(_Strict):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
+    lr_scheduler_num_cycles: int = Field(1, ge=1, le=1000, description="restarts of cosine_with_restarts")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_grad_norm: float = Field(1.0, ge=0.0)
     seed: int = Field(42, ge=0, lt=2**31)
@@ -183,10 +223,20 @@ class TrainingParams(_Strict):
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     shuffle_tags: bool = False
     keep_tokens: int | None = Field(None, ge=0, description="None: the value normalization recorded")
-    repeats: int = Field(1, ge=1, le=1000)
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    repeats: int = Field(1, ge=1, le=1000, description="times each image is seen per epoch, times its folder's N_")
+    prior_loss_weight: float = Field(1.0, ge=0.0, le=100.0, description="loss weight of regularization images "
+                                     "(DreamBooth prior preservation, kohya's prior_loss_weight)")
+    clip_skip: int = Field(1, ge=1, le=2, description="1: last CLIP layer; 2: penultimate (WebUI 'Clip skip'), "
+                           "SD1.x only")
+    flip_aug: bool = Field(False, description="train on horizontally mirrored copies too (caches both latents)")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "lion", "adafactor"] = "adamw"
+    optimizer_args: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the "
+                                           "optimizer, as kohya's optimizer_args (e.g. {weight_decay: 0.01})")
     cache_latents: bool = Field(True, description="encode each image once (disk cache) instead of every step")
-    save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end (a run shorter "
+                            "than save_steps saves at its end)")
+    save_every_n_epochs: int = Field(0, ge=0, description="checkpoint at the end of every N epochs (kohya's); "
+                                     "with save_steps, both")
     keep_checkpoints: int = Field(3, ge=1)
     checkpoint_dir: str = "data/06_models/checkpoints"
     resume: str = Field("none", description="none | auto | latest | <checkpoint folder>")
@@ -204,11 +254,6 @@ class TrainingParams(_Strict):
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs (about 2x; loss differs ~1e-3)")
     log_every_steps: int = Field(1, ge=1, description="loss read-back + MLflow log interval; 10+ on a GPU")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "TrainingParams":
-        if self.save_steps and self.max_steps and self.save_steps > self.max_steps:
-            raise ValueError(f"save_steps ({self.save_steps}) is larger than max_steps ({self.max_steps})")
-        return self
 
 
 class ExportParams(_Strict):
@@ -228,6 +273,7 @@ class PromptSpec(_Strict):
     width: int = Field(512, ge=64, le=4096, multiple_of=8)
     height: int = Field(512, ge=64, le=4096, multiple_of=8)
     count: int = Field(1, ge=1, le=64)
+    clip_skip: int | None = Field(None, ge=1, le=2, description="WebUI's Clip skip; null: the LoRA's ss_clip_skip")
 
 
 class GenerationParams(_Strict):
@@ -275,6 +321,12 @@ class LLMDataParams(_Strict):
     overlong: Literal["truncate", "reject"] = "truncate"
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = Field(42, ge=0)
+    split_salt: str | None = Field(None, description="salt of the prompt hash that picks validation examples; "
+                                   "null: the seed. Changing it reshuffles the split")
+
+    @property
+    def salt(self) -> str:
+        return self.split_salt if self.split_salt is not None else str(self.seed)
 
 
 class LLMTrainingParams(_Strict):
@@ -303,6 +355,9 @@ class LLMTrainingParams(_Strict):
     keep_checkpoints: int = Field(3, ge=1)
     checkpoint_dir: str = "data/06_models/checkpoints"
     resume: str = "none"
+    init_adapter: str | None = Field(None, description="continue from an earlier adapter: 'latest' (the newest "
+                                     "export of output_name) or a PEFT adapter folder; null: a new adapter")
+    export_dir: str = Field("data/07_model_output", description="where init_adapter: latest looks for exports")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     log_every_steps: int = Field(1, ge=1, description="loss read-back + MLflow log interval; 10+ on a GPU")
 
@@ -328,6 +383,8 @@ class SubjectParams(_Strict):
     base_model_family: FamilyName | None = None
     images: str | None = Field(None, description="raw image folder; default data/01_raw/<subject>/images")
     reviewed_captions: str | None = Field(None, description="default data/01_raw/<subject>/reviewed_captions.csv")
+    reg_images: str | None = Field(None, description="kohya reg_data_dir: class images for prior preservation; "
+                                   "default data/01_raw/<subject>/reg (optional)")
     captioning: dict[str, Any] = Field(default_factory=dict)
     normalization: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
@@ -369,6 +426,7 @@ SCHEMAS: dict[str, type[_Strict]] = {
 }
 
 P = TypeVar("P", bound=BaseModel)
+PARAMETER_FILES = {"llm_data": "llm", "llm_training": "llm", "llm_eval": "llm"}  # groups that share a file
 
 
 def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
@@ -406,7 +464,7 @@ def parse_params(schema: type[P], raw: Mapping[str, Any] | None, group: str) -> 
             subject, shared = group.split(".", 1)
             where = f"conf/*/parameters_{shared}.yml or subject '{subject}' in conf/*/subjects.yml"
         else:
-            where = f"conf/*/parameters_{group}.yml"
+            where = f"conf/*/parameters_{PARAMETER_FILES.get(group, group)}.yml"
         raise ConfigError(
             f"Invalid parameters in {where}:\n{problems}\n"
             f"Known keys of '{group}': {allowed}. Fix the file (or your override in conf/local/) and re-run."
@@ -415,7 +473,17 @@ def parse_params(schema: type[P], raw: Mapping[str, Any] | None, group: str) -> 
 
 def validate_all(parameters: Mapping[str, Any], subjects: Mapping[str, Any] = ()) -> dict[str, BaseModel]:
     """Validate every known parameter group that is present, and each subject's copy of its groups
-    (``aki.training``); used by a hook before any node runs."""
+    (``aki.training``); used by a hook before any node runs. An unknown top-level group (``trainning:``) is an
+    error too: its settings would otherwise be ignored without a word."""
+    unknown = [key for key in parameters if key not in SCHEMAS and key not in subjects]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), [*SCHEMAS, *subjects], n=1)
+            hints.append(f"  - {key}: unknown parameter group" + (f"; did you mean '{close[0]}'?" if close else ""))
+        raise ConfigError("Invalid parameters in conf/*/parameters*.yml (or --params):\n" + "\n".join(hints) +
+                          f"\nKnown groups: {', '.join(SCHEMAS)}, and the subjects of subjects.yml "
+                          f"({', '.join(subjects) or 'none'}). Rename or remove the group and re-run.")
     validated = {group: parse_params(schema, parameters[group], group)
                  for group, schema in SCHEMAS.items() if group in parameters}
     for name in subjects:

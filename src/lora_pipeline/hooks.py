@@ -7,18 +7,46 @@ import logging
 from kedro.framework.hooks import hook_impl
 
 from lora_pipeline.config import validate_all
+from lora_pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
+def _flatten(values, prefix: str = ""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 class ValidateParametersHook:
-    """Validate every parameter group before the first node runs, so a typo costs seconds, not a GPU hour."""
+    """Validate every parameter group before the first node runs, so a typo costs seconds, not a GPU hour;
+    then check the files and folders that the groups of this run name (base models, init LoRAs, LoRA folders)."""
 
     @hook_impl
     def after_context_created(self, context) -> None:
+        from lora_pipeline.quiet import install
+
+        install()  # again: Kedro's logging setup resets child loggers' levels after settings.py ran
         subjects = context.config_loader.subjects() if hasattr(context.config_loader, "subjects") else {}
-        validated = validate_all(context.params, subjects)
-        logger.info("Parameters valid: %s", ", ".join(sorted(validated)) or "none to check")
+        try:
+            self._validated = validate_all(context.params, subjects)
+        except ConfigError as exc:
+            runtime = getattr(context.config_loader, "runtime_params", None) or {}
+            if not runtime:
+                raise
+            given = ", ".join(f"{key}={value}" for key, value in _flatten(runtime))
+            raise ConfigError(f"{exc.message}\nNote: --params on the command line set {given}; a value given there "
+                              f"wins over the files, so check it first.") from None
+        logger.info("Parameters valid: %s", ", ".join(sorted(self._validated)) or "none to check")
+
+    @hook_impl
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        from lora_pipeline.preflight import check_inputs
+
+        used = {name.removeprefix("params:") for name in pipeline.inputs() if name.startswith("params:")}
+        check_inputs({group: p for group, p in getattr(self, "_validated", {}).items() if group in used})
 
 
 class SubjectFingerprintHook:
@@ -57,6 +85,16 @@ class SubjectFingerprintHook:
         self._pending = {}
 
 
+def runner_name(runner) -> str:
+    """``SequentialRunner`` for a runner object, its repr (``<kedro.runner...SequentialRunner object at 0x..>``)
+    or its name."""
+    if runner is None or runner in ("", "None"):  # Kedro's default when no runner is given
+        return "SequentialRunner"
+    if not isinstance(runner, str):
+        return type(runner).__name__
+    return runner.strip("<>").split()[0].rsplit(".", 1)[-1]
+
+
 class SubjectStageRunsHook:
     """One MLflow run per subject and stage (``demo_lora.training``), nested under kedro-mlflow's run of the
     ``kedro run`` and tagged ``subject`` / ``stage``: what a node logs, and the metric datasets it saves, go there.
@@ -78,11 +116,25 @@ class SubjectStageRunsHook:
         return (node.namespace.split(".")[0], stage) if stage else None
 
     @hook_impl
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        self._runner, self._runner_tagged = runner_name(run_params.get("runner")), False
+
+    @hook_impl
     def before_node_run(self, node, catalog, inputs, is_async, run_id) -> None:
         import mlflow
 
         where = self._stage_of(node)
         parent = mlflow.active_run()
+        if parent is not None and getattr(self, "_runner", None) and not getattr(self, "_runner_tagged", False) \
+                and "mlflow.parentRunId" not in parent.data.tags:
+            from lora_pipeline.pipelines.metrics import close_abandoned_runs, process_tags
+
+            # kedro-mlflow tags the run with the runner object's repr; a name is what people filter on
+            mlflow.set_tags({"runner": self._runner, **process_tags()})
+            self._runner_tagged = True
+            for run_id in close_abandoned_runs([parent.info.experiment_id]):
+                logger.warning("MLflow run %s was left RUNNING by a process that no longer exists (killed?); "
+                               "marked KILLED.", run_id)
         if where is None or parent is None:
             return
         subject, stage = where
@@ -94,7 +146,10 @@ class SubjectStageRunsHook:
         if found:
             mlflow.start_run(run_id=found[0].info.run_id, nested=True)
         else:
-            mlflow.start_run(run_name=f"{subject}.{stage}", nested=True, tags={"subject": subject, "stage": stage})
+            from lora_pipeline.pipelines.metrics import process_tags
+
+            mlflow.start_run(run_name=f"{subject}.{stage}", nested=True,
+                             tags={"subject": subject, "stage": stage, **process_tags()})
         self._open[node.name] = set(node.outputs)
 
     @hook_impl

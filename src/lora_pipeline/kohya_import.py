@@ -8,7 +8,7 @@ nothing is dropped silently.
 
 from __future__ import annotations
 
-import math
+import ast
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,8 @@ import tomllib
 from lora_pipeline.config import SUBJECT_NAME, CaptioningParams, NormalizationParams, SubjectParams, TrainingParams
 from lora_pipeline.errors import ConfigError
 
-OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit"}
+OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "lion": "lion",
+              "adafactor": "adafactor"}
 SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"}
 PRECISION = {"no": "no", "fp16": "fp16", "bf16": "bf16", "float": "no"}
 # Keys that only steer kohya's own process or files: there is nothing to carry over.
@@ -74,14 +75,23 @@ def _subject_name(raw: str) -> str:
     return name if re.match(SUBJECT_NAME, name) else f"lora_{name}"
 
 
-def _resolution(value: Any) -> tuple[int, str | None]:
-    """kohya's ``resolution`` ("512", 512, "768,512"): buckets here have area resolution², so W,H maps to the
-    side of the same area."""
+def _resolution(value: Any) -> int | list[int]:
+    """kohya's ``resolution`` ("512", 512, "768,512"): one side, or [width, height]."""
     parts = [int(p) for p in str(value).replace("x", ",").split(",") if p.strip()]
-    if len(parts) == 1 or parts[0] == parts[1]:
-        return parts[0], None
-    side = int(math.sqrt(parts[0] * parts[1])) // 64 * 64
-    return side, f"non-square {parts[0]},{parts[1]} became the same bucket area as {side}²"
+    return parts[0] if len(parts) == 1 or parts[0] == parts[1] else parts[:2]
+
+
+def _optimizer_args(values: Any) -> dict[str, Any]:
+    """kohya's ``optimizer_args = ["weight_decay=0.01", "betas=0.9,0.99"]`` as keyword arguments."""
+    args = {}
+    for item in values if isinstance(values, list) else str(values).split():
+        key, _, raw = str(item).partition("=")
+        try:
+            value = ast.literal_eval(raw) if "," not in raw else tuple(ast.literal_eval(v) for v in raw.split(","))
+        except (ValueError, SyntaxError):
+            value = raw  # a bare word such as a schedule name
+        args[key.strip()] = value
+    return args
 
 
 def translate(config: dict[str, Any], subject: str | None = None) -> KohyaImport:
@@ -104,7 +114,9 @@ def translate(config: dict[str, Any], subject: str | None = None) -> KohyaImport
               "gradient_checkpointing": "gradient_checkpointing",
               "gradient_accumulation_steps": "gradient_accumulation_steps", "max_grad_norm": "max_grad_norm",
               "save_every_n_steps": "save_steps", "shuffle_caption": "shuffle_tags", "keep_tokens": "keep_tokens",
-              "cache_latents": "cache_latents"}
+              "cache_latents": "cache_latents", "save_every_n_epochs": "save_every_n_epochs",
+              "lr_scheduler_num_cycles": "lr_scheduler_num_cycles", "prior_loss_weight": "prior_loss_weight",
+              "clip_skip": "clip_skip", "flip_aug": "flip_aug"}
     for key, target in direct.items():
         value = take(key)
         if value is not None:
@@ -119,10 +131,9 @@ def translate(config: dict[str, Any], subject: str | None = None) -> KohyaImport
             unmapped.append(("pretrained_model_name_or_path", "a single-file base also needs training."
                              "single_file_config: a local diffusers folder of the same family (configs only)"))
     if (value := take("train_data_dir")) is not None:
-        entry["images"] = value
-        if any(re.match(r"^\d+_", p.name) for p in Path(value).glob("*") if p.is_dir()):
-            unmapped.append(("train_data_dir", "its N_concept folders are read as plain folders: repeats and class "
-                             "tokens per folder are not applied yet"))
+        entry["images"] = value  # its N_concept folders give repeats and class tokens here too
+    if value := take("reg_data_dir"):  # an empty value means none
+        entry["reg_images"] = value
     if (value := take("mixed_precision")) is not None:
         training["mixed_precision"] = PRECISION.get(str(value), str(value))
     if (value := take("optimizer_type")) is not None:
@@ -130,7 +141,9 @@ def translate(config: dict[str, Any], subject: str | None = None) -> KohyaImport
         if optimizer:
             training["optimizer"] = optimizer
         else:
-            unmapped.append(("optimizer_type", f"{value} is not available yet (adamw, adamw8bit); AdamW is used"))
+            unmapped.append(("optimizer_type", f"{value} is not available ({', '.join(OPTIMIZERS)}); AdamW is used"))
+    if value := take("optimizer_args"):
+        training["optimizer_args"] = _optimizer_args(value)
     if (value := take("lr_scheduler")) is not None:
         if value in SCHEDULERS:
             training["lr_scheduler"] = value
@@ -142,10 +155,7 @@ def translate(config: dict[str, Any], subject: str | None = None) -> KohyaImport
         unmapped.append(("network_train_text_encoder_only", "training the text encoder alone is not supported; "
                          "the UNet is always trained"))
     if (value := take("resolution")) is not None:
-        side, note = _resolution(value)
-        normalization["resolution"] = side
-        if note:
-            unmapped.append(("resolution", note))
+        normalization["resolution"] = _resolution(value)
     if (value := take("enable_bucket")) is not None:
         normalization["mode"] = "buckets" if value else "crop"
     for key, target in (("min_bucket_reso", "bucket_min"), ("max_bucket_reso", "bucket_max"),
@@ -157,19 +167,9 @@ def translate(config: dict[str, Any], subject: str | None = None) -> KohyaImport
     if (value := take("network_module")) is not None and value != "networks.lora":
         unmapped.append(("network_module", f"{value}: only plain LoRA (networks.lora) is trained here"))
     take("output_name")
-    if take("reg_data_dir"):  # an empty value means none
-        unmapped.append(("reg_data_dir", "regularization images (prior preservation) are not supported yet"))
-    simple_reasons = {
-        "clip_skip": "clip_skip is not applied yet (the last CLIP layer is used, i.e. clip_skip 1)",
-        "flip_aug": "flip augmentation is not available yet",
-        "save_every_n_epochs": "checkpoints are saved every N steps (training.save_steps), not per epoch yet",
-        "lr_scheduler_num_cycles": "cosine_with_restarts uses one cycle; num_cycles is not available yet",
-        "prior_loss_weight": "regularization images are not supported yet",
-    }
-    for key, reason in simple_reasons.items():
-        value = take(key)
-        if value and not (key == "clip_skip" and int(value) == 1):  # false / 0 / "" / clip_skip 1: nothing lost
-            unmapped.append((key, reason))
+    if training.get("clip_skip", 1) > 2:
+        unmapped.append(("clip_skip", f"clip_skip {training.pop('clip_skip')}: 1 or 2 here (WebUI's range for "
+                         "SD1.x); the last layer is used"))
     if "datasets" in c:
         _dataset_config(c.pop("datasets"), entry, training, normalization, unmapped)
     for key in sorted(c):
@@ -184,13 +184,20 @@ def translate(config: dict[str, Any], subject: str | None = None) -> KohyaImport
 
 def _dataset_config(datasets: list[dict[str, Any]], entry: dict[str, Any], training: dict[str, Any],
                     normalization: dict[str, Any], unmapped: list[tuple[str, str]]) -> None:
-    """kohya's dataset config: one instance subset maps (image_dir, num_repeats, class_tokens, keep_tokens);
-    more subsets or regularization subsets are reported."""
+    """kohya's dataset config: one instance subset maps (image_dir, num_repeats, class_tokens, keep_tokens), and
+    one regularization subset (``is_reg``) becomes the reg image folder; more subsets are reported."""
     subsets = [dict(s, **{k: v for k, v in d.items() if k != "subsets" and k not in s})
                for d in datasets for s in d.get("subsets", [])]
     instance = [s for s in subsets if not s.get("is_reg")]
-    if any(s.get("is_reg") for s in subsets):
-        unmapped.append(("datasets.subsets.is_reg", "regularization subsets are not supported yet"))
+    regularization = [s for s in subsets if s.get("is_reg")]
+    if regularization:
+        entry["reg_images"] = regularization[0].get("image_dir")
+        if len(regularization) > 1:
+            unmapped.append(("datasets.subsets.is_reg", f"{len(regularization)} regularization subsets: only the "
+                             f"first was imported; put them side by side in one reg folder as N_class folders"))
+        if regularization[0].get("class_tokens") or regularization[0].get("num_repeats", 1) != 1:
+            unmapped.append(("datasets.subsets.is_reg.class_tokens", "a reg folder's class token and repeats come "
+                             "from its N_class sub-folders here (e.g. reg/1_woman/): move the class images into one"))
     if len(instance) > 1:
         unmapped.append(("datasets.subsets", f"{len(instance)} instance subsets: only the first was imported; "
                          "make one subject per subset, or merge the folders"))
@@ -208,9 +215,7 @@ def _dataset_config(datasets: list[dict[str, Any]], entry: dict[str, Any], train
     if "keep_tokens" in first:
         training["keep_tokens"] = first["keep_tokens"]
     if "resolution" in first and "resolution" not in normalization:
-        normalization["resolution"], note = _resolution(first["resolution"])
-        if note:
-            unmapped.append(("datasets.resolution", note))
+        normalization["resolution"] = _resolution(first["resolution"])
     if "caption_extension" in first:
         entry.setdefault("captioning", {})["caption_extension"] = first["caption_extension"]
 

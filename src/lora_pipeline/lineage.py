@@ -1,43 +1,65 @@
-"""From a LoRA file back to the MLflow run and the data that made it.
+"""From a LoRA file or an LLM adapter folder back to the MLflow run and the data that made it.
 
-    python -m lora_pipeline.lineage data/07_model_output/my_lora.safetensors/<version>/my_lora.safetensors
+    lora-pipeline lineage data/07_model_output/my_lora.safetensors/<version>/my_lora.safetensors
+    lora-pipeline lineage data/07_model_output/llm_lora_adapter/<version>/llm_lora_adapter
 
-Reads ``sshs_model_hash`` (sha256 of the tensors) from the file's header and finds the export run tagged with
-it, then prints that run's training run, dataset hash, Kedro session and git commit.
+A LoRA file is found by ``sshs_model_hash`` (sha256 of its tensors, in its header), an adapter folder by the
+sha256 of its ``adapter_model.safetensors``; either way the export run tagged with it is looked up, then
+that run's training run, dataset hash, Kedro session and git commit are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 
-def find_runs(lora_file: str | Path, tracking_uri: str) -> tuple[dict[str, str], list]:
-    import mlflow
+def identify(path: str | Path) -> tuple[dict[str, str], str]:
+    """What the thing is (name, hash, dataset, training run) and the MLflow filter that finds its export run."""
+    path = Path(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from lora_pipeline.core.files import sha256_file
 
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise SystemExit(f"{path} has no adapter_model.safetensors: not a complete PEFT adapter folder.")
+        digest = sha256_file(weights)
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        info = {"kind": "PEFT adapter", "name": path.name, "hash": digest,
+                "base": config.get("base_model_name_or_path", "")}
+        return info, f"tags.`llm_adapter.sha256` = '{digest}'"
     from lora_pipeline.diffusion.lora_files import load_lora_file
 
-    _, header = load_lora_file(lora_file)
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: give an exported .safetensors file or an adapter folder.")
+    _, header = load_lora_file(path)
     digest = header.get("sshs_model_hash")
     if not digest:
-        raise SystemExit(f"{lora_file} has no sshs_model_hash in its header: not exported by lora-pipeline?")
-    mlflow.set_tracking_uri(tracking_uri)
+        raise SystemExit(f"{path} has no sshs_model_hash in its header: not exported by lora-pipeline?")
     subject = header.get("ss_output_name", "")
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`lora.{subject}.sshs_model_hash` = '{digest}'")
-    return header, runs
+    info = {"kind": "LoRA", "name": subject, "hash": digest, "dataset": header.get("ss_dataset_hash", ""),
+            "training_run": header.get("lora_pipeline.training_run_id", ""), "base": header.get("ss_sd_model_name", "")}
+    return info, f"tags.`lora.{subject}.sshs_model_hash` = '{digest}'"
+
+
+def find_runs(path: str | Path, tracking_uri: str) -> tuple[dict[str, str], list]:
+    import mlflow
+
+    info, filter_string = identify(path)
+    mlflow.set_tracking_uri(tracking_uri)
+    return info, mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=filter_string)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("lora_file")
+    parser.add_argument("path", help="an exported LoRA .safetensors file or an LLM adapter folder")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     args = parser.parse_args(argv)
-    header, runs = find_runs(args.lora_file, args.tracking_uri)
-    print(f"LoRA {header.get('ss_output_name')}  sshs_model_hash {header['sshs_model_hash']}")
-    print(f"  dataset hash    {header.get('ss_dataset_hash')}")
-    print(f"  training run    {header.get('lora_pipeline.training_run_id')}")
+    info, runs = find_runs(args.path, args.tracking_uri)
+    print(f"{info['kind']} {info['name']}  sha256 {info['hash']}")
+    print(f"  base model      {info.get('base')}")
     if not runs:
         print("  no MLflow run carries this hash (another tracking URI? pass --tracking-uri)")
         return 1
@@ -46,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         tags = run.data.tags
         parent = mlflow.get_run(tags["mlflow.parentRunId"]) if "mlflow.parentRunId" in tags else run
+        dataset = info.get("dataset") or tags.get("llm.dataset_hash") or parent.data.tags.get("llm.dataset_hash")
+        print(f"  dataset hash    {dataset}")
+        print(f"  training run    {info.get('training_run') or run.info.run_id}")
+        if tags.get("llm.init_from"):
+            print(f"  continued from  {tags['llm.init_from']}")
         print(f"  export run      {run.info.run_id}  ({tags.get('mlflow.runName')}, started {run.info.start_time})")
         print(f"  kedro run       {parent.info.run_id}  ({parent.info.run_name})")
         print(f"  git commit      {tags.get('git_commit') or parent.data.tags.get('git_commit')}")

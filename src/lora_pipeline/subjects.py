@@ -73,6 +73,9 @@ def subject_catalog(name: str, subject: SubjectParams) -> dict[str, Any]:
     if subject.images:
         entries[f"{name}.raw_images"] = {"type": "lora_pipeline.datasets.ImageFolderDataset", "path": subject.images,
                                          "metadata": {"kedro-viz": {"layer": "raw"}}}
+    if subject.reg_images:
+        entries[f"{name}.reg_images"] = {"type": "lora_pipeline.datasets.ImageFolderDataset", "path": subject.reg_images,
+                                         "required": False, "metadata": {"kedro-viz": {"layer": "raw"}}}
     if subject.reviewed_captions:
         entries[f"{name}.reviewed_captions"] = {"type": "lora_pipeline.datasets.ReviewedCaptionsDataset",
                                                 "filepath": subject.reviewed_captions,
@@ -133,7 +136,7 @@ FINGERPRINT_DIR = Path("data/06_models/subject_inputs")
 def _raw_paths(catalog, name: str) -> list[Path]:
     """The files a subject's run reads from raw data: its image folder (sidecars included) and reviewed captions."""
     paths = []
-    for dataset in (f"{name}.raw_images", f"{name}.reviewed_captions"):
+    for dataset in (f"{name}.raw_images", f"{name}.reg_images", f"{name}.reviewed_captions"):
         found = catalog.get(dataset)
         described = found._describe() if found is not None else {}
         location = Path(str(described.get("path") or described.get("filepath") or ""))
@@ -152,7 +155,7 @@ def subject_fingerprint(catalog, parameters: Mapping[str, Any], name: str) -> st
     digest = hashlib.sha256(json.dumps(parameters.get(name, {}), sort_keys=True, default=str).encode())
     for path in _raw_paths(catalog, name):
         stat = path.stat()
-        digest.update(f"{path.as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 

@@ -46,8 +46,13 @@ def chromium() -> str:
 
 
 def test_kedro_viz_shows_the_lineage_in_a_browser(project, chromium, tmp_path):
-    _kedro(project, "viz", "build")
+    built = _kedro(project, "viz", "build")
+    assert "circular dependency" not in built.stdout + built.stderr
     graph = json.loads((project / "build" / "api" / "main").read_text())
+    # the layers band is drawn (kedro-viz drops it on a layer cycle), in the order the data flows
+    layers = graph["layers"]
+    flow = ["raw", "intermediate", "primary", "models", "model_output", "reporting"]
+    assert [layer for layer in layers if layer in flow] == flow, layers
     layer_of = {node["name"]: node.get("layer") for node in graph["nodes"]}
     assert {"train_lora", "demo_lora.lora_kohya", "demo_lora.raw_images", "demo_lora.quality_report",
             "demo_stripes.lora_kohya"} <= set(layer_of)
@@ -82,9 +87,10 @@ def test_lineage_from_a_lora_file_and_two_process_training(project):
     run(project, "__default__")
     [version] = sorted((project / "data/07_model_output/demo_lora.safetensors").iterdir())
     lora_file = version / "demo_lora.safetensors"
-    header, runs = lineage.find_runs(lora_file, f"sqlite:///{project / 'mlflow.db'}")
+    info, runs = lineage.find_runs(lora_file, f"sqlite:///{project / 'mlflow.db'}")
     [export_run] = runs  # the subject's export stage run
-    assert export_run.data.tags["lora.demo_lora.dataset_hash"] == header["ss_dataset_hash"]
+    header = load_lora_file(lora_file)[1]
+    assert export_run.data.tags["lora.demo_lora.dataset_hash"] == header["ss_dataset_hash"] == info["dataset"]
     assert (export_run.data.tags["subject"], export_run.data.tags["stage"]) == ("demo_lora", "export")
     training = mlflow.get_run(header["lora_pipeline.training_run_id"])
     assert training.data.tags["stage"] == "training"  # one `kedro run` trained and exported:
@@ -92,6 +98,28 @@ def test_lineage_from_a_lora_file_and_two_process_training(project):
     printed = subprocess.run([sys.executable, "-m", "lora_pipeline.lineage", str(lora_file)], cwd=project, env=ENV,
                              capture_output=True, text=True, timeout=120).stdout
     assert "export run" in printed and export_run.info.run_id in printed and "kedro version" in printed
+    cli = subprocess.run([str(BIN / "lora-pipeline"), "lineage", str(lora_file)], cwd=project, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and export_run.info.run_id in cli.stdout
+
+    # One WebUI-style prompt, commas and all, through the generation stage (`kedro run --params` would split it).
+    prompt = "lorachar, circle, simple background <lora:demo_lora:0.8>"
+    result = subprocess.run([str(BIN / "lora-pipeline"), "generate", prompt, "--seed", "5", "--count", "2",
+                             "--steps", "3", "--negative", "blurry, text", "--env", "demo"], cwd=project, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = Path(result.stdout.strip().splitlines()[-1].removeprefix("Images: "))
+    assert "Loading data from" not in result.stdout + result.stderr  # catalog lines only with --verbose
+    for noise in ("register_new_resolver", "No LoRA keys associated to", "should be kept in float32"):
+        assert noise not in result.stdout + result.stderr, noise
+    images = sorted(folder.glob("*.png"))
+    assert [p.name for p in images] == ["000_00_seed5.png", "000_01_seed6.png"]
+    from PIL import Image
+
+    with Image.open(images[0]) as image:
+        parameters = image.text["parameters"]
+    assert parameters.startswith("lorachar, circle, simple background <lora:demo_lora:0.8>")
+    assert "Negative prompt: blurry, text" in parameters and "Steps: 3" in parameters and "Seed: 5" in parameters
 
     # Same training node under `accelerate launch` with two CPU processes (gloo).
     result = subprocess.run(

@@ -26,7 +26,11 @@ def _versions(folder):
 
 
 def test_default_pipeline_trains_exports_and_tracks(project, monkeypatch):
+    import tempfile
+
+    leftovers = set(Path(tempfile.gettempdir()).glob("holdout-*"))
     run(project, "__default__")
+    assert set(Path(tempfile.gettempdir()).glob("holdout-*")) == leftovers  # evaluation cleans up after itself
 
     kohya_versions = _versions(project / "data/07_model_output/demo_lora.safetensors")
     assert len(kohya_versions) == 1
@@ -194,3 +198,18 @@ def test_new_images_in_one_subject_retrain_only_that_subject(project):
     assert len(_versions(project / "data/07_model_output/demo_stripes.safetensors")) == stripes_versions + 1
     newest = _versions(project / "data/06_models/demo_stripes_summary.json")[-1] / "demo_stripes_summary.json"
     assert json.loads(newest.read_text())["num_images"] == 9
+
+    # Reproduce the first run: its training-set version (metadata + images from the store) gives the same bytes.
+    from kedro.framework.session import KedroSession
+
+    first_set = _versions(project / "data/03_primary/demo_stripes/metadata_history/metadata.csv")[0].name
+    with KedroSession.create(project_path=project, env="demo") as session:
+        session.run(pipeline_names=["training"], namespaces=["demo_stripes"],
+                    load_versions={"demo_stripes.train_metadata_snapshot": first_set})
+    while mlflow.active_run():
+        mlflow.end_run()
+    weights = _versions(project / "data/06_models/demo_stripes_training.safetensors")
+    name = "demo_stripes_training.safetensors"
+    assert (weights[-1] / name).read_bytes() == (weights[0] / name).read_bytes()
+    reproduced = _versions(project / "data/06_models/demo_stripes_summary.json")[-1] / "demo_stripes_summary.json"
+    assert json.loads(reproduced.read_text())["num_images"] == 8

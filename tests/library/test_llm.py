@@ -77,10 +77,19 @@ def test_loss_mask_covers_exactly_the_response(tiny_models, record):
     assert len(tokenize(tokenizer, parse_record(record, 1), None, 16, "truncate")["input_ids"]) == 16
 
 
-def test_split_is_seeded():
-    convs = [parse_record({"prompt": f"p{i}", "response": "r"}, i) for i in range(1, 21)]
-    train, val = split(convs, 0.2, seed=1)
-    assert len(val) == 4 and len(train) == 16 and split(convs, 0.2, seed=1) == (train, val)
+def test_split_is_stable_when_lines_are_appended():
+    convs = [parse_record({"prompt": f"患者 {i}: headache", "response": "rest"}, i) for i in range(1, 201)]
+    train, val = split(convs, 0.2, salt="42")
+    assert 25 <= len(val) <= 55 and len(train) + len(val) == 200  # about the fraction
+    more = convs + [parse_record({"prompt": f"new patient {i}", "response": "r"}, 200 + i) for i in range(1, 51)]
+    train2, val2 = split(more, 0.2, salt="42")
+    old_lines = {c.line for c in convs}
+    assert {c.line for c in val2 if c.line in old_lines} == {c.line for c in val}  # nothing old moved
+    assert {c.line for c in train2 if c.line in old_lines} == {c.line for c in train}
+    # the same prompt (whitespace aside) never sits on both sides, whatever its answer
+    twins = [parse_record({"prompt": "患者  7: headache ", "response": "other"}, 999)]
+    assert (twins[0] in split(convs + twins, 0.2, "42")[1]) == any(c.line == 7 for c in val)
+    assert split(convs, 0.2, salt="other") != (train, val)  # the salt reshuffles on purpose
 
 
 def _params(tiny_models, tmp_path, **overrides):
@@ -216,3 +225,113 @@ def test_llm_export_uses_the_trained_spec_not_edited_parameters(tiny_models, llm
                                          str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - trained(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_jsonschema_checks_types_ranges_items_and_more():
+    from lora_pipeline.llm.constrained import schema_errors
+
+    schema = {"type": "object", "properties": {
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "symptoms": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "urgency": {"enum": ["low", "medium", "high"]}},
+        "required": ["age", "urgency"], "additionalProperties": False}
+    assert parses('{"age": 45, "symptoms": ["头痛"], "urgency": "low"}', schema)
+    for bad, why in [('{"age": "old", "urgency": "low"}', "age"), ('{"age": 500, "urgency": "low"}', "age"),
+                     ('{"age": 5.5, "urgency": "low"}', "age"),
+                     ('{"age": 5, "urgency": "low", "symptoms": ["a", "b", "c", "d", "e", "f", "g"]}', "symptoms"),
+                     ('{"age": 5, "urgency": "urgent"}', "urgency"), ('{"age": 5}', "urgency"),
+                     ('{"age": 5, "urgency": "low", "extra": 1}', "extra"), ('{"age": 5, "symptoms": [1]}', ""),
+                     ("not json", "not JSON")]:
+        assert not parses(bad, schema), bad
+        assert why in schema_errors(bad, schema), (bad, schema_errors(bad, schema))
+    assert parses('{"anything": 1}') and not parses("{")
+
+
+def test_truncation_is_flagged_with_the_full_length(tiny_models):
+    _, tokenizer = load_causal_lm(str(tiny_models["tiny-llm"]))
+    record = parse_record({"prompt": "Patient: knee pain " * 20, "response": "Ice it and rest."}, 1)
+    full = tokenize(tokenizer, record, None, 4096, "truncate")
+    cut = tokenize(tokenizer, record, None, 32, "truncate")
+    assert full["truncated_from"] == 0 and cut["truncated_from"] == len(full["input_ids"]) > 32
+
+
+def test_generation_formats_prompts_exactly_as_training(tiny_models):
+    from lora_pipeline.prep.llm_data import prompt_ids, user_prompt
+
+    model, tokenizer = load_causal_lm(str(tiny_models["tiny-llm"]))
+    record = parse_record({"prompt": "Patient: knee pain", "response": "Ice it."}, 1)
+    trained_on = tokenize(tokenizer, record, None, 256, "truncate")
+    first_answer = next(i for i, label in enumerate(trained_on["labels"]) if label != IGNORE_INDEX)
+    assert prompt_ids(tokenizer, user_prompt("Patient: knee pain"), None) == trained_on["input_ids"][:first_answer]
+    assert trained_on["input_ids"][0] == tokenizer.bos_token_id  # BOS in training and in generation
+    calls = []
+    original = model.generate
+    model.generate = lambda **kw: calls.append(kw["input_ids"][0].tolist()) or original(**kw)
+    generate_answers(model, tokenizer, ["Patient: knee pain"], 2)
+    assert calls == [trained_on["input_ids"][:first_answer]]
+
+
+def _train_and_export(tiny_models, llm_items, tmp_path, folder, max_steps: int) -> LLMTrainingParams:
+    """A short training run, exported through the llm_export node into ``folder`` (adapter + tokenizer)."""
+    from lora_pipeline.core.spec import TrainingSummary
+    from lora_pipeline.pipelines.llm_export.nodes import export_llm_adapter
+
+    tokenizer, train_items, val_items = llm_items
+    params = _params(tiny_models, tmp_path, max_steps=max_steps)
+    result = train_causal_lm(load_causal_lm(params.base_model)[0], tokenizer, train_items, val_items, params,
+                             dataset_hash="d")
+    summary = TrainingSummary(spec=result.spec, base_model=params.base_model, output_name="t", steps=max_steps,
+                              epochs=1, seed=1, learning_rate=1e-3, dataset_hash="d", started_at="a", finished_at="b")
+    (peft_model, tok), _ = export_llm_adapter({"state": result.adapter}, summary, params.model_dump())
+    peft_model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return params
+
+
+def test_warm_start_continues_the_previous_adapter_exactly(tiny_models, llm_items, tmp_path):
+    """init_adapter: the step-0 model of a retrain computes what the previous adapter did, even with another
+    alpha; another base or rank is refused."""
+    from lora_pipeline.errors import ConfigError
+    from lora_pipeline.llm.training import llm_lora_spec, load_init_adapter, resolve_init_adapter
+
+    tokenizer, train_items, val_items = llm_items
+    folder = tmp_path / "exports" / "t_adapter" / "2026-01-01T00.00.00.000Z" / "t_adapter"
+    params = _train_and_export(tiny_models, llm_items, tmp_path, folder, max_steps=4)
+    assert resolve_init_adapter("latest", str(tmp_path / "exports"), "t") == folder
+    ids = torch.tensor([train_items[0]["input_ids"]])
+    previous = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(params.base_model), str(folder)).eval()
+    retrain = _params(tiny_models, tmp_path, alpha=8.0, init_adapter=str(folder))  # another alpha: rescaled
+    state = load_init_adapter(folder, llm_lora_spec(retrain), retrain.base_model)
+    warm = with_adapter(load_causal_lm(retrain.base_model)[0], llm_lora_spec(retrain), state).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(warm(input_ids=ids).logits, previous(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+    # the trainer starts from it: its first loss is the previous adapter's, well below a new adapter's
+    continued = train_causal_lm(load_causal_lm(retrain.base_model)[0], tokenizer, train_items, val_items,
+                                _params(tiny_models, tmp_path / "c", max_steps=1, alpha=8.0), dataset_hash="d2",
+                                init_state=state, init_from=str(folder))
+    fresh = train_causal_lm(load_causal_lm(retrain.base_model)[0], tokenizer, train_items, val_items,
+                            _params(tiny_models, tmp_path / "f", max_steps=1), dataset_hash="d2")
+    assert continued.losses[0] < fresh.losses[0]
+    with pytest.raises(ConfigError, match="set lora_rank: 16"):
+        load_init_adapter(folder, llm_lora_spec(_params(tiny_models, tmp_path, lora_rank=8)), retrain.base_model)
+    with pytest.raises(ConfigError, match="another base|trained on base model"):
+        load_init_adapter(folder, llm_lora_spec(retrain), str(tiny_models["tiny-sd"]))
+
+
+def test_exported_adapter_loads_from_any_folder(tiny_models, llm_items, tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "adapter"
+    _train_and_export(tiny_models, llm_items, tmp_path, folder, max_steps=2)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(tokenizer_config)
+    elsewhere = tmp_path / "somewhere_else"
+    elsewhere.mkdir()
+    script = ("import sys, torch; from peft import AutoPeftModelForCausalLM; from transformers import AutoTokenizer;"
+              "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]);"
+              "print(m.peft_config['default'].base_model_name_or_path)")
+    out = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=elsewhere, capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(tiny_models["tiny-llm"].resolve())

@@ -37,7 +37,10 @@ def test_near_duplicates_are_optional(demo_images):
     raw = ImageFolderDataset(str(demo_images)).load()
     assert nodes.inspect_images(raw, PARAMS).set_index("file_name").loc["blue_square_0_resized.png"].status == "kept"
     near = nodes.inspect_images(raw, {**PARAMS, "near_duplicates": True}).set_index("file_name")
-    assert near.loc["blue_square_0_resized.png"].reason_code == "near_duplicate"
+    # the better copy stays: both lossless, the larger one wins, and the smaller one's reason names it
+    assert near.loc["blue_square_0_resized.png"].status == "kept"
+    assert near.loc["blue_square_0.png"].reason_code == "near_duplicate"
+    assert "blue_square_0_resized.png" in near.loc["blue_square_0.png"].reason
 
 
 def test_crop_mode_never_upscales(tmp_path):
@@ -87,7 +90,7 @@ def test_build_training_metadata_normalizes_prompts_and_flags_captions(demo_imag
     assert snapshot is metadata
     kept = checks[checks.status == "kept"]
     assert list(metadata.columns) == ["file_name", "text", "width", "height", "original_width", "original_height",
-                                      "crop_top", "crop_left"]
+                                      "crop_top", "crop_left", "repeats", "is_reg", "store_file"]
     assert sorted(metadata.file_name) == sorted(kept.output_name)
     by_out = metadata.set_index("file_name")
     # SDXL size conditioning: the pre-resize size, and the center crop's offset in the resized image

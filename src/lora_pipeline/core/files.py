@@ -13,6 +13,26 @@ from typing import Iterator
 _CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    # Linux reports it without changing it; os.umask can only be read by setting it, which would briefly change
+    # the mode of files other threads (the image writers) create at that moment.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _no_space(exc: OSError) -> bool:
+    import errno
+
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in chunks so large files stay out of memory."""
     digest = hashlib.sha256()
@@ -39,9 +59,22 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as handle:
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            if _no_space(exc):
+                raise OSError(exc.errno, f"no space left on {target.parent} while writing {target.name}; free some "
+                                         f"space and re-run (nothing was left half-written)") from None
+            raise
+        except RuntimeError as exc:  # safetensors reports a short write as "unexpected pos ..."
+            if "unexpected pos" in str(exc) or "No space" in str(exc):
+                raise OSError(28, f"no space left on {target.parent} while writing {target.name}; free some space "
+                                  f"and re-run (nothing was left half-written)") from None
+            raise
+        # mkstemp creates 0600; a finished output gets the mode any new file gets here (0644 under umask 022)
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

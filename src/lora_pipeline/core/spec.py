@@ -16,6 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field
 Family = Literal["sd1", "sdxl", "causal_lm"]
 
 
+def rescale_up(up, from_scale: float, to_scale: float):
+    """The one alpha/rank fold: ``up`` re-expressed so that ``to_scale * up' @ down == from_scale * up @ down``.
+
+    Used to start training from a file or an earlier adapter (to this run's ``alpha / r``), to stack files (to
+    scale 1, which diffusers assumes for a state dict without metadata) and, through ``LoraModule.delta``, to
+    merge."""
+    return up if from_scale == to_scale else up * (from_scale / to_scale)
+
+
 class LoraSpec(BaseModel):
     """One LoRA's shape: family, rank, alpha, dropout and the target modules of each component.
 
@@ -87,6 +96,13 @@ class TrainingSummary(BaseModel):
     text_encoder_lr: float | None = None
     images_per_second: float = 0.0
     latents_encoded: int = 0
+    clip_skip: int = 1
+    optimizer: str = "adamw"
+    flip_aug: bool = False
+    prior_loss_weight: float = 1.0
+    num_reg_images: int = 0
+    folders: list[dict[str, Any]] = Field(default_factory=list, description="each source folder's role (instance "
+                                          "or reg), kohya repeats, class tokens and image count")
     unet_layout: dict[str, Any] = Field(default_factory=dict, description="layers_per_block and up_block_types: "
                                         "what kohya's SGM-layout names need, so export never loads the base")
     # LLM track
@@ -95,6 +111,8 @@ class TrainingSummary(BaseModel):
     eval_loss_base: float | None = None
     eval_losses: list[float] = Field(default_factory=list)
     tokens_per_second: float = 0.0
+    init_from: str | None = Field(None, description="the adapter / LoRA this run started from (a retrain)")
+    truncated_samples: int = 0
 
     @property
     def family(self) -> Family:

@@ -32,7 +32,7 @@ from lora_pipeline.core.checkpoints import (
 )
 from lora_pipeline.core.lock import subject_lock
 from lora_pipeline.core.models import pick_device
-from lora_pipeline.errors import LoraPipelineError
+from lora_pipeline.errors import ConfigError, LoraPipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -142,26 +142,56 @@ def optimizer_step(accelerator, loss: torch.Tensor, trainable, optimizer, schedu
     optimizer.zero_grad(set_to_none=True)
 
 
-def make_adamw(groups: list[dict], eight_bit: bool = False) -> torch.optim.Optimizer:
-    """AdamW over the LoRA weights: bitsandbytes' 8-bit one when asked and possible, else torch's fused kernel.
+OPTIMIZER_PACKAGES = {  # name -> (module, class, pip requirement, extra of this project)
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", "cuda"),
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt", "optimizers"),
+    "lion": ("lion_pytorch", "Lion", "lion-pytorch", "optimizers"),
+    "adafactor": ("transformers.optimization", "Adafactor", "transformers", None),
+}
+# kohya's defaults for Adafactor with an explicit learning rate (its relative_step mode ignores the lr).
+ADAFACTOR_DEFAULTS = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+
+
+def make_optimizer(name: str, groups: list[dict], extra_args: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``training.optimizer`` names, each from its own maintained package (none is written here):
+    torch AdamW, bitsandbytes AdamW8bit (CUDA), prodigyopt's Prodigy, lion-pytorch's Lion, transformers'
+    Adafactor. ``extra_args`` are kohya's ``optimizer_args``. A missing package stops with the pip command."""
+    import importlib
+
+    args = dict(extra_args or {})
+    if name == "adamw":
+        return make_adamw(groups, **args)
+    module_name, class_name, requirement, extra = OPTIMIZER_PACKAGES[name]
+    try:
+        optimizer_class = getattr(importlib.import_module(module_name), class_name)
+    except ImportError:
+        install = f"pip install 'lora_pipeline[{extra}]' (or pip install {requirement})" if extra \
+            else f"pip install {requirement}"
+        raise ConfigError(f"training.optimizer: {name} needs the {requirement} package, which is not installed. "
+                          f"Run `{install}`, or choose optimizer: adamw.") from None
+    if name == "adamw8bit" and not torch.cuda.is_available():
+        raise ConfigError("training.optimizer: adamw8bit runs on CUDA GPUs only (bitsandbytes); use adamw on "
+                          "this machine.")
+    if name == "adafactor":
+        args = {**ADAFACTOR_DEFAULTS, **args}
+    try:
+        return optimizer_class(groups, **args)
+    except TypeError as exc:
+        raise ConfigError(f"training.optimizer_args {args} do not fit {class_name}: {exc}. Remove or rename "
+                          f"the key.") from None
+
+
+def make_adamw(groups: list[dict], **args: Any) -> torch.optim.Optimizer:
+    """AdamW over the LoRA weights with torch's fused kernel where the device supports it.
 
     Fused (CUDA, and CPU since torch 2.4) updates all LoRA tensors in one kernel; the default per-tensor
     loop was ~5% of a small model's step in the profile (benchmarks/README.md).
     """
-    if eight_bit:
-        try:
-            import bitsandbytes as bnb  # noqa: F401
-
-            if torch.cuda.is_available():
-                return bnb.optim.AdamW8bit(groups)
-        except ImportError:
-            pass
-        logger.warning("optimizer: adamw8bit needs bitsandbytes and CUDA; using torch AdamW instead")
     try:
-        return torch.optim.AdamW(groups, fused=True)
+        return torch.optim.AdamW(groups, fused=True, **args)
     except (RuntimeError, ValueError) as exc:  # a device or dtype the fused kernel does not support
         logger.info("Fused AdamW unavailable (%s); using the default implementation", exc)
-        return torch.optim.AdamW(groups)
+        return torch.optim.AdamW(groups, **args)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -183,11 +213,13 @@ class TrainerCore:
     def __init__(self, *, accelerator, seed: int, subject: str, subject_folder: Path, signature: dict[str, Any],
                  total_steps: int,
                  save_steps: int, keep_checkpoints: int, log_every_steps: int, advice: str, desc: str, unit: str,
-                 lora_state: Callable[[], dict[str, torch.Tensor]], on_metrics: MetricsCallback | None = None):
+                 lora_state: Callable[[], dict[str, torch.Tensor]], on_metrics: MetricsCallback | None = None,
+                 save_every_steps: int = 0):
         self.accelerator, self.seed, self.signature = accelerator, seed, signature
         self.subject, self.subject_folder = subject, subject_folder
         self.folder = run_folder(subject_folder, signature)
         self.total_steps, self.save_steps, self.keep = total_steps, save_steps, keep_checkpoints
+        self.save_every = save_every_steps  # steps in save_every_n_epochs epochs
         self.log_every, self.unit, self.lora_state, self.on_metrics = log_every_steps, unit, lora_state, on_metrics
         self.losses = LossLog(self.folder, advice)
         self.desc = desc
@@ -234,7 +266,8 @@ class TrainerCore:
             # Throughput is steady-state: the first step pays one-off costs (allocator warm-up, lazy init).
             self._seen, self._started = 0, time.perf_counter()
         self._bar.update(1)
-        saving = bool(self.save_steps and done % self.save_steps == 0 and done < self.total_steps)
+        saving = done < self.total_steps and any(every and done % every == 0
+                                                 for every in (self.save_steps, self.save_every))
         if done % self.log_every == 0 or done == self.total_steps or saving or evaluate is not None:
             window = self.losses.flush()  # the only host sync; before any checkpoint write
             rate = self.rate()

@@ -54,6 +54,11 @@ class PretrainedFolderDataset(VersionedPathDataset):
     Save also accepts ``(model, tokenizer)``. Load returns the folder, which ``from_pretrained`` takes.
     """
 
+    def __init__(self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None,
+                 log_to_mlflow: str | None = None):
+        super().__init__(filepath, version, metadata)
+        self._log_to_mlflow = log_to_mlflow  # an artifact folder name: the saved folder is logged there
+
     def load(self) -> Path:
         return Path(self._get_load_path())
 
@@ -62,3 +67,13 @@ class PretrainedFolderDataset(VersionedPathDataset):
         with atomic_folder(target) as tmp:
             for part in data if isinstance(data, tuple) else (data,):
                 part.save_pretrained(tmp)
+        if self._log_to_mlflow:
+            import mlflow
+
+            from lora_pipeline.core.files import sha256_file
+
+            if mlflow.active_run():
+                mlflow.log_artifacts(str(target), artifact_path=self._log_to_mlflow)
+                weights = target / "adapter_model.safetensors"
+                if weights.is_file():  # what `lora-pipeline lineage <adapter folder>` looks up
+                    mlflow.set_tag(f"{self._log_to_mlflow}.sha256", sha256_file(weights))

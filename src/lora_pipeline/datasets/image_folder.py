@@ -35,6 +35,7 @@ class ImageFolder:
 
     root: Path
     names: list[str] = field(default_factory=list)
+    bad_names: list[str] = field(default_factory=list)  # files whose names are not valid UTF-8 (shown escaped)
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -61,6 +62,14 @@ def write_images(folder: Path, items: list[tuple[str, ImageSource]], save_args: 
             pass
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]):
     """Load: an :class:`ImageFolder` handle. Save: ``{relative_name: PIL image or callable returning one}``.
 
@@ -77,14 +86,27 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
         save_args: dict[str, Any] | None = None,
         workers: int = 0,
         metadata: dict[str, Any] | None = None,
+        required: bool = True,
+        store: str | None = None,
     ):
         self._path = Path(path)
+        # A content-addressed copy of every image ever written (hard links, so no extra space), named by its
+        # render key: what a past training-set version is reloaded from. Never pruned.
+        self._store = Path(store) if store else None
+        self._required = required  # false: a missing or empty folder loads as no images (optional reg images)
         self._save_args = save_args or {}
         self._workers = workers or os.cpu_count() or 1
         self.metadata = metadata
 
     def load(self) -> ImageFolder:
-        return ImageFolder(self._path, list_images(self._path))
+        if not self._required and not (self._path.is_dir() and any(self._path.iterdir())):
+            return ImageFolder(self._path, [])
+        names = list_images(self._path)
+        # A name that is not UTF-8 (caf\xe9.png from an old archive) cannot go into CSV, JSON or MLflow; it is
+        # kept out of the stages and reported by normalization instead.
+        good = [n for n in names if _utf8(n)]
+        bad = [n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in names if not _utf8(n)]
+        return ImageFolder(self._path, good, bad)
 
     def save(self, data: Mapping[str, ImageSource]) -> None:
         self._path.mkdir(parents=True, exist_ok=True)
@@ -110,6 +132,8 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
 
         write_images(self._path, todo, self._save_args, self._workers)
         written = len(todo)
+        if self._store is not None:
+            self._fill_store(data)
         atomic_write_text(manifest_path, json.dumps(manifest, sort_keys=True))
         logger.info("Images in %s: %d written, %d unchanged", self._path, written, len(data) - written)
         wanted = set(data)
@@ -119,11 +143,29 @@ class ImageFolderDataset(AbstractDataset[Mapping[str, ImageSource], ImageFolder]
                 stale.unlink()
                 logger.info("Removed stale output image %s", stale)
 
+    def _fill_store(self, data: Mapping[str, ImageSource]) -> None:
+        from lora_pipeline.prep.selection import store_name
+
+        self._store.mkdir(parents=True, exist_ok=True)
+        for name, source in data.items():
+            key = getattr(source, "cache_key", None)
+            if key is None:
+                continue
+            target = self._store / store_name(key, Path(name).suffix.lstrip("."))
+            if target.exists():
+                continue
+            try:
+                os.link(self._path / name, target)
+            except OSError:  # another filesystem, or no hard links: a copy
+                import shutil
+
+                shutil.copy2(self._path / name, target)
+
     def _exists(self) -> bool:
         return self._path.is_dir()
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path), "workers": self._workers}
+        return {"path": str(self._path), "workers": self._workers, "store": str(self._store or "")}
 
 
 class VersionedImageFolderDataset(VersionedPathDataset):

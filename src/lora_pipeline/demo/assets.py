@@ -161,8 +161,28 @@ SYMPTOMS = [
 ]
 
 
+# The JSON-extraction task: patient notes -> {"age": int, "symptoms": [<= 3 strings], "urgency": enum}.
+EXTRACTION = [
+    ("女，45岁，头痛三天，恶心", 45, ["头痛", "恶心"], "medium"),
+    ("男，8岁，发烧，咳嗽", 8, ["发烧", "咳嗽"], "medium"),
+    ("男，67岁，胸痛，气短", 67, ["胸痛", "气短"], "high"),
+    ("female, 30, knee pain after running", 30, ["knee pain"], "low"),
+    ("male, 52, fever, cough, fatigue", 52, ["fever", "cough", "fatigue"], "medium"),
+    ("女，23岁，喉咙痛", 23, ["喉咙痛"], "low"),
+]
+EXTRACTION_SCHEMA = {
+    "type": "object",
+    "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
+                   "symptoms": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+                   "urgency": {"enum": ["low", "medium", "high"]}},
+    "required": ["age", "symptoms", "urgency"],
+    "additionalProperties": False,
+}
+
+
 def write_demo_llm_data(path: str | Path) -> None:
-    """Prompt/response pairs (two formats), with a BOM, a blank line, a duplicate and one malformed line."""
+    """Chinese and English clinic dialogues (two formats) and a JSON-extraction task, with a BOM, a blank line,
+    a duplicate and one malformed line, as real exports have them."""
     import json
 
     path = Path(path)
@@ -180,6 +200,11 @@ def write_demo_llm_data(path: str | Path) -> None:
             else:
                 record = {"prompt": prompt, "response": advice}
             lines.append(json.dumps(record, ensure_ascii=False))
+    for round_ in range(3):
+        for note, age, symptoms, urgency in EXTRACTION:
+            answer = json.dumps({"age": age, "symptoms": symptoms, "urgency": urgency}, ensure_ascii=False)
+            lines.append(json.dumps({"prompt": f"提取为JSON / extract as JSON ({round_ + 1}): {note}",
+                                     "response": answer}, ensure_ascii=False))
     lines.insert(5, lines[3])  # an exact duplicate
     lines.insert(9, "")  # a blank line
     lines.insert(12, '{"prompt": "患者：咳嗽", "response": "多喝水",}')  # trailing comma: invalid JSON

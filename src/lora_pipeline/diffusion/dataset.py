@@ -16,6 +16,7 @@ from lora_pipeline.diffusion.training import Example
 from lora_pipeline.errors import DataError
 
 GEOMETRY = ("original_width", "original_height", "crop_top", "crop_left")
+IMAGE_STORE = "image_store"  # beside the dataset folder: every rendered image by its render key
 
 
 def build_examples(root: str | os.PathLike | Any, metadata: pd.DataFrame) -> list[Example]:
@@ -27,17 +28,24 @@ def build_examples(root: str | os.PathLike | Any, metadata: pd.DataFrame) -> lis
     root = Path(root if isinstance(root, (str, os.PathLike)) else root.root)  # a folder, or an ImageFolder
     if metadata.empty:
         raise DataError("metadata.csv lists no images. Run `kedro run --pipelines normalization` first.")
+    store = root.parent / IMAGE_STORE
+    if "store_file" in metadata.columns and store.is_dir():
+        # a metadata version (the newest, or one pinned with --load-versions) reads its exact images
+        metadata = metadata.assign(file_name=[f"../{IMAGE_STORE}/{name}" for name in metadata.store_file])
     missing = [name for name in metadata.file_name if not (root / name).is_file()]
     if missing:
         raise DataError(f"metadata.csv lists {len(missing)} file(s) missing from {root}, e.g. "
                         f"{missing[0]}. Re-run the normalization pipeline.")
     has_geometry = all(column in metadata.columns for column in GEOMETRY)
+    has_roles = "repeats" in metadata.columns and "is_reg" in metadata.columns
     examples = []
     for row in metadata.itertuples():
-        geometry = {}
+        geometry: dict[str, Any] = {}
         if has_geometry:
             geometry = {"original_size": (int(row.original_width), int(row.original_height)),
                         "crop_top_left": (int(row.crop_top), int(row.crop_left))}
+        if has_roles:
+            geometry.update(repeats=int(row.repeats), is_reg=bool(int(row.is_reg)))
         examples.append(Example(root / row.file_name, str(row.text), int(row.width), int(row.height),
                                 sha256_file(root / row.file_name), **geometry))
     return examples
@@ -46,8 +54,10 @@ def build_examples(root: str | os.PathLike | Any, metadata: pd.DataFrame) -> lis
 def dataset_hash(examples: list[Example]) -> str:
     """Content hash of the training set: image bytes and captions, order-independent."""
     digest = hashlib.sha256()
-    for ex in sorted(examples, key=lambda e: (e.sha256, e.text)):
-        digest.update(f"{ex.sha256}|{ex.text}\n".encode())
+    for ex in sorted(examples, key=lambda e: (e.sha256, e.text, e.is_reg)):
+        # Folder repeats and the class-image role change training; the plain case hashes as it always did.
+        extra = f"|{ex.repeats}|{int(ex.is_reg)}" if (ex.repeats, ex.is_reg) != (1, False) else ""
+        digest.update(f"{ex.sha256}|{ex.text}{extra}\n".encode())
     return digest.hexdigest()
 
 

@@ -60,12 +60,41 @@ class ModelFamily:
     def uses_time_ids(self) -> bool:
         return self.name == "sdxl"
 
+    def check_clip_skip(self, clip_skip: int) -> None:
+        if clip_skip > 1 and self.name == "sdxl":
+            raise ConfigError(f"clip_skip {clip_skip} with an SDXL base: SDXL is trained on the penultimate CLIP layer "
+                              f"already (kohya's SDXL scripts ignore clip_skip too). Set clip_skip: 1.")
+
+    def prompt_kwargs(self, pipe, prompt: str, negative: str | None, clip_skip: int | None) -> dict[str, Any]:
+        """What a pipeline call gets for its prompt: the text itself, or with clip_skip 2 the embeddings of
+        prompt and negative prompt, both from the penultimate layer (as WebUI does it).
+
+        Computed here rather than through the pipeline's own ``clip_skip``: diffusers 0.42 reaches for
+        ``text_encoder.text_model``, which transformers 5 no longer has, and it leaves the negative prompt at
+        the last layer."""
+        if not clip_skip or clip_skip <= 1:
+            return {"prompt": prompt, "negative_prompt": negative or None}
+        self.check_clip_skip(clip_skip)
+        with torch.no_grad():
+            embed = [self.encode_prompt([pipe.text_encoder], [pipe.tokenizer], [text], pipe.device, clip_skip).hidden
+                     for text in (prompt, negative or "")]
+        return {"prompt_embeds": embed[0], "negative_prompt_embeds": embed[1]}
+
     def encode_prompt(self, text_encoders: Sequence[Any], tokenizers: Sequence[Any], texts: Sequence[str],
-                      device: torch.device) -> Conditioning:
-        """Prompts -> UNet conditioning, the way the family's own pipeline does it."""
+                      device: torch.device, clip_skip: int = 1) -> Conditioning:
+        """Prompts -> UNet conditioning, the way the family's own pipeline does it.
+
+        ``clip_skip`` counts as kohya and WebUI do: 1 is the last layer, 2 the penultimate one (then CLIP's final
+        layer norm, as kohya's train_util and diffusers' ``clip_skip`` apply it)."""
         if self.name == "sd1":
             ids = _token_ids(tokenizers[0], texts, device)
-            return Conditioning(text_encoders[0](ids)[0])
+            if clip_skip <= 1:
+                return Conditioning(text_encoders[0](ids)[0])
+            encoder = getattr(text_encoders[0], "module", text_encoders[0])
+            encoder = getattr(encoder, "text_model", encoder)  # transformers 4 nests it; 5 does not
+            out = text_encoders[0](ids, output_hidden_states=True)
+            return Conditioning(encoder.final_layer_norm(out.hidden_states[-clip_skip]))
+        self.check_clip_skip(clip_skip)
         # SDXL: penultimate hidden states of both encoders side by side; the pooled, projected output of the
         # second one (as StableDiffusionXLPipeline.encode_prompt and kohya's sdxl_train_util do).
         states, pooled = [], None
@@ -104,6 +133,12 @@ def get_family(name: str) -> ModelFamily:
     planned = f" ({PLANNED[name]} is planned, not supported yet)" if name in PLANNED else ""
     raise ConfigError(f"base_model_family '{name}' is not supported{planned}; use auto, "
                       f"{', '.join(FAMILIES)}.")
+
+
+def family_of(pipe: Any) -> ModelFamily:
+    """The family of a loaded diffusers pipeline (by its class; img2img and inpaint variants included)."""
+    name = type(pipe).__name__
+    return SDXL if name.startswith("StableDiffusionXL") else SD1
 
 
 def detect_family(source: str | Path, allow_download: bool = False) -> ModelFamily:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from lora_pipeline.config import PromptSpec
+from lora_pipeline.diffusion.families import family_of
 from lora_pipeline.diffusion.prompts import LoraRef, export_version, parse_prompt
 from lora_pipeline.diffusion.stack import set_weights
 from lora_pipeline.errors import ConfigError
@@ -71,6 +72,8 @@ def webui_parameters(text: str, spec: PromptSpec, seed: int, model: str, loras: 
     if used:
         settings += ', Lora hashes: "' + ", ".join(f"{n}: {s.short_hash}" for n, s in used) + '"'
         settings += ', Lora versions: "' + ", ".join(f"{n}: {s.version or 'unversioned'}" for n, s in used) + '"'
+    if spec.clip_skip and spec.clip_skip > 1:
+        settings += f", Clip skip: {spec.clip_skip}"
     lines.append(settings)
     return "\n".join(lines)
 
@@ -82,6 +85,7 @@ class LoraSource:
     path: Path
     version: str | None
     short_hash: str
+    clip_skip: int | None = None  # ss_clip_skip: the CLIP layer the LoRA was trained on
 
     @classmethod
     def of(cls, path: Path) -> "LoraSource":
@@ -89,14 +93,17 @@ class LoraSource:
 
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-        return cls(path, export_version(path), header.get("sshs_model_hash", "")[:12] or "unknown")
+        clip_skip = header.get("ss_clip_skip", "")
+        return cls(path, export_version(path), header.get("sshs_model_hash", "")[:12] or "unknown",
+                   int(clip_skip) if clip_skip.isdigit() else None)
 
 
 @torch.no_grad()
 def render(pipe, text: str, spec: PromptSpec, seed: int) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
-    return pipe(text, negative_prompt=spec.negative_prompt or None, num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance, width=spec.width, height=spec.height, generator=generator).images[0]
+    prompt = family_of(pipe).prompt_kwargs(pipe, text, spec.negative_prompt, spec.clip_skip)
+    return pipe(**prompt, num_inference_steps=spec.steps, guidance_scale=spec.guidance, width=spec.width,
+                height=spec.height, generator=generator).images[0]
 
 
 def generate(pipe, specs: Sequence[PromptSpec], model_name: str,
@@ -108,6 +115,7 @@ def generate(pipe, specs: Sequence[PromptSpec], model_name: str,
         for index, spec in enumerate(specs):
             text, refs = parse_prompt(spec.prompt)
             set_weights(pipe, {r.name: r.weight for r in refs})
+            spec = with_lora_clip_skip(spec, refs, sources)
             for k in range(spec.count):
                 seed = spec.seed + k
                 image = render(pipe, text, spec, seed)
@@ -115,6 +123,16 @@ def generate(pipe, specs: Sequence[PromptSpec], model_name: str,
                 out.append((f"{index:03d}_{k:02d}_seed{seed}.png", image))
                 bar.update(1)
     return out
+
+
+def with_lora_clip_skip(spec: PromptSpec, refs: Sequence[LoraRef],
+                        sources: Mapping[str, LoraSource] | None) -> PromptSpec:
+    """A prompt without its own clip_skip uses the one its first LoRA was trained with (ss_clip_skip), as a
+    WebUI user would set "Clip skip" for that LoRA."""
+    if spec.clip_skip is not None or not sources:
+        return spec
+    trained = next((sources[r.name].clip_skip for r in refs if r.name in sources and sources[r.name].clip_skip), None)
+    return spec.model_copy(update={"clip_skip": trained}) if trained else spec
 
 
 def contact_sheet(images: Sequence[Image.Image], thumbnail: int, columns: int | None = None) -> Image.Image:

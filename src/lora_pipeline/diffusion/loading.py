@@ -31,6 +31,7 @@ class DiffusionComponents:
     source: str
     inference_scheduler: Any = None  # the base model's own sampler, for images
     extra: dict[str, Any] = field(default_factory=dict)  # pipeline flags such as force_zeros_for_empty_prompt
+    clip_skip: int = 1  # kohya/WebUI count: 2 conditions on the penultimate CLIP layer
 
     @property
     def text_encoder(self) -> Any:
@@ -51,7 +52,8 @@ class DiffusionComponents:
         return {name: self.component(name) for name in self.family.components}
 
     def encode_prompt(self, texts, device: torch.device, text_encoders: list[Any] | None = None) -> Conditioning:
-        return self.family.encode_prompt(text_encoders or self.text_encoders, self.tokenizers, texts, device)
+        return self.family.encode_prompt(text_encoders or self.text_encoders, self.tokenizers, texts, device,
+                                         self.clip_skip)
 
     def pipeline(self, **overrides: Any):
         """The family's diffusers pipeline over these very modules (LoRA layers included), for images."""

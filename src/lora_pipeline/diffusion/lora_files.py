@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from lora_pipeline.core.files import atomic_folder, atomic_path
-from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.core.spec import TrainingSummary, rescale_up
 from lora_pipeline.diffusion.families import ModelFamily, get_family, sgm_unet_path, unet_layout
 from lora_pipeline.errors import DataError
 
@@ -37,7 +37,13 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
-_KOHYA_KEY = re.compile(r"^(lora_unet_|lora_te[12]?_)(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_KEY = re.compile(r"^(lora_unet_|lora_te[12]?_)([^.]+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|"
+                        r"hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t[12]|dora_scale)$")
+# LyCORIS / kohya weights that are not merged here, by what they belong to (for the error message).
+UNSUPPORTED_KINDS = {"oft_blocks": "OFT", "oft_diag": "OFT", "rescale": "OFT", "diff": "full fine-tune (diff)",
+                     "diff_b": "full fine-tune (diff)", "w_norm": "norm-layer", "b_norm": "norm-layer",
+                     "a1": "GLoRA", "a2": "GLoRA", "b1": "GLoRA", "b2": "GLoRA", "on_input": "IA3",
+                     "weight": "IA3", "bias": "bias", "reshape_weight": "reshaped LoRA"}
 
 
 # ----------------------------------------------------------------------------- names
@@ -74,15 +80,6 @@ def kohya_name_index(family: ModelFamily, modules: Mapping[str, torch.nn.Module]
 
 # ----------------------------------------------------------------------------- alpha / rank
 
-def rescale_up(up: torch.Tensor, from_scale: float, to_scale: float) -> torch.Tensor:
-    """The one alpha/rank fold: ``up`` re-expressed so that ``to_scale * up' @ down == from_scale * up @ down``.
-
-    Used to start training from a file (to this run's ``alpha / r``), to stack files (to scale 1, which
-    diffusers assumes for a state dict without metadata) and, through :meth:`LoraModule.delta`, to merge.
-    """
-    return up if from_scale == to_scale else up * (from_scale / to_scale)
-
-
 @dataclass
 class LoraModule:
     """One LoRA pair as a reader applies it: ``W += weight * scale * up @ down``."""
@@ -93,9 +90,95 @@ class LoraModule:
     up: torch.Tensor
     scale: float
 
-    def delta(self, weight: float, shape: torch.Size) -> torch.Tensor:
+    def delta(self, weight: float, base: torch.Tensor) -> torch.Tensor:
+        """What merging at ``weight`` adds to the base weight."""
         delta = rescale_up(self.up.float(), self.scale * weight, 1.0).flatten(1) @ self.down.float().flatten(1)
-        return delta.reshape(shape)
+        return delta.reshape(base.shape)
+
+
+@dataclass
+class LycorisModule:
+    """A LyCORIS module (LoHa, LoKr, LoCon with a Tucker core) or any DoRA one: not a low-rank pair, so it is
+    merged into the weight, by the formulas of the LyCORIS paper and repository (and the way ComfyUI and
+    WebUI apply them):
+
+    * LoHa ``ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r`` (with ``hada_t1/t2``: each factor rebuilt as
+      ``einsum('i j k l, j r, i p -> p r k l', t, w_b, w_a)``), r = ``hada_w1_b`` rows;
+    * LoKr ``ΔW = kron(w1, w2) · alpha / r``, each of w1, w2 given whole or as ``_a @ _b`` (``lokr_t2`` a
+      Tucker core); alpha / r only applies when a factor is low-rank (r its rank), else the scale is 1;
+    * LoRA with ``lora_mid`` (Tucker): ``einsum('i j k l, j r, p i -> p r k l', mid, down, up) · alpha / r``;
+    * DoRA (``dora_scale`` m beside any of these): ``W' = m · (W + ΔW) / ‖W + ΔW‖`` with the norm per output
+      row (m of shape [out, 1, ...]) or per input column (m of shape [1, in, ...]); at strength s the base
+      moves by ``s · (W' − W)``, so strength 0 is the base model (ComfyUI's rule).
+    """
+
+    component: str
+    path: str
+    kind: str  # loha | lokr | lora (Tucker) ; DoRA when tensors holds dora_scale
+    tensors: dict[str, torch.Tensor]
+
+    def _alpha_over(self, rank: int | None) -> float:
+        alpha = self.tensors.get("alpha")
+        return float(alpha) / rank if alpha is not None and rank else 1.0
+
+    def diff(self, shape: torch.Size) -> torch.Tensor:
+        """ΔW at strength 1, alpha/rank included."""
+        t = {k: v.float() for k, v in self.tensors.items()}
+        if self.kind == "loha":
+            if "hada_t1" in t:
+                first = _tucker(t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
+                second = _tucker(t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
+            else:
+                first, second = _product(t["hada_w1_a"], t["hada_w1_b"]), _product(t["hada_w2_a"], t["hada_w2_b"])
+            return (first * second).reshape(shape) * self._alpha_over(t["hada_w1_b"].shape[0])
+        if self.kind == "lokr":
+            rank = None
+            w1 = t.get("lokr_w1")
+            if w1 is None:
+                rank = t["lokr_w1_b"].shape[0]
+                w1 = _product(t["lokr_w1_a"], t["lokr_w1_b"])
+            w2 = t.get("lokr_w2")
+            if w2 is None:
+                rank = t["lokr_w2_b"].shape[0]
+                w2 = (_tucker(t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"]) if "lokr_t2" in t
+                      else _product(t["lokr_w2_a"], t["lokr_w2_b"]))
+            while w1.dim() < w2.dim():
+                w1 = w1.unsqueeze(-1)
+            return torch.kron(w1, w2).reshape(shape) * self._alpha_over(rank)
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+        if "lora_mid.weight" in t:
+            delta = torch.einsum("i j k l, j r, p i -> p r k l", t["lora_mid.weight"], down.flatten(1), up.flatten(1))
+        else:
+            delta = up.flatten(1) @ down.flatten(1)
+        return delta.reshape(shape) * self._alpha_over(down.shape[0])
+
+    def delta(self, weight: float, base: torch.Tensor) -> torch.Tensor:
+        """What merging at ``weight`` adds to ``base``."""
+        diff = self.diff(base.shape)
+        if "dora_scale" not in self.tensors:
+            return weight * diff
+        merged = base.float() + diff
+        magnitude = self.tensors["dora_scale"].float()
+        if magnitude.shape[0] == merged.shape[0] and (magnitude.dim() < 2 or magnitude.shape[1] == 1):
+            norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
+        else:  # per input column
+            norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(
+                merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1)
+        decomposed = merged * (magnitude.reshape(norm.shape) / (norm + torch.finfo(torch.float32).eps))
+        return weight * (decomposed - base.float())
+
+
+def _product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``up [out, r(, 1, 1)] @ down [r, in(, kh, kw)]`` keeping the kernel dimensions of ``down``."""
+    return (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(up.shape[0], *down.shape[1:])
+
+
+def _tucker(core: torch.Tensor, w_b: torch.Tensor, w_a: torch.Tensor) -> torch.Tensor:
+    """A factor rebuilt from its Tucker core: ``einsum('i j k l, j r, i p -> p r k l')`` (LyCORIS' layout)."""
+    return torch.einsum("i j k l, j r, i p -> p r k l", core, w_b, w_a)
+
+
+AnyLoraModule = LoraModule | LycorisModule
 
 
 # ----------------------------------------------------------------------------- writing
@@ -144,15 +227,71 @@ def save_lora_file(path: str | os.PathLike, state: Mapping[str, torch.Tensor], m
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=stringify_metadata(metadata))
+        sort_header(tmp)
+
+
+def sort_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place (same length, data untouched).
+
+    safetensors' writer keeps the header in a Rust HashMap, so its order, and the file's bytes, change from
+    process to process; sorted, the same tensors and metadata always give the same bytes."""
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # cannot happen for a re-ordering; never corrupt a file if it does
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))
 
 
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    """A ``.safetensors`` file's tensors and header; any other file is refused with its name and why."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    return load_file(str(path)), metadata
+    path = Path(path)
+    if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
+        raise DataError(f"{path} is a pickled {path.suffix} file: LoRAs are read from .safetensors only (a pickle can "
+                        f"run code when loaded). Use the .safetensors version of this LoRA.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        return load_file(str(path)), metadata
+    except SafetensorError as exc:
+        raise DataError(f"{path} is not a readable .safetensors file ({exc}); is it damaged, or another format?") \
+            from None
+
+
+def webui_copy_path(folder: str | os.PathLike, title: str, model_hash: str) -> tuple[Path, str | None]:
+    """Where the WebUI copy of an export goes: ``<title>.safetensors``, unless a file of that name exists that
+    this project did not write for this subject (a user's own LoRA): then ``<title>-<hash8>.safetensors``, and a
+    note saying why. An earlier export of the same subject is replaced, so ``<lora:title>`` is the newest."""
+    target = Path(folder).expanduser() / f"{title}.safetensors"
+    if not target.exists():
+        return target, None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(target), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception:  # noqa: BLE001 - unreadable means: not ours
+        header = {}
+    if header.get("lora_pipeline.subject") == title:
+        return target, None
+    other = target.with_name(f"{title}-{model_hash[:8]}.safetensors")
+    return other, (f"{target} exists and was not exported by lora-pipeline for '{title}'; it was left alone and "
+                   f"this export was written as {other.name} (use <lora:{other.stem}:0.8>)")
+
+
+def check_is_lora(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a file that holds no LoRA weights (a whole UNet or checkpoint passed as a LoRA, say)."""
+    # kohya-named keys pass here even when their kind is unsupported (OFT ...): kohya_modules names the kind
+    if not any(".lora_" in key or key.startswith(KOHYA_PREFIXES) for key in state):
+        example = next(iter(state), "(no tensors)")
+        raise DataError(f"{source} is not a LoRA: it has no lora_down/lora_up (kohya), lora_A/lora_B (diffusers, "
+                        f"PEFT) or LyCORIS weights; its keys look like a full model's (e.g. {example}). Give a LoRA "
+                        f".safetensors file, such as an export of this project or a kohya/WebUI LoRA.")
 
 
 def kohya_metadata(summary: TrainingSummary, state: Mapping[str, torch.Tensor], title: str,
@@ -184,6 +323,12 @@ def kohya_metadata(summary: TrainingSummary, state: Mapping[str, torch.Tensor], 
         "ss_output_name": title,
         "ss_network_args": {"conv_dim": None, "targets": spec.targets.get("unet")},
         "ss_dataset_hash": summary.dataset_hash,
+        "ss_clip_skip": str(summary.clip_skip),
+        "ss_optimizer": summary.optimizer,
+        "ss_flip_aug": str(summary.flip_aug),
+        "ss_prior_loss_weight": str(summary.prior_loss_weight),
+        "ss_num_reg_images": str(summary.num_reg_images),
+        **kohya_dataset_dirs(summary.folders),
         "sshs_model_hash": tensor_hash(state),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.architecture,
@@ -193,6 +338,19 @@ def kohya_metadata(summary: TrainingSummary, state: Mapping[str, torch.Tensor], 
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.trigger_phrase": summary.trigger or None,
     }
+
+
+def kohya_dataset_dirs(folders: list[dict[str, Any]]) -> dict[str, Any]:
+    """kohya's ``ss_dataset_dirs`` / ``ss_reg_dataset_dirs`` (``{folder: {n_repeats, img_count}}``) and
+    ``ss_datasets`` with each subset's class tokens, as sd-scripts writes them for DreamBooth-style folders."""
+    if not folders:
+        return {}
+    dirs = {role: {f["folder"] or ".": {"n_repeats": f["repeats"], "img_count": f["kept"]}
+                   for f in folders if f["role"] == role} for role in ("instance", "reg")}
+    subsets = [{"image_dir": f["folder"] or ".", "num_repeats": f["repeats"], "class_tokens": f["class_tokens"] or None,
+                "is_reg": f["role"] == "reg", "img_count": f["kept"]} for f in folders]
+    return {"ss_dataset_dirs": dirs["instance"], "ss_reg_dataset_dirs": dirs["reg"],
+            "ss_datasets": [{"is_dreambooth": True, "subsets": subsets}]}
 
 
 def build_kohya_file(lora_state: Mapping[str, torch.Tensor], summary: TrainingSummary, unet_config: Any,
@@ -217,7 +375,31 @@ def save_diffusers_lora(folder: str | os.PathLike, lora_state: Mapping[str, torc
             layers[f"{component}_lora_adapter_metadata"] = spec.adapter_metadata(component)
     with atomic_folder(folder) as tmp:
         family.pipeline_class().save_lora_weights(tmp, **layers)
+        _canonical_header(tmp / DIFFUSERS_WEIGHT_NAME)
     return folder
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header deterministically: diffusers writes ``target_modules`` from a Python set, so
+    its order (and the file's bytes) changed from process to process. Lists of names are sorted, keys too."""
+    from safetensors.torch import save_file
+
+    def canonical(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: canonical(v) for k, v in sorted(value.items())}
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return sorted(value)
+        return value
+
+    state, header = load_lora_file(path)
+    fixed = {}
+    for key, text in sorted(header.items()):
+        try:
+            fixed[key] = json.dumps(canonical(json.loads(text)), sort_keys=True)
+        except (ValueError, TypeError):
+            fixed[key] = text
+    save_file({k: state[k].contiguous() for k in sorted(state)}, str(path), metadata=fixed)
+    sort_header(path)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -227,21 +409,35 @@ def is_kohya(state: Mapping[str, torch.Tensor]) -> bool:
 
 
 def kohya_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Group a kohya state dict by module: ``{name: {"down": .., "up": .., "alpha": ..}}``."""
+    """Group a kohya state dict by module: ``{name: {"down": .., "up": .., "alpha": ..}}`` for plain LoRA
+    and LoCon; LyCORIS and DoRA modules keep their own key names (``hada_w1_a``, ``lokr_w1``, ``dora_scale``)."""
+    plain = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = _KOHYA_KEY.match(key)
         if not match:
-            raise DataError(f"unsupported key {key!r}: only plain LoRA (lora_down/lora_up/alpha) is supported, "
-                            f"not LyCORIS (LoHa/LoKr/LoCon hada_/lokr_ keys) or DoRA")
+            suffix = key.split(".", 1)[-1]
+            kind = UNSUPPORTED_KINDS.get(suffix.removesuffix(".weight"), "unknown")
+            raise DataError(f"unsupported key {key!r}: a {kind} weight ({suffix}). Supported: LoRA and LoCon "
+                            f"(lora_down/lora_up/lora_mid), LoHa (hada_*), LoKr (lokr_*) and DoRA (dora_scale).")
         prefix, body, suffix = match.groups()
-        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[suffix]
-        modules.setdefault(prefix + body, {})[part] = tensor
+        modules.setdefault(prefix + body, {})[plain.get(suffix, suffix)] = tensor
     return modules
 
 
+def _lycoris_kind(parts: Mapping[str, torch.Tensor]) -> str | None:
+    """None for a plain LoRA / LoCon pair (PEFT can hold it); else how to merge it."""
+    if any(k.startswith("hada_") for k in parts):
+        return "loha"
+    if any(k.startswith("lokr_") for k in parts):
+        return "lokr"
+    if "lora_mid.weight" in parts or "dora_scale" in parts:
+        return "lora"
+    return None
+
+
 def read_lora_modules(path: str | os.PathLike, family: ModelFamily,
-                      modules: Mapping[str, torch.nn.Module]) -> list[LoraModule]:
+                      modules: Mapping[str, torch.nn.Module]) -> list[AnyLoraModule]:
     """Any supported LoRA file (kohya of this family, or a diffusers file/folder) as :class:`LoraModule`\\ s
     of ``modules`` (component name -> loaded model). Every pair must find its layer, or the error says which."""
     path = Path(path)
@@ -254,8 +450,9 @@ def read_lora_modules(path: str | os.PathLike, family: ModelFamily,
 
 
 def lora_modules_from_state(state: Mapping[str, torch.Tensor], header: Mapping[str, str], family: ModelFamily,
-                            modules: Mapping[str, torch.nn.Module], source: str) -> list[LoraModule]:
+                            modules: Mapping[str, torch.nn.Module], source: str) -> list[AnyLoraModule]:
     """:func:`read_lora_modules` for tensors already in memory (``source`` names them in errors)."""
+    check_is_lora(state, source)
     out = []
     if is_kohya(state):
         index = kohya_name_index(family, modules)
@@ -264,6 +461,16 @@ def lora_modules_from_state(state: Mapping[str, torch.Tensor], header: Mapping[s
                 other = "SDXL" if family.name == "sd1" else "SD1.x"
                 raise DataError(f"{source}: LoRA module {name!r} has no matching layer in this {family.display_name} "
                                 f"base (is it an {other} LoRA, or were other targets trained?)")
+            kind = _lycoris_kind(parts)
+            if kind is not None:
+                named = {{"down": "lora_down.weight", "up": "lora_up.weight"}.get(k, k): v for k, v in parts.items()}
+                needed = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+                          "lokr": (), "lora": ("lora_down.weight", "lora_up.weight")}[kind]
+                if any(k not in named for k in needed):
+                    raise DataError(f"{source}: {kind} module {name} lacks one of {', '.join(needed)}; the file is "
+                                    f"damaged.")
+                out.append(LycorisModule(*index[name], kind, named))
+                continue
             if "down" not in parts or "up" not in parts:
                 raise DataError(f"{source}: module {name} lacks its lora_down or lora_up weight; the file is damaged.")
             rank = parts["down"].shape[0]
@@ -300,10 +507,15 @@ def _own_path(path: str, names: set[str]) -> str | None:
     return None
 
 
-def to_peft_state(lora_modules: Iterable[LoraModule], target_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Training/diffusers keys with every module's own scale folded into ``lora_B`` relative to ``target_scale``."""
+def to_peft_state(lora_modules: Iterable[AnyLoraModule], target_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Training/diffusers keys with every module's own scale folded into ``lora_B`` relative to ``target_scale``.
+    Only plain LoRA / LoCon pairs have this form (LyCORIS modules are merged, see :class:`LycorisModule`)."""
     state = {}
     for m in lora_modules:
+        if isinstance(m, LycorisModule):
+            raise DataError(f"{m.component}.{m.path} is a {'DoRA' if 'dora_scale' in m.tensors else m.kind} module: "
+                            f"only a plain LoRA can seed training (init_lora); LyCORIS files work in generation "
+                            f"and merge.")
         state[f"{m.component}.{m.path}.lora_A.weight"] = m.down.float()
         state[f"{m.component}.{m.path}.lora_B.weight"] = rescale_up(m.up.float(), m.scale, target_scale)
     return state

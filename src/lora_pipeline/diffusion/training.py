@@ -26,7 +26,7 @@ from lora_pipeline.core.trainer import (
     NonFiniteLossError,
     TrainerCore,
     make_accelerator,
-    make_adamw,
+    make_optimizer,
     optimizer_step,
     peak_memory_mb,
     weight_dtype,
@@ -34,6 +34,7 @@ from lora_pipeline.core.trainer import (
 from lora_pipeline.diffusion.families import Conditioning, ModelFamily
 from lora_pipeline.diffusion.loading import DiffusionComponents, module_fingerprint
 from lora_pipeline.errors import ConfigError, LoraPipelineError
+from lora_pipeline.prep.concepts import epoch_items
 from lora_pipeline.prep.images import load_rgb
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Example:
     sha256: str
     original_size: tuple[int, int] | None = None  # (width, height)
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left), in SDXL's order
+    repeats: int = 1  # kohya's N of an N_concept folder
+    is_reg: bool = False  # a regularization (class) image: its loss is weighted by prior_loss_weight
 
     def time_ids(self) -> list[int]:
         """SDXL ``add_time_ids``: original (h, w), crop (top, left), target (h, w)."""
@@ -72,6 +75,7 @@ class TrainResult:
     samples: list[Any] = field(default_factory=list)
     resumed_from: str | None = None
     latents_encoded: int = 0
+    optimizer: str = "AdamW"  # the optimizer class that ran
 
 
 # ----------------------------------------------------------------------------- LoRA injection
@@ -129,8 +133,13 @@ def load_lora_state(sd: DiffusionComponents, state: dict[str, torch.Tensor], wha
                 raise LoraPipelineError(f"{what}: weight {prefix}{key} has no matching LoRA layer; "
                                         f"check training.unet_targets / text_encoder_targets.")
             if tuple(own[peft_key]) != tuple(tensor.shape):
+                rank_axis = 0 if ".lora_A." in peft_key else 1
+                if tensor.shape[rank_axis] != own[peft_key][rank_axis]:
+                    advice = f"set training.lora_rank: {tensor.shape[rank_axis]} (the file's rank)"
+                else:  # same rank, other layer sizes
+                    advice = "it was trained on another base model; use a LoRA of this base, or init_lora: null"
                 raise LoraPipelineError(f"{what}: {prefix}{key} has shape {tuple(tensor.shape)}, the adapter "
-                                        f"{tuple(own[peft_key])}; set training.lora_rank to the file's rank.")
+                                        f"{tuple(own[peft_key])}: {advice}.")
         result = set_peft_model_state_dict(_unwrap(module), part)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
@@ -147,38 +156,50 @@ def _unwrap(module: Any) -> Any:
 
 # ----------------------------------------------------------------------------- caching
 
+FLIPPED = ":flip"  # suffix of a mirrored image's key in the latent-key map
+
+
 def encode_latents(sd: DiffusionComponents, examples: Sequence[Example], cache: DiskCache, device: torch.device,
-                   batch_size: int = 8) -> tuple[dict[str, str], int]:
+                   batch_size: int = 8, flip: bool = False) -> tuple[dict[str, str], int]:
     """Encode every image's VAE latent distribution once; returns ({sha256: cache key}, number encoded).
 
     Keys are image hash + VAE fingerprint, so a retrain on the same base model re-encodes only new images,
-    and a changed image or another VAE can never hit a stale entry.
+    and a changed image or another VAE can never hit a stale entry. With ``flip`` (kohya's flip_aug) the
+    mirrored image is encoded and cached too (``sha256 + ":flip"``): a mirrored latent is not the mirror
+    of the latent, so flipping cached latents would train on something the VAE never produced.
     """
     vae_id = module_fingerprint(sd.vae)
-    keys = {ex.sha256: f"latent-{ex.sha256[:32]}-{vae_id}" for ex in examples}
-    missing = [ex for ex in examples if not cache.has(keys[ex.sha256], ".safetensors")]
+    todo = [(ex, False) for ex in examples] + ([(ex, True) for ex in examples] if flip else [])
+    keys = {}
+    for ex, flipped in todo:
+        keys[ex.sha256 + (FLIPPED if flipped else "")] = f"latent-{ex.sha256[:32]}{'-flip' if flipped else ''}-{vae_id}"
+    missing = [(ex, flipped) for ex, flipped in dict.fromkeys(todo)
+               if not cache.has(keys[ex.sha256 + (FLIPPED if flipped else "")], ".safetensors")]
     if missing:
         sd.vae.to(device)
-        groups: dict[tuple[int, int], list[Example]] = {}
-        for ex in missing:
-            groups.setdefault((ex.width, ex.height), []).append(ex)
+        groups: dict[tuple[int, int], list[tuple[Example, bool]]] = {}
+        for ex, flipped in missing:
+            groups.setdefault((ex.width, ex.height), []).append((ex, flipped))
         with tqdm(total=len(missing), desc="encoding latents", unit="img") as bar, torch.inference_mode():
             for group in groups.values():
                 for start in range(0, len(group), batch_size):
                     chunk = group[start:start + batch_size]
-                    pixels = torch.stack([_to_tensor(load_rgb(ex.path)) for ex in chunk]).to(device, sd.vae.dtype)
-                    dist = sd.vae.encode(pixels).latent_dist
-                    for ex, mean, std in zip(chunk, dist.mean, dist.std):
-                        cache.put_tensors(keys[ex.sha256], {"mean": mean.float(), "std": std.float()})
+                    pixels = torch.stack([_to_tensor(load_rgb(ex.path), flipped) for ex, flipped in chunk])
+                    dist = sd.vae.encode(pixels.to(device, sd.vae.dtype)).latent_dist
+                    for (ex, flipped), mean, std in zip(chunk, dist.mean, dist.std):
+                        cache.put_tensors(keys[ex.sha256 + (FLIPPED if flipped else "")],
+                                          {"mean": mean.float(), "std": std.float()})
                     bar.update(len(chunk))
-    logger.info("Latents: %d cached, %d new", len(examples) - len(missing), len(missing))
+    logger.info("Latents: %d cached, %d new", len(keys) - len(missing), len(missing))
     return keys, len(missing)
 
 
-def _to_tensor(image) -> torch.Tensor:
+def _to_tensor(image, flipped: bool = False) -> torch.Tensor:
     import numpy as np
 
     array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    if flipped:
+        array = array.flip(-1)
     return array / 127.5 - 1.0
 
 
@@ -188,7 +209,10 @@ class TextEncoderCache:
 
     def __init__(self, sd: DiffusionComponents, cache: DiskCache, device: torch.device):
         self.sd, self.cache, self.device = sd, cache, device
-        self.te_id = settings_key({"te": [module_fingerprint(te) for te in sd.text_encoders]})
+        identity: dict[str, Any] = {"te": [module_fingerprint(te) for te in sd.text_encoders]}
+        if sd.clip_skip > 1:
+            identity["clip_skip"] = sd.clip_skip
+        self.te_id = settings_key(identity)
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
 
     def __call__(self, texts: Sequence[str]) -> Conditioning:
@@ -223,19 +247,21 @@ def time_ids_for(sd: DiffusionComponents, examples: Sequence[Example], device: t
 class StepInputs(torch.utils.data.Dataset):
     """One example's input to a training step: its cached latent statistics, or its pixels when latents are
     not cached (the textbook path: VAE-encode every step). Served by torch's DataLoader, so ``data_workers``
-    processes read and decode the next batches while the current step computes."""
+    processes read and decode the next batches while the current step computes. Index ``n + i`` is example
+    ``i`` mirrored (flip_aug)."""
 
     def __init__(self, examples: Sequence[Example], cache: DiskCache, latent_keys: dict[str, str]):
         self.examples, self.cache, self.latent_keys = examples, cache, latent_keys
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return 2 * len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        example = self.examples[index]
+        flipped, position = divmod(index, len(self.examples))
+        example = self.examples[position]
         if not self.latent_keys:
-            return {"pixels": _to_tensor(load_rgb(example.path))}
-        stats = self.cache.get_tensors(self.latent_keys[example.sha256])
+            return {"pixels": _to_tensor(load_rgb(example.path), bool(flipped))}
+        stats = self.cache.get_tensors(self.latent_keys[example.sha256 + (FLIPPED if flipped else "")])
         if stats is None:
             raise LoraPipelineError(f"The cached latents of {example.path} disappeared during training "
                                     f"(cache folder {self.cache.root}); run the training pipeline again.")
@@ -249,17 +275,26 @@ def data_workers(requested: int | None, device: torch.device) -> int:
     return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
 
 
-def bucket_batches(examples: Sequence[Example], batch_size: int, repeats: int, seed: int, epoch: int
-                   ) -> list[list[int]]:
-    """This epoch's batches: each holds one bucket's images only; order depends on (seed, epoch) alone."""
+def bucket_batches(examples: Sequence[Example], batch_size: int, repeats: int, seed: int, epoch: int,
+                   flip: bool = False) -> list[list[int]]:
+    """This epoch's batches: each holds one bucket's images only; order depends on (seed, epoch) alone.
+
+    Each image counts ``repeats`` x its folder's repeats; regularization images fill as many places as the
+    instance images take (kohya's DreamBooth mixing). With ``flip``, each place is mirrored with
+    probability 1/2 (index ``len(examples) + i``)."""
     rng = random.Random(seed * 1_000_003 + epoch)
+    instance = [(i, ex.repeats * repeats) for i, ex in enumerate(examples) if not ex.is_reg]
+    regularization = [(i, ex.repeats * repeats) for i, ex in enumerate(examples) if ex.is_reg]
     groups: dict[tuple[int, int], list[int]] = {}
-    for index, ex in enumerate(examples):
-        groups.setdefault((ex.width, ex.height), []).extend([index] * repeats)
+    for index in epoch_items(instance, regularization):
+        ex = examples[index]
+        groups.setdefault((ex.width, ex.height), []).append(index)
     batches = []
     for key in sorted(groups):
         members = groups[key][:]
         rng.shuffle(members)
+        if flip:
+            members = [m + len(examples) if rng.random() < 0.5 else m for m in members]
         batches.extend(members[i:i + batch_size] for i in range(0, len(members), batch_size))
     rng.shuffle(batches)
     return batches
@@ -287,8 +322,12 @@ def run_signature(params: TrainingParams, spec: LoraSpec, base_id: str, dataset_
     keys = ("batch_size", "gradient_accumulation_steps", "seed", "repeats", "learning_rate", "text_encoder_lr",
             "lr_scheduler", "lr_warmup_steps", "caption_dropout", "shuffle_tags", "noise_offset",
             "min_snr_gamma", "init_lora")
+    # Added later: part of the signature only when set, so checkpoints of earlier runs still resume.
+    later = {"prior_loss_weight": 1.0, "clip_skip": 1, "flip_aug": False, "optimizer": "adamw",
+             "optimizer_args": {}, "lr_scheduler_num_cycles": 1}
     return {"base_model": base_id, "dataset": dataset_hash, "spec": spec.model_dump(mode="json"),
-            **{k: getattr(params, k) for k in keys}}
+            **{k: getattr(params, k) for k in keys},
+            **{k: getattr(params, k) for k, default in later.items() if getattr(params, k) != default}}
 
 
 StepCallback = Callable[[int, DiffusionComponents], None]
@@ -313,9 +352,15 @@ def train(
 
     if not examples:
         raise LoraPipelineError("No training images. Run the normalization pipeline first.")
-    if params.batch_size > len(examples) * params.repeats:
+    if not any(not ex.is_reg for ex in examples):
+        raise LoraPipelineError("Only regularization images and no training images. Put your subject's images in "
+                                "the subject's images folder (kohya: train_data_dir), the class images in reg/.")
+    places = sum(ex.repeats for ex in examples if not ex.is_reg) * params.repeats
+    if params.batch_size > places:
         raise ConfigError(f"training.batch_size ({params.batch_size}) is larger than the training set "
-                          f"({len(examples)} images x repeats {params.repeats}); lower batch_size or raise repeats.")
+                          f"({places} images x repeats); lower batch_size or raise repeats.")
+    sd.family.check_clip_skip(params.clip_skip)
+    sd.clip_skip = params.clip_skip
     accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps,
                                    params.allow_tf32, params.gpu)
     device = accelerator.device
@@ -336,7 +381,7 @@ def train(
         logger.warning("SDXL with fp16: the VAE stays fp32 (its fp16 version produces NaN latents); "
                        "bf16 is the safer choice for the UNet on GPUs that support it.")
     if params.cache_latents:
-        latent_keys, latents_encoded = encode_latents(sd, examples, cache, device)
+        latent_keys, latents_encoded = encode_latents(sd, examples, cache, device, flip=params.flip_aug)
         sd.vae.to("cpu")
     else:
         latent_keys, latents_encoded = {}, 0
@@ -358,19 +403,20 @@ def train(
     for name in trained_te:
         groups.append({"params": [p for p in sd.component(name).parameters() if p.requires_grad],
                        "lr": params.text_encoder_lr})
-    optimizer = make_adamw(groups, eight_bit=params.optimizer == "adamw8bit")
+    optimizer = make_optimizer(params.optimizer, groups, params.optimizer_args)
 
     batches_per_epoch = len(bucket_batches(examples, params.batch_size, params.repeats, params.seed, 0))
     micro_per_process = max(1, batches_per_epoch // accelerator.num_processes)
     steps_per_epoch = max(1, micro_per_process // params.gradient_accumulation_steps)
     total_steps = params.max_steps or params.epochs * steps_per_epoch
     scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps,
-                              num_training_steps=total_steps)
+                              num_training_steps=total_steps, num_cycles=params.lr_scheduler_num_cycles)
 
     core = TrainerCore(
         accelerator=accelerator, seed=params.seed, subject=params.output_name,
         subject_folder=Path(params.checkpoint_dir) / params.output_name,
         signature=signature, total_steps=total_steps, save_steps=params.save_steps,
+        save_every_steps=params.save_every_n_epochs * steps_per_epoch,
         keep_checkpoints=params.keep_checkpoints, log_every_steps=params.log_every_steps,
         advice="mixed_precision: bf16 instead of fp16, a lower learning_rate, or an fp32 VAE",
         desc=f"training {params.output_name}", unit="img", lora_state=lambda: lora_state_dict(sd),
@@ -398,7 +444,8 @@ def train(
             epoch, index = divmod(global_index, batches_per_epoch)
             if epoch not in epoch_cache:
                 epoch_cache.clear()
-                epoch_cache[epoch] = bucket_batches(examples, params.batch_size, params.repeats, params.seed, epoch)
+                epoch_cache[epoch] = bucket_batches(examples, params.batch_size, params.repeats, params.seed, epoch,
+                                                    params.flip_aug)
             return epoch_cache[epoch][index]
 
         ga = params.gradient_accumulation_steps
@@ -435,8 +482,9 @@ def train(
                             (latents.shape[0], latents.shape[1], 1, 1), generator=generator)
                     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                               generator=generator)
-                    texts = [prepare_caption(examples[i].text, rng, params.caption_dropout, params.shuffle_tags,
-                                             keep_tokens) for i in indices]
+                    chosen = [examples[i % len(examples)] for i in indices]
+                    texts = [prepare_caption(ex.text, rng, params.caption_dropout, params.shuffle_tags,
+                                             keep_tokens) for ex in chosen]
                     latents = latents.to(device, non_blocking=True)
                     noise = noise.to(device, non_blocking=True)
                     timesteps = timesteps.to(device, non_blocking=True)
@@ -452,7 +500,7 @@ def train(
                         hidden = cond.hidden.to(dtype)
                         if cond.pooled is not None:
                             cond = Conditioning(hidden, cond.pooled.to(dtype))
-                        time_ids = time_ids_for(sd, [examples[i] for i in indices], device)
+                        time_ids = time_ids_for(sd, chosen, device)
                         pred = unet(noisy.to(dtype), timesteps, hidden,
                                     **cond.unet_kwargs(time_ids.to(dtype) if time_ids is not None else None)).sample
                     target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(
@@ -462,6 +510,9 @@ def train(
                         snr = compute_snr(noise_scheduler, timesteps)
                         weight = snr.clamp(max=params.min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
                         loss = loss * weight
+                    if any(ex.is_reg for ex in chosen):  # DreamBooth prior preservation, as kohya weights it
+                        loss = loss * torch.tensor([params.prior_loss_weight if ex.is_reg else 1.0 for ex in chosen],
+                                                   device=loss.device)
                     loss = loss.mean()
                     optimizer_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm)
                 step_loss += loss.detach() / ga
@@ -481,7 +532,12 @@ def train(
             epochs_done=total_steps * params.gradient_accumulation_steps / batches_per_epoch,
             images_per_second=images_per_second, peak_memory_mb=peak_memory_mb(device),
             samples=samples, resumed_from=core.resumed_from, latents_encoded=latents_encoded,
+            optimizer=_class_path(getattr(optimizer, "optimizer", optimizer)),  # inside accelerate's wrapper
         )
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__name__}"
 
 
 @torch.no_grad()
@@ -496,9 +552,10 @@ def render_samples(sd: DiffusionComponents, params: TrainingParams) -> list[Any]
     _unwrap(sd.unet).eval()
     size = params.sample_size
     images = []
-    for index, prompt in enumerate(params.sample_prompts):
+    for index, prompt in enumerate(tqdm(params.sample_prompts, desc="samples", unit="img", leave=False)):
         generator = torch.Generator().manual_seed(params.seed + index)
-        images.extend(pipe(prompt, num_inference_steps=params.sample_inference_steps, generator=generator,
+        images.extend(pipe(**sd.family.prompt_kwargs(pipe, prompt, None, sd.clip_skip),
+                           num_inference_steps=params.sample_inference_steps, generator=generator,
                            height=size, width=size).images)
     pipe.vae.to("cpu")
     _unwrap(sd.unet).train(was_training)
@@ -517,7 +574,7 @@ def denoising_loss(sd: DiffusionComponents, examples: Sequence[Example], cache: 
     device = next(unet.parameters()).device
     scaling = sd.vae.config.scaling_factor
     total, count = 0.0, 0
-    for index, ex in enumerate(examples):
+    for index, ex in enumerate(tqdm(examples, desc="denoising loss", unit="img", leave=False)):
         stats = cache.get_tensors(latent_keys[ex.sha256])
         cond = sd.encode_prompt([ex.text], device)
         time_ids = time_ids_for(sd, [ex], device)

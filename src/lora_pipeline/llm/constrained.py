@@ -43,32 +43,39 @@ class JsonConstraint:
                 "suppress_tokens": self._suppress}
 
 
-def parses(text: str, schema: dict[str, Any] | None = None) -> bool:
-    """Does ``text`` parse as JSON (and, given a schema, have its required keys and enum values)?"""
+def schema_errors(text: str, schema: dict[str, Any] | None = None) -> str:
+    """Why ``text`` is not a valid answer: not JSON, or the first JSON Schema violation (the ``jsonschema``
+    library: types, integer vs number, ranges, items, maxItems, required, enum, additionalProperties ...);
+    ``""`` when it is valid."""
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return False
+    except (json.JSONDecodeError, TypeError) as exc:
+        return f"not JSON ({exc})"
     if not schema:
-        return True
-    return _matches(value, schema)
+        return ""
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is None:
+        return ""
+    where = "/".join(str(part) for part in error.absolute_path) or "(root)"
+    return f"{where}: {error.message}"
 
 
-def _matches(value: Any, schema: dict[str, Any]) -> bool:
-    """A small JSON Schema check (type, required, properties, enum, maxLength) for reporting; xgrammar enforces."""
-    kind = schema.get("type")
-    types = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-    if isinstance(kind, str) and kind in types and not isinstance(value, types[kind]):
-        return False
-    if "enum" in schema and value not in schema["enum"]:
-        return False
-    if isinstance(value, str) and "maxLength" in schema and len(value) > schema["maxLength"]:
-        return False
-    if isinstance(value, dict):
-        if any(key not in value for key in schema.get("required", [])):
-            return False
-        props = schema.get("properties", {})
-        if schema.get("additionalProperties") is False and props and set(value) - set(props):
-            return False
-        return all(_matches(value[k], sub) for k, sub in props.items() if k in value)
-    return True
+def parses(text: str, schema: dict[str, Any] | None = None) -> bool:
+    """Does ``text`` parse as JSON and, given a schema, validate against it?"""
+    return not schema_errors(text, schema)
+
+
+def check_schema(schema: dict[str, Any] | None) -> None:
+    """Fail early on a schema that is not valid JSON Schema (the message names the problem)."""
+    if schema:
+        import jsonschema
+
+        from lora_pipeline.errors import ConfigError
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.exceptions.SchemaError as exc:
+            raise ConfigError(f"llm_eval.json_schema is not a valid JSON Schema: {exc.message}") from None

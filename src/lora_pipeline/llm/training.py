@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from lora_pipeline.config import LLMTrainingParams
 from lora_pipeline.core.models import load_pretrained
 from lora_pipeline.core.spec import LoraSpec
 from lora_pipeline.core.trainer import TrainerCore, make_accelerator, make_adamw, optimizer_step, peak_memory_mb
-from lora_pipeline.prep.llm_data import pack, pad_batch, pad_packed_batch
+from lora_pipeline.prep.llm_data import pack, pad_batch, pad_packed_batch, prompt_ids, user_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,68 @@ def with_adapter(model, spec: LoraSpec, state: dict[str, torch.Tensor] | None = 
     torch.manual_seed(seed)  # lora_A's initial values come from the global RNG
     peft_model = get_peft_model(model, spec.peft_config("model", task_type="CAUSAL_LM"))
     if state is not None:
-        result = set_peft_model_state_dict(peft_model, state)
+        try:
+            result = set_peft_model_state_dict(peft_model, state)
+        except RuntimeError as exc:  # a shape mismatch: another base model or architecture
+            raise ValueError(f"the adapter's weights do not fit this model ({str(exc).splitlines()[0]}); was it "
+                             f"trained on another base model?") from None
         if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"adapter keys do not match this model, e.g. {result.unexpected_keys[0]}")
+            raise ValueError(f"adapter keys do not match this model, e.g. {result.unexpected_keys[0]}; check "
+                             f"llm_training.target_modules and the base model")
     return peft_model
+
+
+def resolve_init_adapter(init_adapter: str, export_dir: str, output_name: str) -> Path:
+    """``latest`` -> the newest exported version of ``<output_name>_adapter``; else the folder as given."""
+    from lora_pipeline.errors import DataError
+
+    if init_adapter != "latest":
+        folder = Path(init_adapter)
+        if not (folder / "adapter_config.json").is_file():
+            raise DataError(f"init_adapter {folder} is not a PEFT adapter folder (no adapter_config.json). Give the "
+                            f"folder of an exported adapter, 'latest', or null.")
+        return folder
+    root = Path(export_dir) / f"{output_name}_adapter"
+    versions = sorted(p for p in root.glob(f"*/{output_name}_adapter") if (p / "adapter_config.json").is_file()) \
+        if root.is_dir() else []
+    if not versions:
+        raise DataError(f"init_adapter: latest, but {root} holds no exported adapter yet. Run the LLM pipelines once "
+                        f"(kedro run --pipelines llm), or set init_adapter: null.")
+    return versions[-1]
+
+
+def portable_base(name_or_path: str) -> str:
+    """A base model reference that works from any folder: an absolute path when it is local, else the hub id."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def load_init_adapter(folder: Path, spec: LoraSpec, base_model: str) -> dict[str, torch.Tensor]:
+    """An earlier adapter's weights, checked against this run's base model and rank, with its alpha/r folded
+    into ``lora_B`` for this run's alpha/r (so the model computes exactly what the earlier adapter did)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lora_pipeline.core.spec import rescale_up
+    from lora_pipeline.errors import ConfigError, DataError
+
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    recorded = config.get("base_model_name_or_path")
+    if recorded and portable_base(recorded) != portable_base(base_model):
+        raise ConfigError(f"init_adapter {folder} was trained on base model {recorded}, this run's base is "
+                          f"{base_model}: an adapter only fits the base it was trained on. Use that base, or set "
+                          f"init_adapter: null to train a new adapter.")
+    if int(config.get("r", spec.rank)) != spec.rank:
+        raise ConfigError(f"init_adapter {folder} has rank {config['r']}, llm_training.lora_rank is {spec.rank}; "
+                          f"set lora_rank: {config['r']} to continue it.")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise DataError(f"init_adapter {folder} has no adapter_model.safetensors; export it again.")
+    state = load_file(str(weights))
+    from_scale = float(config.get("lora_alpha", spec.rank)) / spec.rank
+    return {k: rescale_up(v.float(), from_scale, spec.scale) if ".lora_B." in k else v.float()
+            for k, v in state.items()}
 
 
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:
@@ -109,7 +168,10 @@ def train_causal_lm(
     params: LLMTrainingParams, *, dataset_hash: str,
     on_metrics: Callable[[dict[str, float], int], None] | None = None,
     step_callback: Callable[[int, Any], None] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None, init_from: str | None = None,
 ) -> LLMTrainResult:
+    """Fine-tune ``model`` with a LoRA; ``init_state`` (from :func:`load_init_adapter`) continues an earlier
+    adapter instead of starting a new one."""
     from transformers import get_scheduler
 
     if not train_items:
@@ -124,7 +186,7 @@ def train_causal_lm(
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     spec = llm_lora_spec(params)
-    model = with_adapter(model, spec, seed=params.seed)
+    model = with_adapter(model, spec, init_state, seed=params.seed)
     optimizer = make_adamw([{"params": [p for p in model.parameters() if p.requires_grad],
                              "lr": params.learning_rate}])
     per_epoch = max(1, math.ceil(len(train_items) / params.batch_size) // params.gradient_accumulation_steps)
@@ -133,7 +195,8 @@ def train_causal_lm(
                               num_training_steps=total_steps)
     signature = {"base_model": params.base_model, "dataset": dataset_hash, "spec": spec.model_dump(mode="json"),
                  **params.model_dump(include={"batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps", "seed",
-                                              "gradient_accumulation_steps", "packing", "pack_length"})}
+                                              "gradient_accumulation_steps", "packing", "pack_length"}),
+                 **({"init_from": init_from} if init_from else {})}
     core = TrainerCore(
         accelerator=accelerator, seed=params.seed, subject=params.output_name,
         subject_folder=Path(params.checkpoint_dir) / params.output_name,
@@ -194,25 +257,20 @@ def train_causal_lm(
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                     constraint=None) -> list[str]:
-    """Greedy answers to chat prompts (the tokenizer's template), optionally JSON-constrained."""
+def generate_answers(model, tokenizer, prompts: Sequence[str | Sequence[dict[str, str]]], max_new_tokens: int,
+                     constraint=None, template: str | None = None) -> list[str]:
+    """Greedy answers, each prompt formatted exactly as training formats it (:func:`prompt_ids`: the chat
+    template or ``template``, BOS first); a prompt is a string or chat messages. Optionally JSON-constrained."""
     device = next(model.parameters()).device
     model.eval()
     answers = []
-    for prompt in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=False)
-        else:
-            from lora_pipeline.prep.llm_data import DEFAULT_TEMPLATE
-
-            text = DEFAULT_TEMPLATE.format(system="", prompt=prompt)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+    for prompt in tqdm(prompts, desc="generating answers", unit="prompt", leave=False):
+        messages = user_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = torch.tensor([prompt_ids(tokenizer, messages, template)], device=device)
         extra = constraint.generate_kwargs() if constraint is not None else {}
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, **extra)
-        answers.append(tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, **extra)
+        answers.append(tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
 
 

@@ -70,7 +70,61 @@ class StepMetricsLogger:
         self._last_flush = time.monotonic()
 
     def __enter__(self) -> "StepMetricsLogger":
+        import signal
+        import threading
+
+        self._previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (a scheduler stopping the job, `kill`) becomes SystemExit, so this block and the runs
+            # around it unwind: the buffered step metrics are written and MLflow records the run as failed.
+            def terminate(signum, frame):
+                raise SystemExit(128 + signum)
+
+            self._previous_handler = signal.signal(signal.SIGTERM, terminate)
         return self
 
     def __exit__(self, *exc_info) -> None:
+        import signal
+
         self.flush()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+PROCESS_TAGS = ("lora_pipeline.host", "lora_pipeline.pid")
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a run: how the next start tells a killed run from one still going."""
+    import os
+    import socket
+
+    return {"lora_pipeline.host": socket.gethostname(), "lora_pipeline.pid": str(os.getpid())}
+
+
+def close_abandoned_runs(experiment_ids: list[str]) -> list[str]:
+    """Mark as KILLED the RUNNING runs that a process on this machine started and that process is gone
+    (kill -9, a power cut): without this they show as running in MLflow forever. Runs of live processes and
+    of other machines are left alone. Returns the run ids closed."""
+    import os
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    closed = []
+    for run in client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=500):
+        tags = run.data.tags
+        if tags.get("lora_pipeline.host") != host or not tags.get("lora_pipeline.pid", "").isdigit():
+            continue
+        try:
+            os.kill(int(tags["lora_pipeline.pid"]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed

@@ -148,6 +148,12 @@ def load_captioner(params: "CaptioningParams") -> Captioner:
     """The auto-captioner the parameters ask for."""
     if params.backend == "blip":
         return BlipCaptioner(params.model, params.allow_download, params.device, params.max_new_tokens)
+    if params.backend == "wd14":
+        from lora_pipeline.prep.wd14 import WD14Tagger
+
+        w = params.wd14
+        return WD14Tagger(params.model, params.allow_download, w.general_threshold, w.character_threshold,
+                          w.exclude_tags, w.underscores_to_spaces, w.escape_parentheses, params.device)
     tags = params.clip_tags
     return ClipTagger(params.model, tags.vocabulary, tags.top_k, tags.threshold, tags.prompt,
                       params.allow_download, params.device)

@@ -42,25 +42,66 @@ def list_images(folder: str | os.PathLike) -> list[str]:
 def read_sidecar(image_path: str | os.PathLike, extension: str = ".txt") -> str | None:
     """The kohya caption next to an image (``a.png`` -> ``a.txt``, or ``a.caption`` with that extension), or None.
 
-    Raises ValueError for a file that is not UTF-8 (with a BOM it is fine), rather than guessing.
+    Raises ValueError for a file whose encoding cannot be read (see :func:`read_sidecar_detected`)."""
+    found = read_sidecar_detected(image_path, extension)
+    return None if found is None else found[0]
+
+
+def read_sidecar_detected(image_path: str | os.PathLike, extension: str = ".txt") -> tuple[str, str] | None:
+    """``(caption, encoding)`` of an image's sidecar, or None without one.
+
+    UTF-8 (with or without BOM) is read as is. Captions saved on a Chinese or Japanese Windows are often GBK
+    or Shift-JIS: their encoding is detected with charset-normalizer, and the caller flags the caption for a
+    look, since a short text can be detected wrongly. Undetectable bytes raise ValueError naming the file.
     """
     sidecar = Path(image_path).with_suffix(extension)
     if not sidecar.is_file():
         return None
+    raw = sidecar.read_bytes()
     try:
-        return sidecar.read_bytes().decode("utf-8-sig").strip()
+        return raw.decode("utf-8-sig").strip(), "utf-8"
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{sidecar} is not UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
+        found = detect_caption_encoding(raw)
+        if found is not None:
+            return found
+        raise ValueError(f"{sidecar} is not UTF-8 ({exc.reason} at byte {exc.start}) and its encoding could not "
+                         f"be detected; re-save it as UTF-8") from None
+
+
+CAPTION_ENCODINGS = ["cp1252", "gb18030", "big5", "shift_jis", "euc_kr", "cp1251"]  # what caption files use
+
+
+def detect_caption_encoding(raw: bytes) -> tuple[str, str] | None:
+    """``(text, encoding)`` for a caption that is not UTF-8, or None.
+
+    Western text first: when every non-ASCII character of the cp1252 reading is a Latin letter (``café``),
+    that is the reading (charset-normalizer alone calls one accented letter Cyrillic); otherwise
+    charset-normalizer picks among the encodings caption files are written in."""
+    import unicodedata
+
+    try:
+        western = raw.decode("cp1252")
+        if all(ord(ch) < 128 or "LATIN" in unicodedata.name(ch, "") for ch in western):
+            return western.strip(), "cp1252"
+    except UnicodeDecodeError:
+        pass
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(raw, cp_isolation=CAPTION_ENCODINGS).best()
+    return (str(best).strip(), best.encoding) if best is not None and best.encoding else None
 
 
 def decode(data: bytes) -> Image.Image:
     """Fully decode image bytes and apply the EXIF orientation. Raises ValueError with a reason."""
+    if not data:
+        raise ValueError("empty file (0 bytes): the copy or download did not finish")
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()  # verify() alone misses truncated pixel data
             return ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"corrupt or unreadable image ({exc.__class__.__name__}: {exc})") from None
+        detail = str(exc).replace(" <_io.BytesIO object", "").split(" at 0x")[0]
+        raise ValueError(f"corrupt or unreadable image ({exc.__class__.__name__}: {detail})") from None
 
 
 def load_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -76,10 +117,10 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bit instead of clipping everything above 255 to white.
+        # 16-bit greyscale: map the type's range to 8 bit (not the image's peak, which would brighten it).
         array = np.asarray(image, dtype=np.float32)
-        peak = float(array.max()) or 1.0
-        image = Image.fromarray((array / peak * 255).astype(np.uint8), "L")
+        full_scale = 65535.0 if image.mode.startswith("I;16") or array.max() <= 65535 else float(2**31 - 1)
+        image = Image.fromarray(np.round(array / full_scale * 255).clip(0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
 
@@ -92,10 +133,12 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_buckets(resolution: int, minimum: int, maximum: int, step: int) -> list[tuple[int, int]]:
-    """kohya-style aspect buckets: (w, h) multiples of ``step`` with w*h <= resolution**2."""
-    max_area = resolution * resolution
-    buckets = {(resolution, resolution)}
+def make_buckets(resolution: int | tuple[int, int], minimum: int, maximum: int, step: int) -> list[tuple[int, int]]:
+    """kohya-style aspect buckets: (w, h) multiples of ``step`` with w*h <= the base resolution's area
+    (``resolution`` is a square side or kohya's non-square ``(width, height)``)."""
+    width0, height0 = resolution if isinstance(resolution, tuple) else (resolution, resolution)
+    max_area = width0 * height0
+    buckets = {(width0, height0), (height0, width0)}
     for width in range(minimum, maximum + 1, step):
         height = min(maximum, (max_area // width) // step * step)
         if height >= minimum:
@@ -155,13 +198,12 @@ def check_image(root: str | os.PathLike, file_name: str, min_size: int, want_pha
     data = (Path(root) / file_name).read_bytes()
     digest = sha256_bytes(data)
     try:
+        image = decode(data)  # ValueError with the reason (empty file, corrupt, ...)
         with Image.open(io.BytesIO(data)) as probe:
             orig_width, orig_height = probe.size
-        image = decode(data)
-    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        reason = str(exc) if str(exc).startswith("corrupt") else (
-            f"corrupt or unreadable image ({exc.__class__.__name__}: {exc})")
-        return ImageCheck(file_name, digest, ok=False, reason_code="corrupt", reason=reason)
+    except ValueError as exc:
+        code = "empty" if not data else "corrupt"
+        return ImageCheck(file_name, digest, ok=False, reason_code=code, reason=str(exc))
     width, height = image.size
     base = dict(orig_width=orig_width, orig_height=orig_height, width=width, height=height, mode=image.mode)
     if min(width, height) < min_size:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -105,33 +104,46 @@ def read_jsonl(path: str | Path) -> tuple[list[Conversation], list[Reject]]:
     return good, bad
 
 
-def render_prompt(tokenizer, conversation: Conversation, template: str | None) -> str:
+def render_prompt(tokenizer, prompt_messages: Sequence[dict[str, str]], template: str | None) -> str:
     """The prompt text up to where the answer starts: the tokenizer's chat template, else ``template``."""
     if template is None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(conversation.prompt_messages, add_generation_prompt=True,
-                                             tokenize=False)
-    system = "".join(c + "\n\n" for r, c in conversation.messages[:-1] if r == "system")
-    user = "\n\n".join(c for r, c in conversation.messages[:-1] if r != "system")
+        return tokenizer.apply_chat_template(list(prompt_messages), add_generation_prompt=True, tokenize=False)
+    system = "".join(m["content"] + "\n\n" for m in prompt_messages if m["role"] == "system")
+    user = "\n\n".join(m["content"] for m in prompt_messages if m["role"] != "system")
     return (template or DEFAULT_TEMPLATE).format(system=system, prompt=user)
 
 
+def prompt_ids(tokenizer, prompt_messages: Sequence[dict[str, str]], template: str | None) -> list[int]:
+    """The one prompt formatting for training, evaluation and generation: template, then BOS first (once)."""
+    ids = tokenizer(render_prompt(tokenizer, prompt_messages, template), add_special_tokens=False).input_ids
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def user_prompt(text: str, system: str | None = None) -> list[dict[str, str]]:
+    """A bare prompt string as chat messages (what generation and the JSON prompts start from)."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
 def tokenize(tokenizer, conversation: Conversation, template: str | None, max_length: int, overlong: str
-             ) -> dict[str, list[int]] | None:
-    """input_ids + labels (prompt tokens = -100) + attention mask. Returns None for a reject-able overlong one."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, conversation, template), add_special_tokens=False).input_ids
-    if tokenizer.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+             ) -> dict[str, Any] | None:
+    """input_ids + labels (prompt tokens = -100) + attention mask, and ``truncated_from`` (the full length in
+    tokens when it was cut to ``max_length``, else 0). Returns None for an overlong one with ``overlong: reject``."""
+    prompt = prompt_ids(tokenizer, conversation.prompt_messages, template)
     answer_ids = tokenizer(conversation.response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    if len(prompt_ids) + len(answer_ids) > max_length:
+    full_length = len(prompt) + len(answer_ids)
+    prompt_ids_ = prompt
+    if full_length > max_length:
         if overlong == "reject":
             return None
         # Keep the start of the answer: drop the oldest prompt tokens first, then cut the answer's end.
-        keep_prompt = max(min(len(prompt_ids), max_length // 2), max_length - len(answer_ids))
-        prompt_ids = prompt_ids[-keep_prompt:]
-        answer_ids = answer_ids[: max_length - len(prompt_ids)]
-    ids = prompt_ids + answer_ids
-    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
-            "attention_mask": [1] * len(ids)}
+        keep_prompt = max(min(len(prompt_ids_), max_length // 2), max_length - len(answer_ids))
+        prompt_ids_ = prompt_ids_[-keep_prompt:]
+        answer_ids = answer_ids[: max_length - len(prompt_ids_)]
+    ids = prompt_ids_ + answer_ids
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt_ids_) + answer_ids,
+            "attention_mask": [1] * len(ids), "truncated_from": full_length if full_length > max_length else 0}
 
 
 def dedupe(conversations: Sequence[Conversation]) -> tuple[list[Conversation], list[Reject]]:
@@ -147,12 +159,22 @@ def dedupe(conversations: Sequence[Conversation]) -> tuple[list[Conversation], l
     return kept, dropped
 
 
-def split(conversations: Sequence[Conversation], validation_fraction: float, seed: int
+def split_position(conversation: Conversation, salt: str) -> float:
+    """Where an example falls in [0, 1): a hash of its normalized prompt (whitespace collapsed) and ``salt``.
+
+    It depends on nothing else, so appending lines never moves an existing example between train and
+    validation, and the same prompt asked twice (with different answers) lands on one side only."""
+    prompt = " ".join(" ".join(c.split()) for _, c in conversation.messages[:-1])
+    digest = hashlib.sha256(f"{salt}\0{prompt}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split(conversations: Sequence[Conversation], validation_fraction: float, salt: str
           ) -> tuple[list[Conversation], list[Conversation]]:
-    order = list(conversations)
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(order) * validation_fraction)) if len(order) > 1 and validation_fraction > 0 else 0
-    return sorted(order[n_val:], key=lambda c: c.line), sorted(order[:n_val], key=lambda c: c.line)
+    """Stable split: an example is validation when its :func:`split_position` is below the fraction."""
+    validation = [c for c in conversations if split_position(c, salt) < validation_fraction]
+    chosen = {id(c) for c in validation}
+    return [c for c in conversations if id(c) not in chosen], validation
 
 
 def pad_batch(items: Sequence[dict[str, list[int]]], pad_id: int):

@@ -20,11 +20,11 @@ from lora_pipeline.prep.captions import (
     load_captioner,
     pick_caption,
 )
-from lora_pipeline.prep.images import load_rgb, read_sidecar
+from lora_pipeline.prep.images import load_rgb, read_sidecar_detected
 
 logger = logging.getLogger(__name__)
 
-CAPTION_COLUMNS = ["file_name", "sha256", "text", "source", "reviewed", "auto_caption"]
+CAPTION_COLUMNS = ["file_name", "sha256", "text", "source", "reviewed", "auto_caption", "note"]
 
 
 def scan_images(raw_images: ImageFolder, caption_cache: DiskCache | None = None,
@@ -38,13 +38,17 @@ def scan_images(raw_images: ImageFolder, caption_cache: DiskCache | None = None,
     hashes = FileMemo(caption_cache, "sha256").map(sha256_file, paths, None, "hashing")
     rows = []
     for name, path, sha in zip(raw_images.names, paths, hashes):
+        note = ""
         try:
-            sidecar = read_sidecar(path, extension)
+            found = read_sidecar_detected(path, extension)
         except ValueError as exc:
             logger.warning("Ignoring the sidecar caption of %s: %s", name, exc)
-            sidecar = None
-        rows.append((name, sha, sidecar is not None, sidecar or ""))
-    return pd.DataFrame(rows, columns=["file_name", "sha256", "has_sidecar", "sidecar"])
+            found, note = None, f"sidecar unreadable ({exc}); an auto caption was used"
+        if found is not None and found[1] != "utf-8":
+            note = f"sidecar read as {found[1]} (not UTF-8): check the caption, then re-save the file as UTF-8"
+            logger.warning("%s: %s", name, note)
+        rows.append((name, sha, found is not None, found[0] if found else "", note))
+    return pd.DataFrame(rows, columns=["file_name", "sha256", "has_sidecar", "sidecar", "sidecar_note"])
 
 
 def caption_images(
@@ -98,8 +102,9 @@ def caption_images(
     for row in manifest.itertuples():
         text, source = pick_caption(reviewed_text.get(row.file_name), row.sidecar if row.has_sidecar else None,
                                     auto.get(row.file_name), p)
+        note = getattr(row, "sidecar_note", "") if source in ("sidecar", "auto") else ""
         rows.append((row.file_name, row.sha256, text, source, source in ("reviewed", "sidecar"),
-                     auto.get(row.file_name, "")))
+                     auto.get(row.file_name, ""), note))
     table = pd.DataFrame(rows, columns=CAPTION_COLUMNS)
     counts = table.source.value_counts().to_dict()
     n_new = counts.get("auto", 0) - n_cached

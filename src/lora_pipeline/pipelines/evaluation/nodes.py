@@ -10,6 +10,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from PIL import Image
+from tqdm.auto import tqdm
 
 from lora_pipeline.config import EvaluationParams, PromptSpec, TrainingParams, parse_params
 from lora_pipeline.core.cache import DiskCache
@@ -43,6 +44,15 @@ def evaluate_lora(
     t = parse_params(TrainingParams, training_params, "training")  # how to load the base: download, single file
     sd = load_diffusion_model(training_summary.base_model, training_summary.family, t.allow_download,
                               t.single_file_config)
+    sd.clip_skip = training_summary.clip_skip  # condition as the LoRA was trained
+    with tempfile.TemporaryDirectory(prefix="holdout-") as scratch:
+        return _evaluate(sd, p, normalized_images, train_metadata, latent_cache, lora_kohya, training_summary,
+                         Path(scratch))
+
+
+def _evaluate(sd, p: EvaluationParams, normalized_images: ImageFolder, train_metadata: pd.DataFrame,
+              latent_cache: DiskCache, lora_kohya: dict[str, Any], training_summary: TrainingSummary,
+              scratch: Path) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
     device = pick_device(p.device)
     for module in (sd.unet, *sd.text_encoders):
         module.to(device)
@@ -51,8 +61,7 @@ def evaluate_lora(
     if p.holdout_dir:
         buckets = sorted({(ex.width, ex.height) for ex in train_examples})
         trigger = training_summary.trigger
-        sets["holdout"] = holdout_examples(p.holdout_dir, buckets, 8, trigger,
-                                           Path(tempfile.mkdtemp(prefix="holdout-")))
+        sets["holdout"] = holdout_examples(p.holdout_dir, buckets, 8, trigger, scratch)
     keys = {}
     for examples in sets.values():
         keys.update(encode_latents(sd, examples, latent_cache, device)[0])
@@ -87,8 +96,9 @@ def _clip_figures(p: EvaluationParams, sd, scorer: ClipScorer, references, label
     """CLIP score of images generated with fixed seeds, and their similarity to the training images."""
     pipe = sd.pipeline().to(next(sd.unet.parameters()).device)
     pipe.set_progress_bar_config(disable=True)
-    spec = PromptSpec(prompt="-", steps=p.eval_steps, width=p.eval_size, height=p.eval_size)
-    images = [render(pipe, prompt, spec, p.seed + i) for i, prompt in enumerate(p.eval_prompts)]
+    spec = PromptSpec(prompt="-", steps=p.eval_steps, width=p.eval_size, height=p.eval_size, clip_skip=sd.clip_skip)
+    images = [render(pipe, prompt, spec, p.seed + i)
+              for i, prompt in enumerate(tqdm(p.eval_prompts, desc=f"CLIP prompts ({label})", unit="img"))]
     return {f"clip_score_{label}": scorer.clip_score(images, p.eval_prompts),
             f"style_similarity_{label}": scorer.similarity(images, references)}
 

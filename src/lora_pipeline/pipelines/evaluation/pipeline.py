@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 evaluate_lora,
-                ["normalized_images", "train_metadata", "latent_cache", "lora_kohya", "training_summary",
+                ["normalized_images", "train_metadata_snapshot", "latent_cache", "lora_kohya", "training_summary",
                  "params:evaluation", "params:training"],
                 ["evaluation_report", "evaluation_metrics", "evaluation_figures"],
                 name="evaluate_lora",

@@ -10,7 +10,7 @@ import mlflow
 
 from lora_pipeline.config import ExportParams, parse_params
 from lora_pipeline.core.spec import TrainingSummary
-from lora_pipeline.diffusion.lora_files import build_kohya_file, save_lora_file
+from lora_pipeline.diffusion.lora_files import build_kohya_file, save_lora_file, webui_copy_path
 from lora_pipeline.diffusion.model_card import model_card
 from lora_pipeline.pipelines.metrics import log_lineage_tags
 
@@ -29,13 +29,16 @@ def export_kohya(lora_weights: dict[str, Any], training_summary: TrainingSummary
     state, metadata = build_kohya_file(lora_weights["state"], training_summary, training_summary.unet_config(),
                                        p.precision, title, _base_name(training_summary, p))
     metadata["lora_pipeline.training_run_id"] = training_summary.mlflow_run_id
+    metadata["lora_pipeline.subject"] = title  # marks the file as this project's export of this subject
     # `python -m lora_pipeline.lineage <file>` finds this run from the file's sshs_model_hash.
     log_lineage_tags(**{f"lora.{title}.sshs_model_hash": metadata["sshs_model_hash"],
                         f"lora.{title}.dataset_hash": training_summary.dataset_hash})
     if p.webui_lora_dir:
-        target = Path(p.webui_lora_dir).expanduser() / f"{title}.safetensors"
+        target, note = webui_copy_path(p.webui_lora_dir, title, metadata["sshs_model_hash"])
+        if note:
+            logger.warning(note)
         save_lora_file(target, state, metadata)
-        logger.info("Copied the LoRA into %s: use <lora:%s:0.8> in a prompt", target, title)
+        logger.info("Copied the LoRA into %s: use <lora:%s:0.8> in a prompt", target, target.stem)
     size_mb = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
     logger.info("kohya LoRA %s (%s): %d modules, %.2f MB (%s), hash %s", title, training_summary.family,
                 len(state) // 3, size_mb, p.precision, metadata["sshs_model_hash"][:12])

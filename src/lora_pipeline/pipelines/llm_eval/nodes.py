@@ -9,7 +9,7 @@ from typing import Any
 import mlflow
 
 from lora_pipeline.config import LLMDataParams, LLMEvalParams, LLMTrainingParams, parse_params
-from lora_pipeline.llm.constrained import JsonConstraint, parses
+from lora_pipeline.llm.constrained import JsonConstraint, check_schema, parses, schema_errors
 from lora_pipeline.llm.training import eval_loss, generate_answers, load_causal_lm, token_f1
 from lora_pipeline.pipelines.llm_training.nodes import tokenized
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
@@ -20,15 +20,19 @@ logger = logging.getLogger(__name__)
 
 def evaluate_llm(validation: list[dict[str, Any]], adapter_dir: Path, data_params: dict[str, Any],
                  train_params: dict[str, Any], params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Base vs adapter on the validation split: loss, exact match, token F1, and the JSON-valid rate
+    (``jsonschema``) of free and constrained answers to ``json_prompts``; a markdown report pairs each output
+    with the prompt that produced it."""
     from peft import PeftModel
 
     data = parse_params(LLMDataParams, data_params, "llm_data")
     t = parse_params(LLMTrainingParams, train_params, "llm_training")
     p = parse_params(LLMEvalParams, params, "llm_eval")
+    check_schema(p.json_schema)
     conversations = [parse_record(r, r["line"]) for r in validation][: p.max_prompts]
-    prompts = [conv.messages[-2][1] for conv in conversations]
+    prompts = [conv.prompt_messages for conv in conversations]
     references = [conv.response for conv in conversations]
-    json_prompts = p.json_prompts or prompts
+    json_prompts = list(p.json_prompts) or [conv.messages[-2][1] for conv in conversations]
     figures: dict[str, float] = {}
     answers: dict[str, list[str]] = {}
     for label in ("base", "adapter"):
@@ -38,18 +42,19 @@ def evaluate_llm(validation: list[dict[str, Any]], adapter_dir: Path, data_param
         items = tokenized(validation, tokenizer, data)
         if items:
             figures[f"eval_loss_{label}"] = eval_loss(model, items, tokenizer.pad_token_id)
-        answers[label] = generate_answers(model, tokenizer, prompts, p.max_new_tokens)
+        answers[label] = generate_answers(model, tokenizer, prompts, p.max_new_tokens, template=data.template)
         figures[f"exact_match_{label}"] = sum(a == r for a, r in zip(answers[label], references)) / max(len(prompts), 1)
         figures[f"token_f1_{label}"] = sum(token_f1(a, r) for a, r in zip(answers[label], references)) / max(
             len(prompts), 1)
-        free = generate_answers(model, tokenizer, json_prompts, p.max_new_tokens)
+        # the same prompt formatting and token budget with and without the constraint
+        free = generate_answers(model, tokenizer, json_prompts, p.max_new_tokens, template=data.template)
         constraint = JsonConstraint(tokenizer, model.config.vocab_size, p.json_schema)
-        constrained = generate_answers(model, tokenizer, json_prompts, max(p.max_new_tokens, 256), constraint)
-        figures[f"json_valid_rate_unconstrained_{label}"] = sum(parses(a, p.json_schema) for a in free) / len(free)
-        figures[f"json_valid_rate_constrained_{label}"] = sum(parses(a, p.json_schema) for a in constrained) / len(
-            constrained)
-        answers[f"json_{label}"] = constrained
-    report = _report(t, figures, prompts, references, answers)
+        constrained = generate_answers(model, tokenizer, json_prompts, p.max_new_tokens, constraint, data.template)
+        for mode, outputs in (("unconstrained", free), ("constrained", constrained)):
+            figures[f"json_valid_rate_{mode}_{label}"] = sum(parses(a, p.json_schema) for a in outputs) / len(outputs)
+            answers[f"json_{mode}_{label}"] = outputs
+    report = _report(t, p, figures, [conv.messages[-2][1] for conv in conversations], references, answers,
+                     json_prompts)
     if mlflow.active_run():
         mlflow.log_text(report, "llm_eval/report.md")
     logger.info("LLM eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
@@ -60,14 +65,25 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:200]
 
 
-def _report(t: LLMTrainingParams, figures: dict[str, float], prompts, references, answers) -> str:
+def _report(t: LLMTrainingParams, p: LLMEvalParams, figures: dict[str, float], prompts, references, answers,
+            json_prompts) -> str:
     table = "\n".join(f"| {k} | {v:.4f} |" for k, v in figures.items())
-    rows = "\n".join(f"| {_cell(p)} | {_cell(r)} | {_cell(b)} | {_cell(a)} |"
-                     for p, r, b, a in zip(prompts, references, answers["base"], answers["adapter"]))
-    json_rows = "\n".join(f"| {_cell(p)} | {_cell(a)} |" for p, a in zip(prompts, answers["json_adapter"]))
+    rows = "\n".join(f"| {_cell(q)} | {_cell(r)} | {_cell(b)} | {_cell(a)} |"
+                     for q, r, b, a in zip(prompts, references, answers["base"], answers["adapter"]))
+
+    def verdict(text: str) -> str:
+        problem = schema_errors(text, p.json_schema)
+        return "valid" if not problem else _cell(problem)
+
+    json_rows = "\n".join(
+        f"| {_cell(q)} | {_cell(free)} | {verdict(free)} | {_cell(constrained)} | {verdict(constrained)} |"
+        for q, free, constrained in zip(json_prompts, answers["json_unconstrained_adapter"],
+                                        answers["json_constrained_adapter"]))
+    schema = "the JSON Schema in llm_eval.json_schema" if p.json_schema else "any JSON object"
     return f"""# LLM adapter evaluation: {t.output_name}
 
-Base `{t.base_model}`; LoRA rank {t.lora_rank}, alpha {t.alpha}. Greedy decoding.
+Base `{t.base_model}`; LoRA rank {t.lora_rank}, alpha {t.alpha}. Greedy decoding, at most {p.max_new_tokens}
+new tokens, prompts formatted as in training.
 
 | figure | value |
 | --- | --- |
@@ -79,9 +95,9 @@ Base `{t.base_model}`; LoRA rank {t.lora_rank}, alpha {t.alpha}. Greedy decoding
 | --- | --- | --- | --- |
 {rows}
 
-## JSON mode (constrained with xgrammar)
+## JSON mode: the adapter's answers, free and constrained with xgrammar, validated against {schema}
 
-| prompt | adapter output |
-| --- | --- |
+| prompt | free output | valid? | constrained output | valid? |
+| --- | --- | --- | --- | --- |
 {json_rows}
 """

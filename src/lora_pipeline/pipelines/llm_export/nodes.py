@@ -9,17 +9,28 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import mlflow
+
 from lora_pipeline.config import LLMTrainingParams, parse_params
 from lora_pipeline.core.spec import TrainingSummary
-from lora_pipeline.llm.training import load_causal_lm, with_adapter
+from lora_pipeline.llm.training import load_causal_lm, portable_base, with_adapter
 
 logger = logging.getLogger(__name__)
+
+
+# Loader flags that transformers copies into tokenizer_config.json; another machine must not inherit them.
+LOADER_FLAGS = ("local_files_only", "is_local", "_commit_hash", "cache_dir", "force_download", "token")
 
 
 def _trained_model(weights: dict[str, Any], summary: TrainingSummary, params: dict[str, Any]):
     p = parse_params(LLMTrainingParams, params, "llm_training")  # only how to load: allow_download
     model, tokenizer = load_causal_lm(summary.base_model, p.allow_download)
-    return with_adapter(model, summary.spec, weights["state"]), tokenizer
+    for flag in LOADER_FLAGS:
+        tokenizer.init_kwargs.pop(flag, None)
+    peft_model = with_adapter(model, summary.spec, weights["state"])
+    # An absolute path (or the hub id), so AutoPeftModelForCausalLM finds the base from any folder.
+    peft_model.peft_config["default"].base_model_name_or_path = portable_base(summary.base_model)
+    return peft_model, tokenizer
 
 
 def export_llm_adapter(weights: dict[str, Any], summary: TrainingSummary, params: dict[str, Any]):
@@ -33,6 +44,13 @@ A LoRA adapter (PEFT) for `{summary.base_model}`, trained with lora-pipeline on
 alpha {spec.alpha}, dropout {spec.dropout}, targets `{spec.targets['model']}`).
 Loss on the response tokens only. Validation loss: base {summary.eval_loss_base}, adapter
 {summary.eval_losses[-1] if summary.eval_losses else None}. Dataset hash `{summary.dataset_hash}`.
+{f"Continued from the adapter `{summary.init_from}`." if summary.init_from else "Trained from a new adapter."}
+{summary.truncated_samples} sample(s) were longer than max_length and cut. MLflow run `{summary.mlflow_run_id}`.
+
+**llama.cpp**: convert this folder to a GGUF LoRA with llama.cpp's `convert_lora_to_gguf.py` (needs the
+`gguf` package and the base model's Hugging Face folder):
+`python convert_lora_to_gguf.py --base {portable_base(summary.base_model)} --outtype f16 path/to/this/folder`,
+then `llama-cli -m base.gguf --lora this-adapter.gguf`.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,6 +60,8 @@ model = PeftModel.from_pretrained(base, "path/to/this/folder")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 ```
 """
+    if mlflow.active_run():
+        mlflow.log_text(card, "llm_adapter/README.md")
     return (peft_model, tokenizer), card
 
 

@@ -6,7 +6,8 @@ from lora_pipeline.pipelines.normalization.nodes import build_training_metadata,
 def create_pipeline(**kwargs) -> Pipeline:
     return pipeline(
         [
-            node(inspect_images, ["raw_images", "params:normalization", "image_check_cache"], "image_checks",
+            node(inspect_images, ["raw_images", "params:normalization", "image_check_cache", "reg_images"],
+                 "image_checks",
                  name="inspect_images"),
             node(
                 build_training_metadata,
@@ -17,7 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 render_images,
-                ["raw_images", "quality_report", "params:normalization"],
+                ["raw_images", "image_checks", "params:normalization", "reg_images", "train_metadata"],
                 "normalized_images",
                 name="render_images",
             ),

@@ -70,7 +70,8 @@ def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metad
     log_lineage_tags(**{f"lora.{s}.dataset_hash": data_hash, f"lora.{s}.family": sd.family.name})
     if mlflow.active_run():
         mlflow.log_params({f"{s}.training.dataset_hash": data_hash, f"{s}.training.num_images": len(examples),
-                           f"{s}.training.family": sd.family.name})
+                           f"{s}.training.family": sd.family.name, f"{s}.training.optimizer_effective": p.optimizer,
+                           f"{s}.training.clip_skip_effective": p.clip_skip})
     keep_tokens = p.keep_tokens if p.keep_tokens is not None else int(dataset_info.get("keep_tokens", 0))
     with StepMetricsLogger(f"{s}.train") as log_metrics:
         result = train(sd, examples, p, latent_cache, dataset_hash=data_hash, keep_tokens=keep_tokens,
@@ -90,9 +91,11 @@ def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metad
         first_loss=result.losses[0] if result.losses else None, final_loss=result.losses[-1],
         peak_memory_mb=result.peak_memory_mb, resumed_from=result.resumed_from,
         mlflow_run_id=mlflow.active_run().info.run_id if mlflow.active_run() else None,
-        num_images=len(examples), resolution=list(sizes[-1]), trigger=dataset_info.get("trigger", ""),
+        num_images=sum(1 for ex in examples if not ex.is_reg), resolution=list(sizes[-1]), trigger=dataset_info.get("trigger", ""),
         tag_frequency=dataset_info.get("tag_frequency", {}), images_per_second=result.images_per_second,
-        latents_encoded=result.latents_encoded,
+        latents_encoded=result.latents_encoded, clip_skip=p.clip_skip, optimizer=result.optimizer,
+        flip_aug=p.flip_aug, prior_loss_weight=p.prior_loss_weight,
+        num_reg_images=sum(1 for ex in examples if ex.is_reg), folders=dataset_info.get("folders", []),
         unet_layout={"layers_per_block": sd.unet.config.layers_per_block,
                      "up_block_types": list(sd.unet.config.up_block_types)},
     )

@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 train_lora,
-                ["normalized_images", "train_metadata", "dataset_info", "latent_cache", "params:training"],
+                ["normalized_images", "train_metadata_snapshot", "dataset_info", "latent_cache", "params:training"],
                 ["lora_weights", "training_summary"],
                 name="train_lora",
             ),

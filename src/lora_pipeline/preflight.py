@@ -1,0 +1,64 @@
+"""Checks of the files and folders a run's parameters name (base models, LoRAs to start from, LoRA folders),
+made before the first node runs: a wrong path should cost seconds, not the captioning and normalization
+that would run before the node that reads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from pydantic import BaseModel
+
+from lora_pipeline.config import ExportParams, GenerationParams, LLMTrainingParams, TrainingParams
+from lora_pipeline.core.models import resolve_model
+from lora_pipeline.errors import ConfigError
+
+PROJECT_EXPORTS = Path("data/07_model_output")  # created by the first export; may not exist yet
+
+
+def check_inputs(groups: Mapping[str, BaseModel]) -> None:
+    """Raise for the first named input that cannot be used. ``groups`` maps a parameter group
+    (``aki.training``, ``generation``) to its validated parameters."""
+    for group, p in groups.items():
+        if isinstance(p, (TrainingParams, GenerationParams, LLMTrainingParams)):
+            try:
+                resolve_model(p.base_model, p.allow_download)
+            except Exception as exc:
+                raise ConfigError(f"{group}.base_model: {exc}") from None
+        if isinstance(p, TrainingParams) and p.init_lora and p.init_lora != "latest":
+            _check_lora_file(Path(p.init_lora), f"{group}.init_lora")
+        if isinstance(p, LLMTrainingParams) and p.init_adapter and p.init_adapter != "latest":
+            if not (Path(p.init_adapter) / "adapter_config.json").is_file():
+                raise ConfigError(f"{group}.init_adapter: {p.init_adapter} is not a PEFT adapter folder (no "
+                                  f"adapter_config.json). Give an exported adapter folder, 'latest', or null.")
+        if isinstance(p, GenerationParams):
+            for folder in p.lora_dirs:
+                if not Path(folder).is_dir() and Path(folder) != PROJECT_EXPORTS:
+                    raise ConfigError(f"{group}.lora_dirs: folder {folder} does not exist. Fix the path (e.g. your "
+                                      f"WebUI models/Lora folder) or remove it from the list.")
+        if isinstance(p, ExportParams) and p.webui_lora_dir and not Path(p.webui_lora_dir).is_dir():
+            raise ConfigError(f"{group}.webui_lora_dir: folder {p.webui_lora_dir} does not exist. Give your WebUI's "
+                              f"models/Lora folder, or null.")
+
+
+def _check_lora_file(path: Path, key: str) -> None:
+    from lora_pipeline.diffusion.lora_files import DIFFUSERS_WEIGHT_NAME, check_is_lora
+    from lora_pipeline.errors import DataError
+
+    file = path / DIFFUSERS_WEIGHT_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"{key}: {path} not found. Give a LoRA .safetensors file (or an exported diffusers "
+                          f"folder), 'latest', or null.")
+    if file.suffix.lower() != ".safetensors":
+        raise ConfigError(f"{key}: {file} is a {file.suffix} file; LoRAs are read from .safetensors only.")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+    except SafetensorError as exc:
+        raise ConfigError(f"{key}: {file} is not a readable .safetensors file ({exc}).") from None
+    try:
+        check_is_lora(dict.fromkeys(keys), str(file))
+    except DataError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
