@@ -39,10 +39,11 @@ KILL_SCRIPT = textwrap.dedent("""
     from lora_pipeline.core.cache import DiskCache
     from lora_pipeline.diffusion.loading import load_diffusion_model
     from lora_pipeline.diffusion.training import Example, train
-    import time, torch
+    import time
+    from torch.optim.optimizer import register_optimizer_step_post_hook
     # Pace the steps so the parent's kill (at most 0.6 s after the first checkpoint) lands before the run
     # finishes on any machine: the tiny model alone trains 20 steps in under a second.
-    torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: time.sleep(0.1))
+    register_optimizer_step_post_hook(lambda *_: time.sleep(0.1))
     args = json.loads(sys.argv[1])
     params = TrainingParams(**args["params"])
     examples = [Example(Path(e[0]), e[1], e[2], e[3], e[4]) for e in args["examples"]]
