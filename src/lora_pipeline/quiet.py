@@ -81,6 +81,6 @@ def install() -> None:
         warnings_logger.addFilter(_KnownWarnings())
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
-    if "--verbose" not in sys.argv and os.environ.get("LORA_PIPELINE_VERBOSE") != "1":
+    if os.environ.get("LORA_PIPELINE_VERBOSE") != "1":
         # About a third of a run's lines were "Loading data from ... / Saving data to ..."; DEBUG detail here.
         logging.getLogger("kedro.io.data_catalog").setLevel(logging.WARNING)

@@ -109,7 +109,7 @@ def test_lineage_from_a_lora_file_and_two_process_training(project):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     folder = Path(result.stdout.strip().splitlines()[-1].removeprefix("Images: "))
-    assert "Loading data from" not in result.stdout + result.stderr  # catalog lines only with --verbose
+    assert "Loading data from" not in result.stdout + result.stderr  # catalog lines only with LORA_PIPELINE_VERBOSE=1
     for noise in ("register_new_resolver", "No LoRA keys associated to", "should be kept in float32"):
         assert noise not in result.stdout + result.stderr, noise
     images = sorted(folder.glob("*.png"))
