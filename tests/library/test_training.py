@@ -1,5 +1,6 @@
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from train_helpers import make_params, model_outputs, run_dir
@@ -183,3 +184,17 @@ def test_metrics_are_reported_once_per_window_with_every_step_loss_kept(tiny_mod
     assert len(result.losses) == 7
     assert seen[0][1] == pytest.approx(sum(result.losses[:3]) / 3)
     assert seen[-1][1] == pytest.approx(result.losses[6])
+
+
+def test_subjects_with_different_precision_train_one_after_another_in_one_process(tiny_models, tiny_examples,
+                                                                                  tmp_path):
+    """One `kedro run` trains subject after subject in one process; accelerate's process-wide state must not
+    make the second subject's mixed_precision an error ("restart your runtime")."""
+    losses = {}
+    for mixed in ("no", "bf16", "no"):
+        params = make_params(tiny_models, tmp_path / mixed, max_steps=2, mixed_precision=mixed)
+        result = train(load_diffusion_model(params.base_model), tiny_examples, params,
+                       DiskCache(tmp_path / "cache"), dataset_hash="d")
+        losses.setdefault(mixed, []).append(result.losses)
+    assert all(np.isfinite(losses["bf16"][0]))
+    assert losses["no"][0] == losses["no"][1]  # the fp32 run after a bf16 one is really fp32 again

@@ -89,6 +89,14 @@ def make_accelerator(device: str, mixed_precision: str, gradient_accumulation_st
     if index is not None:
         torch.cuda.set_device(index)  # accelerate's single-process device is plain "cuda": the current one
         logger.info("Training on GPU %d of %d", index, torch.cuda.device_count())
+    if not _launched_distributed():
+        # accelerate keeps its settings in a process-wide singleton and refuses a second Accelerator with another
+        # mixed_precision or device ("restart your runtime"). One `kedro run` trains subject after subject in one
+        # process, each with its own settings, so a single-process run starts from a clean state. (Under
+        # `accelerate launch` every process trains the one subject with the launcher's settings: left alone.)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu,
                               gradient_accumulation_steps=gradient_accumulation_steps)
     if accelerator.device.type == "cuda" and allow_tf32:
