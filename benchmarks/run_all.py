@@ -11,6 +11,7 @@ Speed targets live here, never in the test suite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -105,6 +106,24 @@ def _median_rate(durations: list[float], batch: int) -> float:
     return batch / statistics.median(durations)
 
 
+NO_MLFLOW = False  # --no-mlflow: for a GPU machine without MLflow installed (our loop then logs nothing)
+
+
+@contextlib.contextmanager
+def step_metrics(workdir: Path):
+    """Step metrics to an MLflow run, as the ``training`` node logs them (nothing with --no-mlflow)."""
+    if NO_MLFLOW:
+        yield None
+        return
+    import mlflow
+
+    from lora_pipeline.pipelines.metrics import StepMetricsLogger
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    with mlflow.start_run(), StepMetricsLogger("train") as log_metrics:
+        yield log_metrics
+
+
 def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cache: bool, workdir: Path,
                       device: str = "cpu", mixed_precision: str = "no", log_every_steps: int = 1
                       ) -> tuple[float, float]:
@@ -117,12 +136,9 @@ def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cach
     inside its own turn, so its logging is never billed to the other loop). Each rate is from the median step;
     the first step of each loop (one-off warm-up) is left out.
     """
-    import mlflow
-
     from lora_pipeline.config import TrainingParams
     from lora_pipeline.core.cache import DiskCache
     from lora_pipeline.diffusion.training import train
-    from lora_pipeline.pipelines.metrics import StepMetricsLogger
 
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     other = bare_stepper(make_sd(), examples, batch, rank, device, dtype)
@@ -130,7 +146,6 @@ def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cach
                             max_steps=steps, cache_latents=cache, checkpoint_dir=str(workdir / "ckpt"),
                             output_name=f"bench_{random.random():.6f}", resume="none", mixed_precision=mixed_precision,
                             log_every_steps=log_every_steps)
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     ours_times: list[float] = []
     bare_times: list[float] = []
     turn_ended: list[float] = []
@@ -145,7 +160,7 @@ def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cach
         turn_ended.append(time.perf_counter())
         bare_times.append(turn_ended[-1] - ours_done)
 
-    with mlflow.start_run(), StepMetricsLogger("train") as log_metrics:
+    with step_metrics(workdir) as log_metrics:
         train(make_sd(), examples, params, DiskCache(workdir / "cache"), dataset_hash="bench",
               on_metrics=log_metrics, step_callback=take_turns)
     return _median_rate(ours_times, batch), _median_rate(bare_times[1:], batch)
@@ -544,10 +559,14 @@ def write_report(figures: dict[str, float], machine: str, path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="*", default=None, help="training data llm memory flops sd15")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="training data llm memory flops sd15 (sd15_cuda: the CUDA half of sd15 alone)")
+    parser.add_argument("--no-mlflow", action="store_true", help="neither log step metrics nor the figures")
     parser.add_argument("--data-stage", help=argparse.SUPPRESS)
     parser.add_argument("--memory-stage", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global NO_MLFLOW
+    NO_MLFLOW = args.no_mlflow
     if args.data_stage:
         work = Path(args.data_stage)
         print(json.dumps(data_stages_once(work / "raw", work / "out", work / "cache")))
@@ -586,11 +605,14 @@ def main() -> None:
         figures.update(sdxl_flops())
     if "sd15" in sections:
         figures.update(bench_sd15(models, "cpu", args.quick))
+    if {"sd15", "sd15_cuda"} & set(sections):
         if torch.cuda.is_available():
             figures.update(bench_sd15(models, "cuda", args.quick))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {gpu}"
-    print(write_report(figures, machine, HERE / "RESULTS.md"))
+    print(write_report(figures, machine, HERE / ("RESULTS_GPU.md" if torch.cuda.is_available() else "RESULTS.md")))
+    if NO_MLFLOW:
+        return
     import mlflow
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{HERE.parent / 'mlflow.db'}"))
