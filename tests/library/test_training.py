@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,12 @@ def test_subjects_with_different_precision_train_one_after_another_in_one_proces
         losses.setdefault(mixed, []).append(result.losses)
     assert all(np.isfinite(losses["bf16"][0]))
     assert losses["no"][0] == losses["no"][1]  # the fp32 run after a bf16 one is really fp32 again
+
+
+def test_a_run_shorter_than_save_steps_is_accepted_and_saves_at_its_end(tiny_models, tiny_examples, tmp_path):
+    params = make_params(tiny_models, tmp_path, max_steps=2, save_steps=10)
+    result = train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
+                   dataset_hash="d")
+    assert result.steps == 2
+    [checkpoint] = list_checkpoints(run_dir(Path(params.checkpoint_dir) / params.output_name))
+    assert checkpoint.name.endswith("0000002")
