@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:  # Python 3.11+; tomli is the same parser for 3.10
+    import tomllib
+except ImportError:  # pragma: no cover
+    import tomli as tomllib
 
 from lora_pipeline.config import SUBJECT_NAME, CaptioningParams, NormalizationParams, SubjectParams, TrainingParams
 from lora_pipeline.errors import ConfigError

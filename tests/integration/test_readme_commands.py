@@ -8,7 +8,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import click
@@ -19,6 +18,7 @@ from kedro.framework.session import KedroSession
 
 from lora_pipeline.__main__ import cli as lora_pipeline_cli
 from lora_pipeline.config import validate_all
+from lora_pipeline.kohya_import import tomllib
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "README.md"
