@@ -74,3 +74,22 @@ def test_log_lines_clear_and_redraw_an_active_progress_bar(monkeypatch):
         bar.update(1)
     assert cleared == [True] and out.getvalue().endswith("a log line during training\n")
     assert stream.isatty() is False  # everything else is the real stream's
+
+
+def test_catalog_lines_come_back_with_lora_pipeline_verbose(monkeypatch):
+    import logging
+
+    from lora_pipeline.quiet import install
+
+    catalog = logging.getLogger("kedro.io.data_catalog")
+    before = catalog.level
+    try:
+        catalog.setLevel(logging.INFO)
+        monkeypatch.setenv("LORA_PIPELINE_VERBOSE", "1")
+        install()
+        assert catalog.isEnabledFor(logging.INFO)  # "Loading data from ..." shows
+        monkeypatch.delenv("LORA_PIPELINE_VERBOSE")
+        install()
+        assert not catalog.isEnabledFor(logging.INFO)
+    finally:
+        catalog.setLevel(before)
