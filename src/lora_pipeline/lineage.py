@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 
 
@@ -52,6 +53,11 @@ def find_runs(path: str | Path, tracking_uri: str) -> tuple[dict[str, str], list
     return info, mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=filter_string)
 
 
+def _when(milliseconds: int) -> str:
+    """MLflow's start time (ms since the epoch) as a local time a person reads."""
+    return datetime.fromtimestamp(milliseconds / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="an exported LoRA .safetensors file or an LLM adapter folder")
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  training run    {info.get('training_run') or run.info.run_id}")
         if tags.get("llm.init_from"):
             print(f"  continued from  {tags['llm.init_from']}")
-        print(f"  export run      {run.info.run_id}  ({tags.get('mlflow.runName')}, started {run.info.start_time})")
+        print(f"  export run      {run.info.run_id}  ({tags.get('mlflow.runName')}, started {_when(run.info.start_time)})")
         print(f"  kedro run       {parent.info.run_id}  ({parent.info.run_name})")
         print(f"  git commit      {tags.get('git_commit') or parent.data.tags.get('git_commit')}")
         print(f"  kedro version   {parent.data.tags.get('run_id')}  (every dataset this run saved has this version id)")
