@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -240,7 +241,7 @@ LOCK_HOLDER = textwrap.dedent("""
 """)
 
 
-def test_one_run_per_subject_and_a_stale_lock_is_taken_over(tiny_models, tiny_examples, tmp_path, monkeypatch):
+def test_one_run_per_subject_and_a_stale_lock_is_taken_over(tiny_models, tiny_examples, tmp_path, monkeypatch, caplog):
     from lora_pipeline.core.lock import SubjectBusyError, subject_lock
     from lora_pipeline.pipelines.training import nodes
 
@@ -258,15 +259,30 @@ def test_one_run_per_subject_and_a_stale_lock_is_taken_over(tiny_models, tiny_ex
         with pytest.raises(SubjectBusyError, match=f"PID {holder.pid}"):
             train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
                   dataset_hash="d")
-        assert [p.name for p in subject.iterdir()] == [".train.lock"]  # nothing written, nothing lost
+        assert sorted(p.name for p in subject.iterdir()) == [".train.lock", ".train.lock.holder"]  # nothing else
         with subject_lock(tmp_path / "checkpoints" / "other", "other"):  # other subjects are free meanwhile
             pass
     finally:
         holder.kill()
         holder.wait()
-    result = train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
-                   dataset_hash="d")  # the dead holder's lock file is taken over
+    with caplog.at_level(logging.INFO, logger="lora_pipeline.core.lock"):
+        result = train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
+                       dataset_hash="d")  # the dead holder's lock file is taken over
     assert result.steps == 2 and list(subject.glob("run-*/checkpoint-*"))
+    assert f"from PID {holder.pid}, which stopped without releasing it" in caplog.text
+
+
+def test_a_cleanly_released_lock_is_not_taken_over(tmp_path, caplog):
+    from lora_pipeline.core.lock import subject_lock
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    script = "import sys\nfrom lora_pipeline.core.lock import subject_lock\nwith subject_lock(sys.argv[1], 'x'):\n    pass"
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True)
+    with caplog.at_level(logging.INFO, logger="lora_pipeline.core.lock"):
+        with subject_lock(tmp_path, "x"):
+            pass
+    assert "Taking over" not in caplog.text
+    assert not (tmp_path / ".train.lock.holder").exists()
 
 
 def test_runs_left_running_by_a_killed_process_are_closed_on_the_next_start(tmp_path):
