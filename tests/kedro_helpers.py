@@ -8,10 +8,10 @@ import mlflow
 from kedro.framework.session import KedroSession
 
 
-def run(root: Path, *pipelines: str, **kwargs) -> None:
+def run(root: Path, *pipelines: str, namespaces: list[str] | None = None, **kwargs) -> None:
     try:
         with KedroSession.create(project_path=root, env="demo", **kwargs) as session:
-            session.run(pipeline_names=list(pipelines))
+            session.run(pipeline_names=list(pipelines), namespaces=namespaces)
     finally:
         # kedro-mlflow marks the run FINISHED in the store but leaves it on this thread's mlflow run stack;
         # a second session in the same process would then log into it. Each `kedro run` CLI call is its own

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from pathlib import Path
 
 from kedro.framework.hooks import hook_impl
 
@@ -21,8 +23,14 @@ def _flatten(values, prefix: str = ""):
 
 
 class ValidateParametersHook:
-    """Validate every parameter group before the first node runs, so a typo costs seconds, not a GPU hour;
-    then check the files and folders that the groups of this run name (base models, init LoRAs, LoRA folders)."""
+    """Everything that can stop a run is checked before its first node, so a typo or a busy subject costs seconds,
+    not a GPU hour: every parameter group is validated when the context is created; before the pipeline runs, the
+    files and folders its groups name are checked (base models, captioning models, init LoRAs, LoRA folders) and
+    the training lock of every subject it trains is taken, held until the run ends."""
+
+    def __init__(self):
+        self._validated: dict = {}
+        self._locks = contextlib.ExitStack()
 
     @hook_impl
     def after_context_created(self, context) -> None:
@@ -46,7 +54,65 @@ class ValidateParametersHook:
         from lora_pipeline.preflight import check_inputs
 
         used = {name.removeprefix("params:") for name in pipeline.inputs() if name.startswith("params:")}
-        check_inputs({group: p for group, p in getattr(self, "_validated", {}).items() if group in used})
+        try:
+            check_inputs({group: p for group, p in self._validated.items() if group in used},
+                         lambda subject: _images_needing_a_captioner(catalog, subject, self._validated))
+            self._take_locks({node.name for node in pipeline.nodes})
+        except Exception:
+            self._release()
+            _fail_tracking_run()
+            raise
+
+    def _take_locks(self, node_names: set[str]) -> None:
+        from accelerate import PartialState
+
+        from lora_pipeline.core.lock import subject_lock
+
+        if not PartialState().is_main_process:  # under `accelerate launch` the main process holds it
+            return
+        for group, p in self._validated.items():
+            subject, _, name = group.rpartition(".")
+            if name == "training" and f"{subject}.train_lora" in node_names:
+                self._locks.enter_context(subject_lock(Path(p.checkpoint_dir) / p.output_name, p.output_name))
+
+    def _release(self) -> None:
+        self._locks.close()
+        self._locks = contextlib.ExitStack()
+
+    @hook_impl
+    def after_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        self._release()
+
+    @hook_impl
+    def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
+        self._release()
+
+
+def _images_needing_a_captioner(catalog, subject: str, validated: dict) -> list[str]:
+    """The raw images of ``subject`` that no person captioned (no reviewed row, sidecar or metadata.csv row)."""
+    from lora_pipeline.prep.captions import has_human_caption, metadata_captions
+    from lora_pipeline.prep.images import read_sidecar_detected
+
+    p = validated[f"{subject}.captioning"]
+    images = catalog.load(f"{subject}.raw_images")
+    reviewed = set(catalog.load(f"{subject}.reviewed_captions").file_name)
+    listed = metadata_captions(p.metadata_csv, images.root) if p.metadata_csv else {}
+
+    def has_sidecar(name: str) -> bool:
+        try:
+            return name in listed or read_sidecar_detected(images.path(name), p.caption_extension) is not None
+        except ValueError:  # unreadable: that image gets an auto caption
+            return False
+
+    return [name for name in images.names if not has_human_caption(name in reviewed, has_sidecar(name), p)]
+
+
+def _fail_tracking_run() -> None:
+    """A run stopped before its first node is FAILED in MLflow (kedro-mlflow opened it already)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.end_run(status="FAILED")
 
 
 class SubjectFingerprintHook:

@@ -5,21 +5,25 @@ that would run before the node that reads it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from pydantic import BaseModel
 
-from lora_pipeline.config import ExportParams, GenerationParams, LLMTrainingParams, TrainingParams
+from lora_pipeline.config import CaptioningParams, ExportParams, GenerationParams, LLMTrainingParams, TrainingParams
 from lora_pipeline.core.models import resolve_model
 from lora_pipeline.errors import ConfigError
 
 PROJECT_EXPORTS = Path("data/07_model_output")  # created by the first export; may not exist yet
 
 
-def check_inputs(groups: Mapping[str, BaseModel]) -> None:
+def check_inputs(groups: Mapping[str, BaseModel],
+                 images_needing_a_captioner: Callable[[str], list[str]] = lambda subject: []) -> None:
     """Raise for the first named input that cannot be used. ``groups`` maps a parameter group
-    (``aki.training``, ``generation``) to its validated parameters."""
+    (``aki.training``, ``generation``) to its validated parameters; ``images_needing_a_captioner(subject)`` lists
+    the subject's images that no person captioned (only those need ``captioning.model``)."""
     for group, p in groups.items():
+        if isinstance(p, CaptioningParams) and p.backend != "sidecar":
+            _check_captioner(group, p, images_needing_a_captioner)
         if isinstance(p, (TrainingParams, GenerationParams, LLMTrainingParams)):
             try:
                 resolve_model(p.base_model, p.allow_download)
@@ -39,6 +43,20 @@ def check_inputs(groups: Mapping[str, BaseModel]) -> None:
         if isinstance(p, ExportParams) and p.webui_lora_dir and not Path(p.webui_lora_dir).is_dir():
             raise ConfigError(f"{group}.webui_lora_dir: folder {p.webui_lora_dir} does not exist. Give your WebUI's "
                               f"models/Lora folder, or null.")
+
+
+def _check_captioner(group: str, p: CaptioningParams, images_needing_a_captioner: Callable[[str], list[str]]) -> None:
+    try:
+        resolve_model(p.model, p.allow_download)
+    except Exception as exc:
+        subject = group.rpartition(".")[0]
+        uncaptioned = images_needing_a_captioner(subject) if subject else [None]
+        if not uncaptioned:
+            return  # every image has a reviewed caption, a sidecar or a metadata.csv row: no model is loaded
+        example = f" (e.g. {uncaptioned[0]})" if uncaptioned[0] else ""
+        raise ConfigError(f"{group}.model: {exc}\n{len(uncaptioned)} image(s) have no caption file{example}, so "
+                          f"the '{p.backend}' captioner must run. Give a local model folder (or allow_download: "
+                          f"true), or add .txt captions beside those images and set backend: sidecar.") from None
 
 
 def _check_lora_file(path: Path, key: str) -> None:

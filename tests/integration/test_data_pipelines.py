@@ -107,3 +107,51 @@ def test_empty_raw_folder_is_a_clear_error(project):
     (project / "data/01_raw/demo_lora/images").mkdir()
     with pytest.raises(Exception, match="holds no images"):
         run(project, "captioning")
+
+
+def _captioning_model(project: Path, model: str) -> None:
+    """The demo environment's captioning model becomes ``model``."""
+    config = project / "conf/demo/parameters_captioning.yml"
+    config.write_text(config.read_text(encoding="utf-8").replace("data/06_models/tiny-blip", model), encoding="utf-8")
+
+
+def test_a_missing_captioning_model_stops_the_run_before_any_node(project):
+    _captioning_model(project, "no-such/blip-model")
+    next((project / "data/01_raw/demo_stripes/images").glob("*.txt")).unlink()  # one image needs the captioner
+    with pytest.raises(ConfigError, match=r"demo_stripes\.captioning\.model: .*no-such/blip-model[\s\S]*image\(s\) "
+                                          r"have no caption file"):
+        run(project, "captioning", namespaces=["demo_stripes"])
+    assert not (project / "data/02_intermediate/demo_stripes").exists()  # not even hashed
+    [stopped] = kedro_runs(project)
+    assert stopped.info.status == "FAILED"  # not FINISHED: nothing ran
+
+
+def test_a_subject_whose_images_all_have_sidecars_needs_no_captioning_model(project):
+    images = project / "data/01_raw/demo_stripes/images"
+    for image in images.iterdir():
+        image.with_suffix(".txt").write_text(f"stripes, {image.stem}", encoding="utf-8")
+    _captioning_model(project, "no-such/blip-model")
+    run(project, "captioning", namespaces=["demo_stripes"])
+    versions = sorted((project / "data/02_intermediate/demo_stripes/captions.csv").iterdir())
+    captions = pd.read_csv(versions[-1] / "captions.csv", keep_default_na=False)
+    assert set(captions.source) == {"sidecar"} and len(captions) == len(list(images.glob("*.png")))
+
+
+def test_a_busy_subject_is_refused_before_the_first_node(project):
+    import subprocess
+    import sys
+
+    from lora_pipeline.core.lock import SubjectBusyError
+
+    folder = project / "data/06_models/checkpoints/demo_stripes"
+    script = ("import sys, time\nfrom lora_pipeline.core.lock import subject_lock\n"
+              "with subject_lock(sys.argv[1], 'demo_stripes'):\n    print('locked', flush=True)\n    time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SubjectBusyError, match=f"demo_stripes is being trained by PID {holder.pid}"):
+            run(project, "data", "training", namespaces=["demo_stripes"])
+        assert not (project / "data/02_intermediate/demo_stripes").exists()  # refused before captioning
+    finally:
+        holder.kill()
+        holder.wait()
