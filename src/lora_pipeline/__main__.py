@@ -2,7 +2,7 @@
 
     lora-pipeline run [--env E] [--all] [--runner R]   train only the subjects whose data or parameters changed
     lora-pipeline generate "PROMPT <lora:a:0.8>" ...   one prompt through the generation stage
-    lora-pipeline import-kohya CONFIG.toml              a kohya / lora-scripts config becomes a subject
+    lora-pipeline import-kohya CONFIG.toml|.yaml        a kohya / lora-scripts config becomes a subject
     lora-pipeline lineage FILE                          from a LoRA file back to its MLflow runs and data
     python -m lora_pipeline [kedro run options]         exactly ``kedro run``
 """
@@ -67,20 +67,12 @@ def run_subjects(env: str | None, run_all: bool, runner: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="print the subjects.yml entry instead of writing it")
 @click.option("--conf", "conf_dir", default="conf/local", show_default=True, help="where subjects.yml is written")
 def import_kohya(config: str, subject: str | None, dry_run: bool, conf_dir: str) -> None:
-    """Turn a kohya sd-scripts / lora-scripts training TOML (or dataset config) into a subject here, and list
-    every key that has no equivalent, with the reason."""
-    from lora_pipeline.kohya_import import read_toml, translate, write_subject
+    """Turn a kohya sd-scripts / lora-scripts training TOML (its dataset_config followed), a dataset config, or a
+    lora-scripts YAML config into a subject here (merged into it if it exists), and list every key that has no
+    equivalent, with the reason."""
+    from lora_pipeline.kohya_import import run_import
 
-    result = translate(read_toml(config), subject)
-    if dry_run:
-        click.echo(result.yaml())
-    else:
-        path = write_subject(result, conf_dir)
-        click.echo(f"Wrote subject {result.subject} to {path}; run it with `kedro run --namespaces {result.subject}`.")
-    if result.unmapped:
-        click.echo(f"\nNot carried over ({len(result.unmapped)}):")
-        for key, reason in result.unmapped:
-            click.echo(f"  - {key}: {reason}")
+    click.echo(run_import(config, subject, conf_dir, dry_run))
 
 
 @cli.command("generate")

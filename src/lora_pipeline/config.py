@@ -51,6 +51,9 @@ class CaptioningParams(_Strict):
     use_sidecars: bool = Field(True, description="kohya caption files next to images win over auto captions.")
     caption_extension: str = Field(".txt", pattern=r"^\.[A-Za-z0-9_]+$",
                                    description="the sidecar captions' extension, as kohya's caption_extension")
+    metadata_csv: str | None = Field(None, description="a metadata.csv of captions (file_name, and text, caption or "
+                                     "prompt; file names relative to its folder, as diffusers' imagefolder): ranked "
+                                     "like sidecars, which win over its rows")
     clip_tags: ClipTagsParams = Field(default_factory=ClipTagsParams)
     wd14: WD14Params = Field(default_factory=WD14Params, description="backend: wd14 (a WD tagger: model.onnx + "
                              "selected_tags.csv)")

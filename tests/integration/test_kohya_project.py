@@ -1,5 +1,6 @@
 """Coming from kohya: a lora-scripts TOML with a `train/10_aki/` folder and `reg/1_woman/` class images is
-imported, trained on the demo model and exported; the LoRA's header records what kohya's would."""
+imported, trained on the demo model and exported; the LoRA's header records what kohya's would, and the class
+token (not the demo's global trigger) is the LoRA's trigger."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 from kedro.framework.session import KedroSession
 from kedro_helpers import kedro_runs, stage_run
 from PIL import Image
@@ -73,14 +75,16 @@ def _images(folder: Path, count: int, seed: int, caption: str | None = None) -> 
 def test_kohya_config_and_folders_import_train_and_export(project):
     kohya = project / "kohya"
     _images(kohya / "train" / "10_aki", 2, 0, caption="aki, red hair, smiling")
-    _images(kohya / "reg" / "1_woman", 3, 1)  # no captions: the class token is their prompt
+    _images(kohya / "reg" / "1_woman", 3, 1)  # no captions: the class token is their prompt ...
+    (kohya / "reg" / "1_woman" / "0.caption").write_text("woman, beach", encoding="utf-8")  # ... but this one's
     (kohya / "aki.toml").write_text(TOML.format(root=kohya.as_posix()), encoding="utf-8")
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "KEDRO_ENV": "demo"}
     cli = Path(sys.executable).parent / "lora-pipeline"
     imported = subprocess.run([str(cli), "import-kohya", str(kohya / "aki.toml"), "--conf", "conf/demo"],
                               cwd=project, env=env, capture_output=True, text=True, timeout=120)
     assert imported.returncode == 0, imported.stderr[-2000:]
-    assert "Wrote subject aki" in imported.stdout
+    assert "Wrote subject aki" in imported.stdout and "trigger: 'aki' (the class token of folder(s) 10_aki" in \
+        imported.stdout
 
     with KedroSession.create(project_path=project, env="demo") as session:
         session.run(pipeline_names=["captioning", "normalization", "training", "export"], namespaces=["aki"])
@@ -104,10 +108,14 @@ def test_kohya_config_and_folders_import_train_and_export(project):
     assert {(s["image_dir"], s["class_tokens"], s["is_reg"]) for s in subsets} == {("10_aki", "aki", False),
                                                                                   ("1_woman", "woman", True)}
     assert "aki" in json.loads(header["ss_tag_frequency"])["dataset"]
+    assert header["modelspec.trigger_phrase"] == "aki"  # the class token, not the demo's global "lorachar"
 
     [last] = kedro_runs(project)
     assert last.data.params["aki.training.optimizer"] == "lion" and last.data.params["aki.training.clip_skip"] == "2"
     training = stage_run(project, last, "aki", "training")
     assert training.data.params["aki.training.optimizer_effective"] == "lion"
-    metadata = (project / "data/03_primary/aki/dataset/metadata.csv").read_text()
-    assert "reg/1_woman/0.png,woman," in metadata  # class images train with their class prompt
+    metadata = pd.read_csv(project / "data/03_primary/aki/dataset/metadata.csv").set_index("file_name").text
+    assert not metadata.str.contains("lorachar").any()
+    assert metadata["10_aki/0.png"].startswith("aki, red hair")
+    assert metadata["reg/1_woman/0.png"] == "woman, beach"  # its .caption file (caption_extension applies to reg)
+    assert metadata["reg/1_woman/1.png"] == "woman"  # class images without one train with their class prompt

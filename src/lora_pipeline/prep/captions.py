@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
 
 import torch
@@ -11,6 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lora_pipeline.core.models import load_pretrained, pick_device
+from lora_pipeline.errors import DataError
 
 if TYPE_CHECKING:
     from lora_pipeline.config import CaptioningParams
@@ -143,6 +145,41 @@ def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- which caption an image gets
+
+METADATA_TEXT_COLUMNS = ("text", "caption", "prompt")  # what imagefolder and auto-labelling tools name it
+
+
+def read_metadata_csv(path: str | Path) -> dict[str, str]:
+    """``{file_name: caption}`` of a metadata.csv: a ``file_name`` column and the caption in ``text``,
+    ``caption`` or ``prompt`` (the first of these present). Rows with an empty caption are left out."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # pandas' parser errors are ValueErrors
+        raise DataError(f"{path}: not a readable metadata.csv ({exc}). Save it as UTF-8 CSV with a header line "
+                        f"such as file_name,text and re-run.") from None
+    table.columns = [str(column).strip() for column in table.columns]
+    text = next((column for column in METADATA_TEXT_COLUMNS if column in table.columns), None)
+    if "file_name" not in table.columns or text is None:
+        raise DataError(f"{path}: a captions metadata.csv needs a 'file_name' column and a caption column named "
+                        f"{', '.join(repr(c) for c in METADATA_TEXT_COLUMNS)}; it has "
+                        f"{', '.join(repr(c) for c in table.columns) or 'no columns'}. Rename the header line "
+                        f"(e.g. file_name,text) and re-run.")
+    return {name.strip(): caption.strip() for name, caption in zip(table.file_name, table[text])
+            if name.strip() and caption.strip()}
+
+
+def metadata_captions(path: str | Path, images_root: str | Path) -> dict[str, str]:
+    """A metadata.csv's captions keyed by image name relative to ``images_root``. ``file_name`` is relative to the
+    CSV's folder (diffusers' imagefolder), which may be the image folder itself or above it."""
+    base, root = Path(path).resolve().parent, Path(images_root).resolve()
+    captions = {}
+    for file_name, caption in read_metadata_csv(path).items():
+        image = (base / file_name).resolve()
+        captions[image.relative_to(root).as_posix() if image.is_relative_to(root) else file_name] = caption
+    return captions
+
 
 def load_captioner(params: "CaptioningParams") -> Captioner:
     """The auto-captioner the parameters ask for."""

@@ -18,6 +18,7 @@ from lora_pipeline.prep.captions import (
     caption_in_batches,
     has_human_caption,
     load_captioner,
+    metadata_captions,
     pick_caption,
 )
 from lora_pipeline.prep.images import load_rgb, read_sidecar_detected
@@ -30,20 +31,28 @@ CAPTION_COLUMNS = ["file_name", "sha256", "text", "source", "reviewed", "auto_ca
 def scan_images(raw_images: ImageFolder, caption_cache: DiskCache | None = None,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
     """One row per raw image: ``file_name``, content ``sha256``, ``has_sidecar`` and the kohya ``sidecar`` text
-    (``captioning.caption_extension``, ``.txt`` by default).
+    (``captioning.caption_extension``, ``.txt`` by default; without such a file, the image's row of
+    ``captioning.metadata_csv``, which ranks the same).
 
     Hashes are remembered by (path, size, mtime), so a re-run hashes only new or changed files."""
-    extension = parse_params(CaptioningParams, params, "captioning").caption_extension if params else ".txt"
+    p = parse_params(CaptioningParams, params, "captioning") if params else CaptioningParams(backend="sidecar")
+    listed = metadata_captions(p.metadata_csv, raw_images.root) if p.metadata_csv else {}
+    unknown = sorted(set(listed) - set(raw_images.names))
+    if unknown:
+        logger.warning("%s names %d image(s) not in %s, e.g. %s", p.metadata_csv, len(unknown), raw_images.root,
+                       unknown[0])
     paths = [raw_images.path(name) for name in raw_images.names]
     hashes = FileMemo(caption_cache, "sha256").map(sha256_file, paths, None, "hashing")
     rows = []
     for name, path, sha in zip(raw_images.names, paths, hashes):
         note = ""
         try:
-            found = read_sidecar_detected(path, extension)
+            found = read_sidecar_detected(path, p.caption_extension)
         except ValueError as exc:
             logger.warning("Ignoring the sidecar caption of %s: %s", name, exc)
             found, note = None, f"sidecar unreadable ({exc}); an auto caption was used"
+        if found is None and not note and name in listed:  # its metadata.csv row; a caption file beside it wins
+            found = (listed[name], "utf-8")
         if found is not None and found[1] != "utf-8":
             note = f"sidecar read as {found[1]} (not UTF-8): check the caption, then re-save the file as UTF-8"
             logger.warning("%s: %s", name, note)

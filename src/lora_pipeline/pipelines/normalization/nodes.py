@@ -67,6 +67,8 @@ def inspect_images(raw_images: ImageFolder, params: dict[str, Any], check_cache:
         roles += [role] * len(folder.names)
         sidecars += [_reg_sidecar(folder.path(n), p.reg_caption_extension) if role == "reg" else None
                      for n in folder.names]
+        if role == "reg":
+            _warn_unread_reg_captions(folder, p.reg_caption_extension)
     rows = select_images(checks, p, roles, sidecars) + orphan_caption_rows(raw_images) + [
         rejected_row(name, "bad_file_name", "file name is not valid UTF-8 (undecodable bytes shown as \\x..); "
                                             "rename the file") for name in raw_images.bad_names]
@@ -93,6 +95,19 @@ def orphan_caption_rows(raw_images: ImageFolder) -> list[dict[str, Any]]:
                 rows.append(rejected_row(name, "orphan_caption", "caption file without an image of the same name: "
                                                                  "rename it to match its image, or delete it"))
     return rows
+
+
+def _warn_unread_reg_captions(folder: ImageFolder, extension: str) -> None:
+    """Class images with a caption file of another kohya extension only: say so, instead of training them on
+    their class token without a word."""
+    unread = {name: other for name in folder.names if not folder.path(name).with_suffix(extension).is_file()
+              for other in CAPTION_SUFFIXES if other != extension and folder.path(name).with_suffix(other).is_file()}
+    if unread:
+        name, other = next(iter(unread.items()))
+        logger.warning("%d class image(s) in %s have a caption file that is not read (e.g. %s: %s, while "
+                       "normalization.reg_caption_extension is %s): they train on their class token. Set "
+                       "`normalization: {reg_caption_extension: '%s'}` for this subject (import-kohya sets it from "
+                       "caption_extension).", len(unread), folder.root, name, other, extension, other)
 
 
 def _reg_sidecar(path: Path, extension: str) -> str | None:
