@@ -58,6 +58,29 @@ def _when(milliseconds: int) -> str:
     return datetime.fromtimestamp(milliseconds / 1000).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def saved_version(path: str | Path) -> str | None:
+    """The Kedro version folder an export sits in (``<name>.safetensors/<version>/<name>.safetensors``), if any."""
+    from kedro.io.core import VERSION_FORMAT
+
+    name = Path(path).resolve().parent.name
+    try:
+        datetime.strptime(name, VERSION_FORMAT)
+    except ValueError:
+        return None
+    return name
+
+
+def order_runs(runs: list, parents: dict[str, object], version: str | None) -> list[tuple[object, bool]]:
+    """``(run, wrote_this_file)``, the run that wrote this version folder first, then the others (same weights
+    exported by another run, or a failed run) newest first."""
+    def wrote(run) -> bool:
+        parent = parents[run.info.run_id]
+        return version is not None and parent.data.tags.get("run_id") == version and run.info.status == "FINISHED"
+
+    ordered = sorted(runs, key=lambda run: (not wrote(run), -run.info.start_time))
+    return [(run, wrote(run)) for run in ordered]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="an exported LoRA .safetensors file or an LLM adapter folder")
@@ -71,15 +94,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import mlflow
 
-    for run in runs:
-        tags = run.data.tags
-        parent = mlflow.get_run(tags["mlflow.parentRunId"]) if "mlflow.parentRunId" in tags else run
+    parents = {run.info.run_id: mlflow.get_run(run.data.tags["mlflow.parentRunId"])
+               if "mlflow.parentRunId" in run.data.tags else run for run in runs}
+    version = saved_version(args.path)
+    for index, (run, wrote) in enumerate(order_runs(runs, parents, version)):
+        tags, parent = run.data.tags, parents[run.info.run_id]
+        if wrote:
+            print(f"  -- the run that wrote this file (version {version})")
+        else:
+            print(f"  -- another run with the same weights ({run.info.status}, version "
+                  f"{parent.data.tags.get('run_id')}): not the one that wrote this file")
         dataset = info.get("dataset") or tags.get("llm.dataset_hash") or parent.data.tags.get("llm.dataset_hash")
         print(f"  dataset hash    {dataset}")
         print(f"  training run    {info.get('training_run') or run.info.run_id}")
         if tags.get("llm.init_from"):
             print(f"  continued from  {tags['llm.init_from']}")
-        print(f"  export run      {run.info.run_id}  ({tags.get('mlflow.runName')}, started {_when(run.info.start_time)})")
+        print(f"  export run      {run.info.run_id}  ({tags.get('mlflow.runName')}, {run.info.status}, "
+              f"started {_when(run.info.start_time)})")
         print(f"  kedro run       {parent.info.run_id}  ({parent.info.run_name})")
         print(f"  git commit      {tags.get('git_commit') or parent.data.tags.get('git_commit')}")
         print(f"  kedro version   {parent.data.tags.get('run_id')}  (every dataset this run saved has this version id)")
