@@ -10,7 +10,6 @@ import pandas as pd
 from lora_pipeline.config import CaptioningParams, parse_params
 from lora_pipeline.core.cache import DiskCache, FileMemo
 from lora_pipeline.core.files import sha256_file
-from lora_pipeline.core.models import resolve_model
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
 from lora_pipeline.prep.captions import (
@@ -74,8 +73,7 @@ def caption_images(
     changed images, and a settings change (other model, other tags) re-captions all.
     """
     p = parse_params(CaptioningParams, params, "captioning")
-    if p.backend != "sidecar":
-        resolve_model(p.model, p.allow_download)  # fail before any work if the model is missing
+    # The model is loaded only for images no person captioned (the pre-run check already found it, if needed).
     reviewed_text = dict(zip(reviewed.file_name, reviewed.text))
     unknown = sorted(set(reviewed_text) - set(manifest.file_name))
     if unknown:
