@@ -11,8 +11,8 @@ Key conventions:
 
 WebUI and ComfyUI apply ``W += strength * alpha / r * up @ down``, so ``alpha`` must be the training alpha.
 diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank and names the SD1 text encoder ``lora_te1_``,
-and diffusers 0.42 drops a kohya file's text-encoder attention weights on load, so kohya files are written
-and read here; diffusers' own format is written with diffusers' ``save_lora_weights``.
+so kohya files are written and read here; diffusers' own format is written with diffusers' ``save_lora_weights``,
+its text-encoder keys in the canonical ``text_encoder(_2).text_model.`` spelling.
 """
 
 from __future__ import annotations
@@ -76,6 +76,18 @@ def kohya_name_index(family: ModelFamily, modules: Mapping[str, torch.nn.Module]
             if path:
                 index[kohya_module_name(family, component, path, config)] = (component, path)
     return index
+
+
+# CLIP's text-model parts: transformers 5's CLIPTextModel holds them at its top level, CLIPTextModelWithProjection
+# (SDXL's second encoder) and transformers 4 under ``text_model.``. (A T5 encoder's ``encoder.block.N`` is none.)
+_CLIP_TEXT_MODEL_PARTS = ("embeddings.", "encoder.layers.", "final_layer_norm")
+
+
+def canonical_text_encoder_path(module_path: str) -> str:
+    """A text-encoder module path as diffusers files name it, ``text_model.encoder.layers.0.self_attn.q_proj``,
+    whichever transformers built the encoder: ComfyUI maps only that spelling (for CLIP-L and CLIP-G alike), and
+    diffusers reads it into either kind of encoder."""
+    return "text_model." + module_path if module_path.startswith(_CLIP_TEXT_MODEL_PARTS) else module_path
 
 
 # ----------------------------------------------------------------------------- alpha / rank
@@ -370,6 +382,8 @@ def save_diffusers_lora(folder: str | os.PathLike, lora_state: Mapping[str, torc
     layers: dict[str, Any] = {}
     for component in family.components:
         part = {k[len(component) + 1:]: v for k, v in lora_state.items() if k.startswith(component + ".")}
+        if component in family.text_encoders:
+            part = {canonical_text_encoder_path(k): v for k, v in part.items()}
         if part:
             layers[f"{component}_lora_layers"] = part
             layers[f"{component}_lora_adapter_metadata"] = spec.adapter_metadata(component)

@@ -1,7 +1,9 @@
 """Stacking several LoRAs on one pipeline (SD1.x or SDXL), each at its own weight, and merging them into the base.
 
 kohya/WebUI files are converted by :mod:`lora_files` rather than passed to diffusers' ``load_lora_weights``:
-diffusers 0.42 with transformers 5 silently drops their text-encoder attention weights. Converted to
+every module is checked against the base (a LoRA for another base is refused by name), and LyCORIS / DoRA
+modules, which PEFT cannot hold, become weight patches. (diffusers 0.42 does load our own kohya files whole,
+text-encoder attention included: measured on SD1.x and SDXL, within fp16 rounding of the diffusers folder.) Converted to
 diffusers' own layout (with ``alpha / r`` folded into ``lora_B``) they load exactly, text encoders included.
 """
 
