@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -11,6 +12,11 @@ from pathlib import Path
 from typing import Iterator
 
 _CHUNK = 1 << 20
+
+
+class NoSpaceError(OSError):
+    """The disk filled up while an output was written; the write was rolled back. ``strerror`` is the message
+    for the user (what, where, what to do)."""
 
 
 def _umask() -> int:
@@ -27,10 +33,47 @@ def _umask() -> int:
     return current
 
 
-def _no_space(exc: OSError) -> bool:
-    import errno
+# A full disk in the words of what the writers raise: safetensors' SafetensorError ("I/O error: No space left on
+# device (os error 28)") is no OSError, and older safetensors reported a short write as "unexpected pos ...".
+_NO_SPACE_TEXT = ("No space left", "os error 28", "Disk quota exceeded", "os error 122", "unexpected pos")
 
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
+
+def _no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, Exception) and any(text in str(exc) for text in _NO_SPACE_TEXT)
+
+
+def _no_space_error(target: Path) -> NoSpaceError:
+    return NoSpaceError(errno.ENOSPC, f"no space left on {target.parent} while writing {target.name}; free some "
+                                      f"space on that disk (or point the catalog entry at another one) and re-run "
+                                      f"(nothing was left half-written)")
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Undo the folders a failed write created (a versioned dataset's version folder), deepest first; a folder
+    something else wrote into meanwhile stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _output_mode(path: Path, umask: int) -> None:
+    """The mode any new file or folder gets here (0644 / 0755 under umask 022): mkstemp and safetensors'
+    ``save_file`` create 0600, which would make an export unreadable to the web UI's or a colleague's account."""
+    executable = path.is_dir() or path.stat().st_mode & 0o111
+    os.chmod(path, (0o777 if executable else 0o666) & ~umask)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -51,34 +94,33 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``target``; rename it over ``target`` only if the block succeeds.
 
     Readers never see a half-written file under the final name, even after kill -9:
-    ``os.replace`` is atomic on one filesystem, and the temp file lives in the same folder.
+    ``os.replace`` is atomic on one filesystem, and the temp file lives in the same folder. A full disk raises
+    :class:`NoSpaceError` and leaves neither the temp file nor a folder this call created.
     """
     target = Path(target)
+    created = _missing_parents(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
-        try:
-            yield tmp_path
-            with open(tmp_path, "rb+") as handle:
-                os.fsync(handle.fileno())
-        except OSError as exc:
-            if _no_space(exc):
-                raise OSError(exc.errno, f"no space left on {target.parent} while writing {target.name}; free some "
-                                         f"space and re-run (nothing was left half-written)") from None
-            raise
-        except RuntimeError as exc:  # safetensors reports a short write as "unexpected pos ..."
-            if "unexpected pos" in str(exc) or "No space" in str(exc):
-                raise OSError(28, f"no space left on {target.parent} while writing {target.name}; free some space "
-                                  f"and re-run (nothing was left half-written)") from None
-            raise
-        # mkstemp creates 0600; a finished output gets the mode any new file gets here (0644 under umask 022)
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        yield tmp_path
+        with open(tmp_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        _output_mode(tmp_path, _umask())
         os.replace(tmp_path, target)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    except Exception as exc:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        _remove_if_empty(created)
+        if _no_space(exc):
+            raise _no_space_error(target) from None
+        raise
+    except BaseException:  # KeyboardInterrupt: no temp file either
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
@@ -92,16 +134,26 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
 
     A leftover temp folder from a killed run is cleared first; readers never see a half-written folder under
     the final name (a crash between removing the old folder and the rename leaves no folder, never a partial one).
+    What was written gets the umask's mode, as :func:`atomic_path` gives it; a full disk raises
+    :class:`NoSpaceError` and leaves neither the temp folder nor a folder this call created.
     """
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    created = _missing_parents(target.parent)
     try:
+        tmp.mkdir(parents=True)
         yield tmp
-    except BaseException:
+        umask = _umask()
+        for path in [tmp, *tmp.rglob("*")]:
+            if not path.is_symlink():
+                _output_mode(path, umask)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_if_empty(created)
+        if isinstance(exc, Exception) and _no_space(exc):
+            raise _no_space_error(target) from None
         raise
     if target.exists():
         shutil.rmtree(target)

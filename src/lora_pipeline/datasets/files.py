@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterator
 
 from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 
-from lora_pipeline.core.files import atomic_folder
-from lora_pipeline.errors import DataError
+from lora_pipeline.core.files import NoSpaceError, atomic_folder
+from lora_pipeline.errors import DataError, LoraPipelineError
+
+
+class DiskFullError(LoraPipelineError, DatasetError):
+    """A full disk while saving an output. A DatasetError, so that Kedro's save wrapper passes it on unchanged
+    (anything else it wraps, and the user gets a traceback); a click exception, so that ``kedro run`` prints its
+    one message."""
+
+
+@contextlib.contextmanager
+def disk_full_is_one_message() -> Iterator[None]:
+    """Around a dataset's save: a full disk becomes :class:`DiskFullError` (what, where, what to do)."""
+    try:
+        yield
+    except NoSpaceError as exc:
+        raise DiskFullError(exc.strerror) from None
 
 
 class RawFileDataset(AbstractDataset[None, Path]):
@@ -64,7 +80,7 @@ class PretrainedFolderDataset(VersionedPathDataset):
 
     def save(self, data: Any) -> None:
         target = Path(self._get_save_path())
-        with atomic_folder(target) as tmp:
+        with disk_full_is_one_message(), atomic_folder(target) as tmp:
             for part in data if isinstance(data, tuple) else (data,):
                 part.save_pretrained(tmp)
         if self._log_to_mlflow:

@@ -7,7 +7,7 @@ from typing import Any
 
 from kedro.io import Version
 
-from lora_pipeline.datasets.files import VersionedPathDataset
+from lora_pipeline.datasets.files import VersionedPathDataset, disk_full_is_one_message
 from lora_pipeline.diffusion.lora_files import load_lora_file, save_diffusers_lora, save_lora_file
 
 
@@ -28,7 +28,8 @@ class LoraWeightsDataset(VersionedPathDataset):
 
     def save(self, data: dict) -> None:
         path = self._get_save_path()
-        save_lora_file(path, data["state"], data.get("metadata", {}))
+        with disk_full_is_one_message():
+            save_lora_file(path, data["state"], data.get("metadata", {}))
         if self._log_to_mlflow:
             import mlflow
 
@@ -47,4 +48,5 @@ class DiffusersLoraDataset(VersionedPathDataset):
         return Path(self._get_load_path())
 
     def save(self, data: dict) -> None:
-        save_diffusers_lora(self._get_save_path(), data["state"], data["summary"])
+        with disk_full_is_one_message():
+            save_diffusers_lora(self._get_save_path(), data["state"], data["summary"])

@@ -10,6 +10,7 @@ import mlflow
 
 from lora_pipeline.config import ExportParams, parse_params
 from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.datasets.files import disk_full_is_one_message
 from lora_pipeline.diffusion.lora_files import build_kohya_file, save_lora_file, webui_copy_path
 from lora_pipeline.diffusion.model_card import model_card
 from lora_pipeline.pipelines.metrics import log_lineage_tags
@@ -37,7 +38,8 @@ def export_kohya(lora_weights: dict[str, Any], training_summary: TrainingSummary
         target, note = webui_copy_path(p.webui_lora_dir, title, metadata["sshs_model_hash"])
         if note:
             logger.warning(note)
-        save_lora_file(target, state, metadata)
+        with disk_full_is_one_message():  # a node's error reaches the console as is: one message, no traceback
+            save_lora_file(target, state, metadata)
         logger.info("Copied the LoRA into %s: use <lora:%s:0.8> in a prompt", target, target.stem)
     size_mb = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
     logger.info("kohya LoRA %s (%s): %d modules, %.2f MB (%s), hash %s", title, training_summary.family,
