@@ -3,7 +3,10 @@
     python benchmarks/gpu_check.py [--steps 40]
 
 - the diffusion trainer on CUDA in fp32, fp16 and bf16, for SD1.x and SDXL (tiny models, real architectures):
-  losses finite, images/s, peak memory;
+  losses finite, images/s, peak memory, and its sample images rendered after the last step (the UNet in the
+  training dtype, the VAE in fp32: on CUDA a dtype mismatch raises where the CPU may let it pass);
+- generation in fp16 and bf16 on CUDA: a UNet and text encoders in that dtype beside an fp32 VAE, and the
+  generation stage on a base saved in that dtype (a merged model, a downloaded fp16 checkpoint);
 - the exported kohya file, read back by diffusers' own ``load_lora_weights`` on the GPU, reproduces the trained
   UNet's output (and differs from the base's, so the comparison can fail);
 - run-to-run determinism on CUDA, and a crashed run resumed from its checkpoint against an uninterrupted one;
@@ -138,11 +141,14 @@ def diffusion_checks(models: dict[str, Path], examples, root: Path, steps: int) 
             work = root / f"{model}-{mixed}"
             print(f"{model}, mixed_precision={mixed}, {steps} steps", flush=True)
             started = time.perf_counter()
-            sd, result = train_once(models[model], examples, work, "gpu", mixed, steps)
+            sd, result = train_once(models[model], examples, work, "gpu", mixed, steps,
+                                    sample_prompts=["sks, red circle"], sample_size=64, sample_inference_steps=4)
             seconds = time.perf_counter() - started
             losses = result.losses
             check(all(np.isfinite(losses)), f"losses finite (first 5 mean {np.mean(losses[:5]):.4f}, "
                                             f"last 5 mean {np.mean(losses[-5:]):.4f})")
+            check(result.sample_error is None and len(result.samples) == 1 and is_picture(result.samples[0]),
+                  f"the sample after the last step renders at 64x64 ({result.sample_error or 'no error'})")
             print(f"  {result.images_per_second:.1f} img/s in the loop, {seconds:.1f} s with loading, "
                   f"peak {result.peak_memory_mb:.0f} MB", flush=True)
             diff = diffusers_reads_the_export(models[model], sd, result, work)
@@ -150,6 +156,46 @@ def diffusion_checks(models: dict[str, Path], examples, root: Path, steps: int) 
             check(diff < limit, f"diffusers' load_lora_weights reproduces the LoRA's effect on the trained UNet "
                                 f"(relative max diff {diff:.2e}, limit {limit:g})")
             del sd
+            torch.cuda.empty_cache()
+
+
+def is_picture(image, size=(64, 64)) -> bool:
+    """The right size and not one flat colour (NaN latents decode to black)."""
+    return image.size == size and float(np.asarray(image, dtype=float).std()) > 1.0
+
+
+def precision_checks(models: dict[str, Path], root: Path) -> None:
+    from lora_pipeline.config import PromptSpec
+    from lora_pipeline.diffusion.generation import render
+    from lora_pipeline.diffusion.loading import load_diffusion_model
+    from lora_pipeline.pipelines.generation.nodes import generate_images
+
+    spec = PromptSpec(prompt="-", steps=4, width=64, height=64)
+    for model in ("tiny-sd", "tiny-sdxl"):
+        for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            print(f"{model}, generation in {name}", flush=True)
+            sd = load_diffusion_model(str(models[model]))
+            for module in (sd.unet, *sd.text_encoders):
+                module.to(DEVICE, dtype)
+            pipe = sd.pipeline().to(DEVICE)
+            pipe.set_progress_bar_config(disable=True)
+            try:
+                ok, note = is_picture(render(pipe, "sks, red circle", spec, 0)), ""
+            except RuntimeError as exc:
+                ok, note = False, f": {exc}"
+            check(ok, f"render: UNet and text encoders in {name}, VAE in fp32{note}")
+            base = root / f"{model}-saved-{name}"
+            sd.pipeline().to(dtype=dtype).save_pretrained(base)
+            params = {"base_model": str(base), "lora_dirs": [str(root)], "device": DEVICE, "prompt": "sks, red circle",
+                      "comparison_weights": [1.0], "thumbnail": 32,
+                      "defaults": {"prompt": "-", "steps": 4, "width": 64, "height": 64}}
+            try:
+                images, _, _ = generate_images(params, {"metadata": {}})
+                ok, note = is_picture(next(iter(images.values()))), ""
+            except RuntimeError as exc:
+                ok, note = False, f": {exc}"
+            check(ok, f"generation stage on a base saved in {name}{note}")
+            del sd, pipe
             torch.cuda.empty_cache()
 
 
@@ -219,7 +265,7 @@ def llm_checks(models: dict[str, Path], root: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--only", nargs="*", default=["diffusion", "resume", "llm"])
+    parser.add_argument("--only", nargs="*", default=["diffusion", "precision", "resume", "llm"])
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # try the script itself on CPU
     args = parser.parse_args()
     global DEVICE
@@ -237,6 +283,8 @@ def main() -> None:
     examples = make_examples(root / "images")
     if "diffusion" in args.only:
         diffusion_checks(models, examples, root, args.steps)
+    if "precision" in args.only:
+        precision_checks(models, root)
     if "resume" in args.only:
         determinism_and_resume(models, examples, root)
     if "llm" in args.only:

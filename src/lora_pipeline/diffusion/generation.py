@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import yaml
@@ -98,12 +99,57 @@ class LoraSource:
                    int(clip_skip) if clip_skip.isdigit() else None)
 
 
+# ----------------------------------------------------------------------------- precision
+
+def _to_own_dtype(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+@contextlib.contextmanager
+def vae_decodes_in_own_dtype(vae) -> Iterator[None]:
+    """While inside, the VAE decodes latents of any dtype in its own one.
+
+    Pipelines hand the VAE latents in the UNet's dtype; after fp16/bf16 training (or with an fp16 VAE under an
+    fp32 UNet) that is not the VAE's, and its first convolution raises "Input type (c10::Half) and bias type
+    (float) should be the same". Casting at the decoder's entry keeps the VAE in the precision it was given
+    (fp32 for SDXL's VAE, which overflows in fp16), and works for every family's pipeline and tiled decoding.
+    """
+    entries = [m for m in (getattr(vae, "post_quant_conv", None), getattr(vae, "decoder", None)) if m is not None]
+    hooks = [m.register_forward_pre_hook(_to_own_dtype) for m in entries]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def match_text_encoders_to_unet(pipe) -> None:
+    """Put the text encoders in the UNet's dtype (the VAE keeps its own, see :func:`vae_decodes_in_own_dtype`).
+
+    A diffusers folder saved in fp16 or bf16 (the merge stage's default output, fp16 folders from the hub) loads
+    with diffusers' UNet in fp32 but transformers 5's text encoder in the saved dtype; the UNet then refuses the
+    prompt states ("mat1 and mat2 must have the same dtype"). (Single-file checkpoints load in fp32 throughout.)"""
+    dtype = pipe.unet.dtype
+    for name in family_of(pipe).text_encoders:
+        getattr(pipe, name).to(dtype=dtype)
+
+
+def inference_pipeline(pipe, device: torch.device | str):
+    """A pipeline ready for :func:`render`: on ``device``, one compute dtype, no per-step progress bar."""
+    match_text_encoders_to_unet(pipe)  # first: diffusers warns when a pipeline with fp16 parts moves to a CPU
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @torch.no_grad()
 def render(pipe, text: str, spec: PromptSpec, seed: int) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
     prompt = family_of(pipe).prompt_kwargs(pipe, text, spec.negative_prompt, spec.clip_skip)
-    return pipe(**prompt, num_inference_steps=spec.steps, guidance_scale=spec.guidance, width=spec.width,
-                height=spec.height, generator=generator).images[0]
+    with vae_decodes_in_own_dtype(pipe.vae):
+        return pipe(**prompt, num_inference_steps=spec.steps, guidance_scale=spec.guidance, width=spec.width,
+                    height=spec.height, generator=generator).images[0]
 
 
 def generate(pipe, specs: Sequence[PromptSpec], model_name: str,

@@ -25,6 +25,7 @@ from lora_pipeline.core.spec import LoraSpec
 from lora_pipeline.core.trainer import (
     NonFiniteLossError,
     TrainerCore,
+    enable_activation_checkpointing,
     make_accelerator,
     make_optimizer,
     optimizer_step,
@@ -32,6 +33,7 @@ from lora_pipeline.core.trainer import (
     weight_dtype,
 )
 from lora_pipeline.diffusion.families import Conditioning, ModelFamily
+from lora_pipeline.diffusion.generation import vae_decodes_in_own_dtype
 from lora_pipeline.diffusion.loading import DiffusionComponents, module_fingerprint
 from lora_pipeline.errors import ConfigError, LoraPipelineError
 from lora_pipeline.prep.concepts import epoch_items
@@ -76,6 +78,7 @@ class TrainResult:
     resumed_from: str | None = None
     latents_encoded: int = 0
     optimizer: str = "AdamW"  # the optimizer class that ran
+    sample_error: str | None = None  # why sample images failed (the LoRA is complete regardless)
 
 
 # ----------------------------------------------------------------------------- LoRA injection
@@ -314,9 +317,6 @@ def prepare_caption(text: str, rng: random.Random, dropout: float, shuffle: bool
 
 # ----------------------------------------------------------------------------- the loop
 
-
-# ----------------------------------------------------------------------------- the loop
-
 def run_signature(params: TrainingParams, spec: LoraSpec, base_id: str, dataset_hash: str) -> dict[str, Any]:
     """What must match for a checkpoint to continue *this* run rather than silently start another."""
     keys = ("batch_size", "gradient_accumulation_steps", "seed", "repeats", "learning_rate", "text_encoder_lr",
@@ -362,7 +362,7 @@ def train(
     sd.family.check_clip_skip(params.clip_skip)
     sd.clip_skip = params.clip_skip
     accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps,
-                                   params.allow_tf32, params.gpu)
+                                   params.allow_tf32, params.gpu, setting="training.mixed_precision")
     device = accelerator.device
     dtype = weight_dtype(params.mixed_precision)
     spec = lora_spec(params, sd.family)
@@ -395,9 +395,8 @@ def train(
     models = [sd.unet] + [sd.component(name) for name in trained_te]
     cast_training_params(models, dtype=torch.float32)  # LoRA weights train in fp32 under mixed precision
     if params.gradient_checkpointing:
-        sd.unet.enable_gradient_checkpointing()
-        for name in trained_te:
-            sd.component(name).gradient_checkpointing_enable()
+        for model in models:
+            enable_activation_checkpointing(model)
 
     groups = [{"params": [p for p in sd.unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
     for name in trained_te:
@@ -459,6 +458,7 @@ def train(
         for name in trained_te:
             encoders[sd.family.text_encoders.index(name)].train()
         core.start()
+        sample_error = None
         for step in range(start_step, total_steps):
             step_loss = torch.zeros((), device=device)
             seen = 0
@@ -519,12 +519,17 @@ def train(
                 seen += len(indices)
             core.end_step(step, step_loss, seen, optimizer, scheduler)
             done = step + 1
-            if on_samples and params.sample_prompts and params.sample_every_steps and done % params.sample_every_steps == 0:
-                on_samples(render_samples(sd, params), done)
+            if (on_samples and params.sample_prompts and params.sample_every_steps and sample_error is None
+                    and done % params.sample_every_steps == 0):
+                images, sample_error = samples_or_error(sd, params, done)
+                if images:
+                    on_samples(images, done)
             if step_callback is not None:
                 step_callback(done, sd)
-        images_per_second = core.finish(optimizer, scheduler)
-        samples = render_samples(sd, params) if params.sample_prompts and accelerator.is_main_process else []
+        images_per_second = core.finish(optimizer, scheduler)  # the final checkpoint is on disk from here on
+        samples: list[Any] = []
+        if params.sample_prompts and accelerator.is_main_process and sample_error is None:
+            samples, sample_error = samples_or_error(sd, params, total_steps)
         if on_samples and samples:
             on_samples(samples, total_steps)
         return TrainResult(
@@ -533,6 +538,7 @@ def train(
             images_per_second=images_per_second, peak_memory_mb=peak_memory_mb(device),
             samples=samples, resumed_from=core.resumed_from, latents_encoded=latents_encoded,
             optimizer=_class_path(getattr(optimizer, "optimizer", optimizer)),  # inside accelerate's wrapper
+            sample_error=sample_error,
         )
 
 
@@ -540,25 +546,45 @@ def _class_path(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__name__}"
 
 
+def samples_or_error(sd: DiffusionComponents, params: TrainingParams, step: int) -> tuple[list[Any], str | None]:
+    """Sample images, or none and the reason: a failure while sampling must never cost the trained LoRA."""
+    try:
+        return render_samples(sd, params), None
+    except Exception as exc:  # whatever broke: the weights are worth more than the pictures
+        reason = f"{type(exc).__name__}: {exc}"
+        logger.error("Sample images at step %d failed (%s). The LoRA itself is complete: it is checkpointed and "
+                     "exported as usual, without samples. Next: render it with the generation pipeline "
+                     "(kedro run --pipelines generation); if that fails too, report this error with the "
+                     "traceback below. training.sample_prompts: [] skips samples.", step, reason, exc_info=True)
+        return [], reason
+
+
 @torch.no_grad()
 def render_samples(sd: DiffusionComponents, params: TrainingParams) -> list[Any]:
-    """Sample images with the LoRA as it is now (fixed seeds, so samples across steps are comparable)."""
+    """Sample images with the LoRA as it is now (fixed seeds, so samples across steps are comparable).
+
+    The UNet and text encoders sample in the dtype they train in; the VAE decodes in its own (fp32 under
+    fp16/bf16 training)."""
     pipe = sd.pipeline(unet=_unwrap(sd.unet), **{name: _unwrap(te) for name, te in
                                                   zip(sd.family.text_encoders, sd.text_encoders)})
     pipe.set_progress_bar_config(disable=True)
     device = next(_unwrap(sd.unet).parameters()).device
-    pipe.vae.to(device)
+    vae_device = next(pipe.vae.parameters()).device  # on the GPU already when latents are not cached
     was_training = _unwrap(sd.unet).training
+    pipe.vae.to(device)
     _unwrap(sd.unet).eval()
     size = params.sample_size
     images = []
-    for index, prompt in enumerate(tqdm(params.sample_prompts, desc="samples", unit="img", leave=False)):
-        generator = torch.Generator().manual_seed(params.seed + index)
-        images.extend(pipe(**sd.family.prompt_kwargs(pipe, prompt, None, sd.clip_skip),
-                           num_inference_steps=params.sample_inference_steps, generator=generator,
-                           height=size, width=size).images)
-    pipe.vae.to("cpu")
-    _unwrap(sd.unet).train(was_training)
+    try:
+        with vae_decodes_in_own_dtype(pipe.vae):
+            for index, prompt in enumerate(tqdm(params.sample_prompts, desc="samples", unit="img", leave=False)):
+                generator = torch.Generator().manual_seed(params.seed + index)
+                images.extend(pipe(**sd.family.prompt_kwargs(pipe, prompt, None, sd.clip_skip),
+                                   num_inference_steps=params.sample_inference_steps, generator=generator,
+                                   height=size, width=size).images)
+    finally:  # also after a failure: training may go on
+        pipe.vae.to(vae_device)
+        _unwrap(sd.unet).train(was_training)
     return images
 
 

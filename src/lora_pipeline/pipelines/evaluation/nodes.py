@@ -19,7 +19,7 @@ from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.diffusion.dataset import build_examples
 from lora_pipeline.diffusion.evaluation import ClipScorer, holdout_examples
-from lora_pipeline.diffusion.generation import render
+from lora_pipeline.diffusion.generation import inference_pipeline, render
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.lora_files import lora_modules_from_state
 from lora_pipeline.diffusion.stack import merge_modules
@@ -55,7 +55,8 @@ def _evaluate(sd, p: EvaluationParams, normalized_images: ImageFolder, train_met
               scratch: Path) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
     device = pick_device(p.device)
     for module in (sd.unet, *sd.text_encoders):
-        module.to(device)
+        # One compute dtype, the UNet's: a base saved in fp16/bf16 loads its text encoders in that dtype.
+        module.to(device, sd.unet.dtype)
     train_examples = build_examples(normalized_images.root, train_metadata)
     sets = {"train": train_examples}
     if p.holdout_dir:
@@ -94,8 +95,7 @@ def _evaluate(sd, p: EvaluationParams, normalized_images: ImageFolder, train_met
 
 def _clip_figures(p: EvaluationParams, sd, scorer: ClipScorer, references, label: str) -> dict[str, float]:
     """CLIP score of images generated with fixed seeds, and their similarity to the training images."""
-    pipe = sd.pipeline().to(next(sd.unet.parameters()).device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = inference_pipeline(sd.pipeline(), next(sd.unet.parameters()).device)
     spec = PromptSpec(prompt="-", steps=p.eval_steps, width=p.eval_size, height=p.eval_size, clip_skip=sd.clip_skip)
     images = [render(pipe, prompt, spec, p.seed + i)
               for i, prompt in enumerate(tqdm(p.eval_prompts, desc=f"CLIP prompts ({label})", unit="img"))]

@@ -16,6 +16,7 @@ from lora_pipeline.diffusion.generation import (
     comparison_grid,
     contact_sheet,
     generate,
+    inference_pipeline,
     read_prompts_file,
 )
 from lora_pipeline.diffusion.loading import load_diffusion_model
@@ -28,8 +29,7 @@ logger = logging.getLogger(__name__)
 def load_generation_pipeline(p: GenerationParams, files: dict[str, Path]):
     """The base model (one loader for every stage) with each referenced LoRA loaded as an adapter."""
     sd = load_diffusion_model(p.base_model, p.base_model_family, p.allow_download, p.single_file_config)
-    pipe = sd.pipeline().to(pick_device(p.device))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = inference_pipeline(sd.pipeline(), pick_device(p.device))
     load_stack(pipe, sd.family, files)
     return pipe
 

@@ -29,6 +29,9 @@ def merge_loras(params: dict[str, Any], generation: dict[str, Any]) -> str:
     g = parse_params(GenerationParams, generation, "generation")
     files = resolve_loras([LoraRef(e.name, e.weight) for e in p.loras], g.lora_dirs)
     sd = load_diffusion_model(g.base_model, g.base_model_family, g.allow_download, g.single_file_config)
+    for module in sd.modules().values():
+        # Merge in fp32, save in p.precision: a base saved in fp16/bf16 loads its text encoders in that dtype.
+        module.to(torch.float32)
     merge_into_base(sd.modules(), sd.family, [(files[e.name], e.weight) for e in p.loras])
     pipe = sd.pipeline()
     dtype = torch.float16 if p.precision == "fp16" else torch.float32

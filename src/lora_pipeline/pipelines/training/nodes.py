@@ -16,6 +16,7 @@ from lora_pipeline.config import TrainingParams, parse_params
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.lock import subject_lock
 from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.core.trainer import throughput
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.diffusion.dataset import build_examples, dataset_hash, resolve_init_lora
 from lora_pipeline.diffusion.loading import load_diffusion_model
@@ -82,6 +83,8 @@ def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metad
                             f"{s}.train.images_per_second_mean": result.images_per_second,
                             f"{s}.train.latents_encoded": result.latents_encoded,
                             f"{s}.train.latents_cached": len(examples) - result.latents_encoded})
+        if result.sample_error:  # the trainer logged it; the run's record says it too
+            mlflow.set_tag(f"lora.{s}.sample_error", result.sample_error[:1000])
     sizes = sorted({(ex.width, ex.height) for ex in examples}, key=lambda s: s[0] * s[1])
     summary = TrainingSummary(
         spec=result.spec, base_model=p.base_model, output_name=p.output_name, steps=result.steps,
@@ -101,6 +104,7 @@ def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metad
     )
     if mlflow.active_run():
         mlflow.log_dict(summary.to_json(), f"{s}/training_summary.json")
-    logger.info("Trained %d steps: loss %.4f -> %.4f, %.1f img/s, peak memory %.0f MB", result.steps,
-                summary.first_loss or 0.0, summary.final_loss, result.images_per_second, result.peak_memory_mb)
+    logger.info("Trained %d steps: loss %.4f -> %.4f, %s, peak memory %.0f MB", result.steps,
+                summary.first_loss or 0.0, summary.final_loss, throughput(result.images_per_second, "img"),
+                result.peak_memory_mb)
     return {"state": result.lora_state, "metadata": {"format": "lora_pipeline.training"}}, summary
