@@ -7,7 +7,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
-from lora_pipeline import lineage
+from lora_pipeline.cli import lineage
 
 V_OLD, V_THIS, V_FAILED = "2026-11-01T10.00.00.000Z", "2026-11-02T10.00.00.000Z", "2026-11-03T10.00.00.000Z"
 
@@ -35,7 +35,7 @@ def test_lineage_puts_the_run_that_wrote_this_version_first(tmp_path, capsys):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, folder / "aki.safetensors",
               metadata={"sshs_model_hash": digest, "ss_output_name": "aki"})
 
-    assert lineage.main([str(folder / "aki.safetensors"), "--tracking-uri", uri]) == 0
+    assert lineage.print_lineage(folder / "aki.safetensors", uri) == 0
     printed = capsys.readouterr().out
     assert printed.index(this) < printed.index(failed) and printed.index(this) < printed.index(older)
     blocks = printed.split("  -- ")[1:]

@@ -66,14 +66,18 @@ def test_config_loader_expands_subjects_from_yaml(tmp_path):
     assert params["training"]["lora_rank"] == 8
 
 
-def test_run_env_follows_the_cli(monkeypatch):
-    monkeypatch.setattr("sys.argv", ["kedro", "run", "--env", "demo"])
-    assert run_env() == "demo"
-    monkeypatch.setattr("sys.argv", ["kedro", "run", "-e", "prod"])
-    assert run_env() == "prod"
-    monkeypatch.setattr("sys.argv", ["kedro", "run"])
-    monkeypatch.setenv("KEDRO_ENV", "staging")
-    assert run_env() == "staging"
+def test_the_registry_reads_the_subjects_of_the_sessions_environment(tmp_path, monkeypatch):
+    from lora_pipeline import subjects
+
+    for env, names in (("base", "aki: {}"), ("demo", "demo_one: {}"), ("staging", "staged: {}")):
+        (tmp_path / env).mkdir()
+        (tmp_path / env / "subjects.yml").write_text(f"subjects:\n  {names}\n")
+    monkeypatch.setattr(subjects, "_session_env", None)
+    monkeypatch.setenv("KEDRO_ENV", "staging")  # no session yet: Kedro's variable
+    assert run_env() == "staging" and list(subjects.project_subjects(tmp_path)) == ["staged"]
+    # what KedroSession does for `kedro run --env demo`: build its config loader, then read the pipelines
+    SubjectsConfigLoader(conf_source=str(tmp_path), env="demo", base_env="base", default_run_env="local")
+    assert run_env() == "demo" and list(subjects.project_subjects(tmp_path)) == ["demo_one"]
 
 
 def test_one_subject_per_gpu_in_subjects_order():

@@ -1,125 +1,15 @@
-"""``lora-pipeline``: helpers around the Kedro project.
+"""``python -m lora_pipeline [kedro run options]`` is exactly ``kedro run`` (Kedro's project entry point).
 
-    lora-pipeline run [--env E] [--all] [--runner R]   train only the subjects whose data or parameters changed
-    lora-pipeline generate "PROMPT <lora:a:0.8>" ...   one prompt through the generation stage
-    lora-pipeline import-kohya CONFIG.toml|.yaml        a kohya / lora-scripts config becomes a subject
-    lora-pipeline lineage FILE                          from a LoRA file back to its MLflow runs and data
-    python -m lora_pipeline [kedro run options]         exactly ``kedro run``
+The project's own commands are ``lora-pipeline`` (``lora_pipeline.cli``).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
-import click
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """Helpers around the Kedro project (run them from the project root)."""
-
-
-@cli.command("run")
-@click.option("--env", "-e", default=None, help="Kedro configuration environment (default: local)")
-@click.option("--all", "run_all", is_flag=True, help="run every subject, changed or not")
-@click.option("--runner", default=None, help="SequentialRunner (default), ParallelRunner or ThreadRunner")
-def run_subjects(env: str | None, run_all: bool, runner: str | None) -> None:
-    """Run the image pipelines for the subjects whose raw data or parameters changed since they were last
-    trained, then generation. ``kedro run`` runs every subject; this skips the ones with nothing new."""
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-    from kedro.runner import ParallelRunner, SequentialRunner, ThreadRunner
-
-    from lora_pipeline.subjects import recorded_fingerprint, subject_fingerprint
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    bootstrap_project(Path.cwd())
-    with KedroSession.create(env=env) as session:
-        context = session.load_context()
-        subjects = list(context.config_loader.subjects())
-        changed = []
-        for name in subjects:
-            previous = recorded_fingerprint(name)
-            if run_all or previous.get("fingerprint") != subject_fingerprint(context.catalog, context.params, name):
-                changed.append(name)
-            else:
-                click.echo(f"Subject {name}: unchanged since it was trained at {previous.get('trained_at')} "
-                           f"(same images, captions and parameters); not retrained.")
-    if not changed:
-        click.echo("No subject changed: nothing to do. `lora-pipeline run --all` runs every subject anyway.")
-        return
-    click.echo(f"Running subject(s): {', '.join(changed)}")
-    runners = {"SequentialRunner": SequentialRunner, "ParallelRunner": ParallelRunner, "ThreadRunner": ThreadRunner}
-    if runner is not None and runner not in runners:
-        raise click.BadParameter(f"one of {', '.join(runners)}", param_hint="--runner")
-    make_runner = runners[runner or "SequentialRunner"]
-    with KedroSession.create(env=env) as session:
-        session.run(pipeline_names=["__default__"], namespaces=changed, runner=make_runner())
-    with KedroSession.create(env=env) as session:
-        session.run(pipeline_names=["generation"], runner=SequentialRunner())
-
-
-@cli.command("import-kohya")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option("--subject", default=None, help="subject name (default: the config's output_name)")
-@click.option("--dry-run", is_flag=True, help="print the subjects.yml entry instead of writing it")
-@click.option("--conf", "conf_dir", default="conf/local", show_default=True, help="where subjects.yml is written")
-def import_kohya(config: str, subject: str | None, dry_run: bool, conf_dir: str) -> None:
-    """Turn a kohya sd-scripts / lora-scripts training TOML (its dataset_config followed), a dataset config, or a
-    lora-scripts YAML config into a subject here (merged into it if it exists), and list every key that has no
-    equivalent, with the reason."""
-    from lora_pipeline.kohya_import import run_import
-
-    click.echo(run_import(config, subject, conf_dir, dry_run))
-
-
-@cli.command("generate")
-@click.argument("prompt")
-@click.option("--negative", default=None, help="negative prompt")
-@click.option("--seed", type=int, default=None)
-@click.option("--steps", type=int, default=None, help="sampling steps")
-@click.option("--count", type=int, default=None, help="images for this prompt (seed, seed+1, ...)")
-@click.option("--guidance", type=float, default=None, help="CFG scale")
-@click.option("--width", type=int, default=None)
-@click.option("--height", type=int, default=None)
-@click.option("--clip-skip", type=click.IntRange(1, 2), default=None, help="WebUI's CLIP skip (default: the LoRA's)")
-@click.option("--env", "-e", default=None, help="Kedro configuration environment (default: local)")
-def generate_command(prompt: str, negative: str | None, seed: int | None, steps: int | None, count: int | None,
-                     guidance: float | None, width: int | None, height: int | None, clip_skip: int | None,
-                     env: str | None) -> None:
-    """Render one WebUI-style PROMPT (commas and <lora:name:weight> tags welcome) with the generation stage;
-    the images land in a new version folder of data/07_model_output/generated/."""
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
-    defaults = {key: value for key, value in {
-        "negative_prompt": negative, "seed": seed, "steps": steps, "count": count, "guidance": guidance,
-        "width": width, "height": height, "clip_skip": clip_skip}.items() if value is not None}
-    # Passed as a nested dict: `kedro run --params` would split the prompt at its commas.
-    runtime = {"generation": {"prompt": prompt, **({"defaults": defaults} if defaults else {})}}
-    bootstrap_project(Path.cwd())
-    with KedroSession.create(env=env, runtime_params=runtime) as session:
-        session.run(pipeline_names=["generation"])
-        store = session.load_context().catalog.get("generated_images")
-    root = Path(store._describe()["filepath"]) if store is not None else None
-    if root is not None and root.is_dir():  # Kedro versions live in <filepath>/<version>/<name>
-        click.echo(f"Images: {max(root.iterdir(), key=lambda p: p.name) / root.name}")
-
-
-@cli.command("lineage", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def lineage_command(args: tuple[str, ...]) -> None:
-    """From an exported LoRA file back to the MLflow runs, dataset and git commit that made it
-    (same as ``python -m lora_pipeline.lineage``; --help there lists the options)."""
-    from lora_pipeline.lineage import main as lineage_main
-
-    sys.exit(lineage_main(list(args)))
-
-
-def kedro_run(*args, **kwargs):
-    """Exactly ``kedro run`` (what ``python -m lora_pipeline`` always did)."""
+def main(*args, **kwargs):
     from kedro.framework.cli.utils import find_run_command
     from kedro.framework.project import configure_project
 
@@ -127,13 +17,6 @@ def kedro_run(*args, **kwargs):
     configure_project(package_name)
     kwargs["standalone_mode"] = not hasattr(sys, "ps1")
     return find_run_command(package_name)(*args, **kwargs)
-
-
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in cli.commands or sys.argv[1:2] in (["-h"], ["--help"]):
-        cli()
-    else:
-        kedro_run()
 
 
 if __name__ == "__main__":

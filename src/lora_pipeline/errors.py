@@ -1,21 +1,17 @@
 """User-facing errors. Every message says what is wrong, where, and what to do next.
 
-They are also ``click.ClickException``\\ s: on the command line (``kedro run``, ``lora-pipeline``) click prints
-``Error: <message>`` and exits with 1, instead of a long traceback before the one line that matters. In
-Python they are ordinary exceptions.
+They are plain exceptions: the library knows nothing of the command line. ``lora_pipeline.cli`` turns them into
+click errors at the edge (``kedro run``, ``lora-pipeline``), so a person sees ``Error: <message>`` instead of a
+long traceback before the one line that matters.
 """
 
-import click
 
-
-class LoraPipelineError(click.ClickException):
+class LoraPipelineError(Exception):
     """An error caused by input or configuration that the user can fix."""
 
-    def __init__(self, message: str = ""):
-        super().__init__(str(message))
-
-    def __reduce__(self):  # picklable across ParallelRunner's processes
-        return (type(self), (self.message,))
+    @property
+    def message(self) -> str:
+        return str(self)
 
 
 class ConfigError(LoraPipelineError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -83,12 +82,19 @@ def subject_catalog(name: str, subject: SubjectParams) -> dict[str, Any]:
     return entries
 
 
+# The environment of the newest KedroSession's config loader. Kedro builds a session's config loader before the
+# session first reads its pipelines, but hands the registry no environment: this is how the registry learns it.
+_session_env: str | None = None
+
+
 class SubjectsConfigLoader(OmegaConfigLoader):
     """Kedro's OmegaConfigLoader, plus per-subject parameters and raw-data catalog entries from subjects.yml."""
 
     def __init__(self, *args: Any, **kwargs: Any):
+        global _session_env
         super().__init__(*args, **kwargs)
         self.config_patterns.setdefault("subjects", SUBJECT_PATTERNS)
+        _session_env = self.env or self.default_run_env
 
     def subjects(self) -> dict[str, SubjectParams]:
         return parse_subjects(super().__getitem__("subjects"))
@@ -107,18 +113,8 @@ class SubjectsConfigLoader(OmegaConfigLoader):
 
 
 def run_env() -> str:
-    """The environment of the current ``kedro`` command: ``--env``/``-e``, else ``KEDRO_ENV``, else local.
-
-    Pipelines are registered before Kedro hands the environment to the config loader, so the registry reads
-    it the way the CLI will.
-    """
-    argv = sys.argv
-    for index, arg in enumerate(argv):
-        if arg in ("--env", "-e") and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--env="):
-            return arg.split("=", 1)[1]
-    return os.environ.get("KEDRO_ENV", "local")
+    """The environment of the current session (``kedro run --env``), else ``KEDRO_ENV``, else local."""
+    return _session_env or os.environ.get("KEDRO_ENV", "local")
 
 
 def project_subjects(conf_source: str | Path = "conf", env: str | None = None) -> dict[str, SubjectParams]:

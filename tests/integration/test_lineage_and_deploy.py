@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from kedro_helpers import run
 
-from lora_pipeline import lineage
+from lora_pipeline.cli import lineage
 from lora_pipeline.diffusion.lora_files import load_lora_file
 
 ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
@@ -95,7 +95,7 @@ def test_lineage_from_a_lora_file_and_two_process_training(project):
     training = mlflow.get_run(header["lora_pipeline.training_run_id"])
     assert training.data.tags["stage"] == "training"  # one `kedro run` trained and exported:
     assert training.data.tags["mlflow.parentRunId"] == export_run.data.tags["mlflow.parentRunId"]
-    printed = subprocess.run([sys.executable, "-m", "lora_pipeline.lineage", str(lora_file)], cwd=project, env=ENV,
+    printed = subprocess.run([sys.executable, "-m", "lora_pipeline.cli", "lineage", str(lora_file)], cwd=project, env=ENV,
                              capture_output=True, text=True, timeout=120).stdout
     assert "export run" in printed and export_run.info.run_id in printed and "kedro version" in printed
     cli = subprocess.run([str(BIN / "lora-pipeline"), "lineage", str(lora_file)], cwd=project, env=ENV,
@@ -123,7 +123,7 @@ def test_lineage_from_a_lora_file_and_two_process_training(project):
 
     # Same training node under `accelerate launch` with two CPU processes (gloo).
     result = subprocess.run(
-        [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu", "-m", "lora_pipeline.train_launch",
+        [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu", "-m", "lora_pipeline.cli", "train-launch",
          "--env", "demo", "--project", str(project), "--subject", "demo_lora"], cwd=project, env=ENV,
         capture_output=True, text=True,
         timeout=600)

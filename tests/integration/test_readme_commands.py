@@ -17,7 +17,7 @@ from kedro.framework.project import pipelines
 from kedro.framework.session import KedroSession
 from kedro.pipeline import Pipeline
 
-from lora_pipeline.__main__ import cli as lora_pipeline_cli
+from lora_pipeline.cli import main as lora_pipeline_cli
 from lora_pipeline.config import validate_all
 from lora_pipeline.kohya_import import tomllib
 
@@ -126,7 +126,7 @@ def test_every_readme_command_parses_and_names_real_things(project, demo_catalog
             if context.command.name == "run":
                 _check_kedro_run(context.params, project, demo_catalog)
         elif words[0] == "lora-pipeline":
-            _leaf(lora_pipeline_cli, [w if not w.endswith((".toml", ".safetensors")) else __file__
+            _leaf(lora_pipeline_cli, [w if not w.endswith((".toml", ".yaml", ".safetensors")) else __file__
                                       for w in words[1:]])
         else:
             raise AssertionError(f"the README shows a command this test does not know: {command}")

@@ -31,7 +31,7 @@ def export_kohya(lora_weights: dict[str, Any], training_summary: TrainingSummary
                                        p.precision, title, _base_name(training_summary, p))
     metadata["lora_pipeline.training_run_id"] = training_summary.mlflow_run_id
     metadata["lora_pipeline.subject"] = title  # marks the file as this project's export of this subject
-    # `python -m lora_pipeline.lineage <file>` finds this run from the file's sshs_model_hash.
+    # `lora-pipeline lineage <file>` finds this run from the file's sshs_model_hash.
     log_lineage_tags(**{f"lora.{title}.sshs_model_hash": metadata["sshs_model_hash"],
                         f"lora.{title}.dataset_hash": training_summary.dataset_hash})
     if p.webui_lora_dir:

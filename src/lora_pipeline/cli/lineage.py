@@ -10,11 +10,11 @@ that run's training run, dataset hash, Kedro session and git commit are printed.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from datetime import datetime
 from pathlib import Path
+
+from lora_pipeline.errors import DataError
 
 
 def identify(path: str | Path) -> tuple[dict[str, str], str]:
@@ -25,7 +25,7 @@ def identify(path: str | Path) -> tuple[dict[str, str], str]:
 
         weights = path / "adapter_model.safetensors"
         if not weights.is_file():
-            raise SystemExit(f"{path} has no adapter_model.safetensors: not a complete PEFT adapter folder.")
+            raise DataError(f"{path} has no adapter_model.safetensors: not a complete PEFT adapter folder.")
         digest = sha256_file(weights)
         config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         info = {"kind": "PEFT adapter", "name": path.name, "hash": digest,
@@ -34,11 +34,11 @@ def identify(path: str | Path) -> tuple[dict[str, str], str]:
     from lora_pipeline.diffusion.lora_files import load_lora_file
 
     if not path.is_file():
-        raise SystemExit(f"{path} not found: give an exported .safetensors file or an adapter folder.")
+        raise DataError(f"{path} not found: give an exported .safetensors file or an adapter folder.")
     _, header = load_lora_file(path)
     digest = header.get("sshs_model_hash")
     if not digest:
-        raise SystemExit(f"{path} has no sshs_model_hash in its header: not exported by lora-pipeline?")
+        raise DataError(f"{path} has no sshs_model_hash in its header: not exported by lora-pipeline?")
     subject = header.get("ss_output_name", "")
     info = {"kind": "LoRA", "name": subject, "hash": digest, "dataset": header.get("ss_dataset_hash", ""),
             "training_run": header.get("lora_pipeline.training_run_id", ""), "base": header.get("ss_sd_model_name", "")}
@@ -81,12 +81,9 @@ def order_runs(runs: list, parents: dict[str, object], version: str | None) -> l
     return [(run, wrote(run)) for run in ordered]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="an exported LoRA .safetensors file or an LLM adapter folder")
-    parser.add_argument("--tracking-uri", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
-    args = parser.parse_args(argv)
-    info, runs = find_runs(args.path, args.tracking_uri)
+def print_lineage(path: str | Path, tracking_uri: str) -> int:
+    """Print what made ``path``; 1 when no MLflow run in ``tracking_uri`` carries its hash."""
+    info, runs = find_runs(path, tracking_uri)
     print(f"{info['kind']} {info['name']}  sha256 {info['hash']}")
     print(f"  base model      {info.get('base')}")
     if not runs:
@@ -96,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parents = {run.info.run_id: mlflow.get_run(run.data.tags["mlflow.parentRunId"])
                if "mlflow.parentRunId" in run.data.tags else run for run in runs}
-    version = saved_version(args.path)
+    version = saved_version(path)
     for index, (run, wrote) in enumerate(order_runs(runs, parents, version)):
         tags, parent = run.data.tags, parents[run.info.run_id]
         if wrote:
@@ -115,7 +112,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  git commit      {tags.get('git_commit') or parent.data.tags.get('git_commit')}")
         print(f"  kedro version   {parent.data.tags.get('run_id')}  (every dataset this run saved has this version id)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

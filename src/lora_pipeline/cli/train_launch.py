@@ -1,7 +1,7 @@
 """Launch the training stage under ``accelerate`` (1 CPU, 1 GPU or N GPUs) from the project's configuration.
 
-    accelerate launch -m lora_pipeline.train_launch --env local --subject aki
-    python -m lora_pipeline.train_launch --env demo --subject demo_lora     # same thing, one process
+    accelerate launch -m lora_pipeline.cli train-launch --env local --subject aki
+    lora-pipeline train-launch --env demo --subject demo_lora     # same thing, one process
 
 It reads the same catalog entries and ``params:<subject>.training`` as ``kedro run --pipelines training
 --namespaces <subject>`` and calls the same node; only the main process writes the LoRA weights and the
@@ -10,32 +10,29 @@ summary through the catalog. ``--subject`` may be left out when the project has 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
+from lora_pipeline.errors import ConfigError
 
-def main(argv: list[str] | None = None) -> Path | None:
+
+def launch(env: str | None, project: Path, subject: str | None) -> Path:
+    """Train ``subject`` of the project at ``project`` in this process (one of ``accelerate launch``'s)."""
     from accelerate import PartialState
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
     from lora_pipeline.pipelines.training.nodes import train_lora
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default=None, help="Kedro configuration environment (default: local)")
-    parser.add_argument("--project", default=".", help="project root")
-    parser.add_argument("--subject", default=None, help="the subject (subjects.yml) to train")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    root = Path(args.project).resolve()
+    root = Path(project).resolve()
     bootstrap_project(root)
-    with KedroSession.create(project_path=root, env=args.env) as session:
+    with KedroSession.create(project_path=root, env=env) as session:
         context = session.load_context()
         subjects = list(context.config_loader.subjects())
-        subject = args.subject or (subjects[0] if len(subjects) == 1 else None)
+        subject = subject or (subjects[0] if len(subjects) == 1 else None)
         if subject not in subjects:
-            raise SystemExit(f"--subject must name one of the subjects in subjects.yml: {', '.join(subjects)}")
+            raise ConfigError(f"--subject must name one of the subjects in subjects.yml: {', '.join(subjects)}")
         catalog = context.catalog
         inputs = [catalog.load(f"{subject}.{name}") for name in
                   ("normalized_images", "train_metadata", "dataset_info")]
@@ -46,7 +43,3 @@ def main(argv: list[str] | None = None) -> Path | None:
             logging.getLogger(__name__).info("Saved %s.lora_weights and .training_summary; now run "
                                              "`kedro run --pipelines export --namespaces %s`.", subject, subject)
     return root
-
-
-if __name__ == "__main__":
-    main()
