@@ -62,8 +62,8 @@ class Crash(Exception):
 
 
 def train_once(base: Path, examples, work: Path, name: str, mixed: str, steps: int, **overrides):
-    from lora_pipeline.config import TrainingParams
     from lora_pipeline.core.cache import DiskCache
+    from lora_pipeline.core.config import TrainingParams
     from lora_pipeline.diffusion.loading import load_diffusion_model
     from lora_pipeline.diffusion.training import train
 
@@ -165,7 +165,7 @@ def is_picture(image, size=(64, 64)) -> bool:
 
 
 def precision_checks(models: dict[str, Path], root: Path) -> None:
-    from lora_pipeline.config import PromptSpec
+    from lora_pipeline.core.config import PromptSpec
     from lora_pipeline.diffusion.generation import render
     from lora_pipeline.diffusion.loading import load_diffusion_model
     from lora_pipeline.pipelines.generation.nodes import generate_images
@@ -227,7 +227,7 @@ def determinism_and_resume(models: dict[str, Path], examples, root: Path) -> Non
 def llm_checks(models: dict[str, Path], root: Path) -> None:
     from peft import PeftModel
 
-    from lora_pipeline.config import LLMTrainingParams
+    from lora_pipeline.core.config import LLMTrainingParams
     from lora_pipeline.llm.training import load_causal_lm, train_causal_lm
 
     print("tiny Llama, bf16 on CUDA", flush=True)

@@ -61,7 +61,7 @@ def bare_stepper(sd, examples, batch: int, rank: int, device: str = "cpu", dtype
     its step function ``step(i)``."""
     from peft import LoraConfig
 
-    from lora_pipeline.config import KOHYA_UNET_TARGETS
+    from lora_pipeline.core.config import KOHYA_UNET_TARGETS
     from lora_pipeline.prep.images import load_rgb
 
     unet, vae, text_encoder, tokenizer, scheduler = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler
@@ -136,8 +136,8 @@ def ours_against_bare(make_sd, examples, steps: int, batch: int, rank: int, cach
     inside its own turn, so its logging is never billed to the other loop). Each rate is from the median step;
     the first step of each loop (one-off warm-up) is left out.
     """
-    from lora_pipeline.config import TrainingParams
     from lora_pipeline.core.cache import DiskCache
+    from lora_pipeline.core.config import TrainingParams
     from lora_pipeline.diffusion.training import train
 
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
@@ -235,7 +235,7 @@ def step_flops(unet, vae, text_encoders, pixels: int, prefix: str) -> dict[str, 
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lora_pipeline.config import KOHYA_UNET_TARGETS
+    from lora_pipeline.core.config import KOHYA_UNET_TARGETS
 
     device = next(unet.parameters()).device
     unet.requires_grad_(False)
@@ -403,7 +403,7 @@ def bench_data(quick: bool) -> dict[str, float]:
 # ----------------------------------------------------------------------------- LLM
 
 def _llm_ours(model_dir: str, tokenizer, items, steps: int, batch: int, packing: bool, on_tick=None):
-    from lora_pipeline.config import LLMTrainingParams
+    from lora_pipeline.core.config import LLMTrainingParams
     from lora_pipeline.llm.training import load_causal_lm, train_causal_lm
 
     params = LLMTrainingParams(base_model=model_dir, device="cpu", batch_size=batch, max_steps=steps,
@@ -494,7 +494,7 @@ def bench_memory_sd15(mode: str) -> dict[str, float]:
     from peft import LoraConfig
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_pipeline.config import KOHYA_UNET_TARGETS
+    from lora_pipeline.core.config import KOHYA_UNET_TARGETS
     from lora_pipeline.demo.tiny_models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
     checkpointing, caching, precision = mode.split("-")

@@ -1,7 +1,7 @@
 import pytest
 
-from lora_pipeline.config import CaptioningParams, NormalizationParams, parse_params, validate_all
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.core.config import CaptioningParams, NormalizationParams, parse_params, validate_all
+from lora_pipeline.core.errors import ConfigError
 
 
 def test_unknown_key_is_named_with_the_known_keys():
@@ -50,7 +50,7 @@ def test_validate_all_checks_known_groups_and_refuses_unknown_ones():
 
 
 def test_resolution_auto_follows_the_base_model_family(tiny_models):
-    from lora_pipeline.config import NormalizationParams
+    from lora_pipeline.core.config import NormalizationParams
     from lora_pipeline.pipelines.normalization.nodes import sized_params
 
     sd1 = sized_params({"base_model": str(tiny_models["tiny-sd"])})
@@ -65,7 +65,7 @@ def test_resolution_auto_follows_the_base_model_family(tiny_models):
 
 
 def test_llm_errors_name_the_file_that_exists():
-    from lora_pipeline.config import LLMTrainingParams
+    from lora_pipeline.core.config import LLMTrainingParams
 
     with pytest.raises(ConfigError, match=r"conf/\*/parameters_llm\.yml") as info:
         parse_params(LLMTrainingParams, {"base_model": "x", "init_adaptr": "latest"}, "llm_training")

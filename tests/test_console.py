@@ -27,7 +27,7 @@ def test_a_new_warning_of_our_own_still_shows():
     import logging
     import warnings
 
-    from lora_pipeline.quiet import install
+    from lora_pipeline.project.quiet import install
 
     install()
     with warnings.catch_warnings(record=True) as caught:
@@ -55,7 +55,7 @@ def test_log_lines_clear_and_redraw_an_active_progress_bar(monkeypatch):
 
     from tqdm.auto import tqdm
 
-    from lora_pipeline.quiet import BarSafeStream
+    from lora_pipeline.project.quiet import BarSafeStream
 
     cleared = []
     real = tqdm.external_write_mode.__func__
@@ -79,7 +79,7 @@ def test_log_lines_clear_and_redraw_an_active_progress_bar(monkeypatch):
 def test_catalog_lines_come_back_with_lora_pipeline_verbose(monkeypatch):
     import logging
 
-    from lora_pipeline.quiet import install
+    from lora_pipeline.project.quiet import install
 
     catalog = logging.getLogger("kedro.io.data_catalog")
     before = catalog.level

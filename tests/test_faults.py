@@ -19,24 +19,24 @@ import torch
 from PIL import Image
 from train_helpers import make_params, summary_for
 
-from lora_pipeline.config import TrainingParams
 from lora_pipeline.core import files as files_module
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.checkpoints import list_checkpoints
+from lora_pipeline.core.config import TrainingParams
+from lora_pipeline.core.errors import ConfigError, DataError, ModelNotFoundError
 from lora_pipeline.core.files import sha256_file
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
 from lora_pipeline.diffusion.dataset import build_examples, resolve_init_lora
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.lora_files import build_kohya_file, load_lora_file, save_lora_file, tensor_hash
 from lora_pipeline.diffusion.training import train
-from lora_pipeline.errors import ConfigError, DataError, ModelNotFoundError
 from lora_pipeline.pipelines.captioning.nodes import scan_images
 from lora_pipeline.pipelines.normalization.nodes import build_training_metadata, inspect_images, render_images
 
 KILL_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from lora_pipeline.config import TrainingParams
+    from lora_pipeline.core.config import TrainingParams
     from lora_pipeline.core.cache import DiskCache
     from lora_pipeline.diffusion.loading import load_diffusion_model
     from lora_pipeline.diffusion.training import Example, train
@@ -180,7 +180,7 @@ def test_non_utf8_caption_and_non_image_folders(tmp_path, caplog):
 
 def test_bad_training_settings_stop_early(tiny_models, tiny_examples, tmp_path):
     with pytest.raises(ConfigError, match="lora_rank"):
-        from lora_pipeline.config import parse_params
+        from lora_pipeline.core.config import parse_params
         parse_params(TrainingParams, {"base_model": "x", "lora_rank": -4}, "training")
     with pytest.raises(ConfigError, match="batch_size \\(64\\) is larger than the training set"):
         params = make_params(tiny_models, tmp_path, batch_size=64)

@@ -11,11 +11,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from lora_pipeline.config import parse_subjects
-from lora_pipeline.errors import ConfigError, DataError
-from lora_pipeline.kohya_import import NO_EFFECT, read_config, read_toml, run_import, translate, write_subject
+from lora_pipeline.core.config import parse_subjects
+from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.prep.captions import apply_template
-from lora_pipeline.subjects import subject_parameters
+from lora_pipeline.prep.kohya_config import NO_EFFECT, read_config, read_toml, run_import, translate, write_subject
+from lora_pipeline.project.subjects import subject_parameters
 
 LORA_SCRIPTS_TOML = """
 [model_arguments]
@@ -111,10 +111,10 @@ def test_realistic_lora_scripts_config_maps_every_value(config):
     # the entry is a valid subject whose merged parameters pass the run's own validation
     subject = parse_subjects({"subjects": {result.subject: entry}})[result.subject]
     params = subject_parameters({"training": {"base_model": "x"}}, result.subject, subject)
-    from lora_pipeline.config import TrainingParams
+    from lora_pipeline.core.config import TrainingParams
 
     assert TrainingParams(**params["training"]).lora_rank == 32
-    from lora_pipeline.config import NormalizationParams
+    from lora_pipeline.core.config import NormalizationParams
 
     assert NormalizationParams(**params["normalization"]).size == (768, 512)
 

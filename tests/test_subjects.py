@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lora_pipeline.config import SubjectParams, parse_subjects, validate_all
-from lora_pipeline.errors import ConfigError
-from lora_pipeline.subjects import SubjectsConfigLoader, run_env, subject_catalog, subject_parameters
+from lora_pipeline.core.config import SubjectParams, parse_subjects, validate_all
+from lora_pipeline.core.errors import ConfigError
+from lora_pipeline.project.subjects import SubjectsConfigLoader, run_env, subject_catalog, subject_parameters
 
 SHARED = {
     "captioning": {"backend": "sidecar", "trigger": "sks", "template": "{trigger}, {caption}"},
@@ -67,7 +67,7 @@ def test_config_loader_expands_subjects_from_yaml(tmp_path):
 
 
 def test_the_registry_reads_the_subjects_of_the_sessions_environment(tmp_path, monkeypatch):
-    from lora_pipeline import subjects
+    from lora_pipeline.project import subjects
 
     for env, names in (("base", "aki: {}"), ("demo", "demo_one: {}"), ("staging", "staged: {}")):
         (tmp_path / env).mkdir()

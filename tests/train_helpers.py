@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_pipeline.config import TrainingParams
+from lora_pipeline.core.config import TrainingParams
 from lora_pipeline.diffusion.lora_files import kohya_modules
 
 

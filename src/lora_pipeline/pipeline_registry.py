@@ -7,42 +7,19 @@ is not per subject.
 
 from __future__ import annotations
 
-import functools
-
 from kedro.pipeline import Pipeline, pipeline
 
 from lora_pipeline.pipelines import (
-    captioning,
-    evaluation,
-    export,
     generation,
     llm_data,
     llm_eval,
     llm_export,
     llm_training,
     merge,
-    normalization,
     reporting,
-    training,
 )
-from lora_pipeline.subjects import project_subjects
-
-SUBJECT_STAGES = {
-    "captioning": captioning, "normalization": normalization, "training": training, "export": export,
-    "evaluation": evaluation,
-}
-# Content-addressed caches: safe to share between subjects (a retrain of one reuses another's latents).
-SHARED_DATASETS = {"caption_cache", "image_check_cache", "latent_cache"}
-
-
-@functools.lru_cache(maxsize=1)
-def _node_stages() -> dict[str, str]:
-    return {node.name: stage for stage, module in SUBJECT_STAGES.items() for node in module.create_pipeline().nodes}
-
-
-def stage_of_node(node_name: str) -> str | None:
-    """The subject stage (``training`` ...) a node belongs to, by its name without the namespace."""
-    return _node_stages().get(node_name)
+from lora_pipeline.pipelines.stages import SHARED_DATASETS, SUBJECT_STAGES
+from lora_pipeline.project.subjects import project_subjects
 
 
 def per_subject(template: Pipeline, subjects: list[str]) -> Pipeline:

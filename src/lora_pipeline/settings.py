@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from lora_pipeline.hooks import SubjectFingerprintHook, SubjectStageRunsHook, ValidateParametersHook
-from lora_pipeline.quiet import install as install_quiet
-from lora_pipeline.subjects import SubjectsConfigLoader
+from lora_pipeline.project.hooks import SubjectFingerprintHook, SubjectStageRunsHook, ValidateParametersHook
+from lora_pipeline.project.quiet import install as install_quiet
+from lora_pipeline.project.subjects import SubjectsConfigLoader
 
 install_quiet()  # known third-party warnings off, catalog lines at DEBUG (see quiet.py)
 

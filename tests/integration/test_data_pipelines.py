@@ -11,8 +11,8 @@ import pytest
 from kedro_helpers import kedro_runs, run, stage_run
 from PIL import Image
 
+from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.core.files import sha256_file
-from lora_pipeline.errors import ConfigError
 
 
 def latest_captions(root: Path) -> pd.DataFrame:

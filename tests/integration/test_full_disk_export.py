@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from disk_helpers import everything_under, mount_small_disk, unmount
 from kedro.io import Version
 

@@ -61,6 +61,12 @@ def test_llm_track_end_to_end(project):
     client = mlflow.tracking.MlflowClient()
     logged = {a.path for a in client.list_artifacts(last.info.run_id, "llm_adapter")}
     assert {"llm_adapter/adapter_model.safetensors", "llm_adapter/adapter_config.json", "llm_adapter/README.md"} <= logged
+    # the card in the adapter folder and in MLflow is ours (what the run continued from), not PEFT's empty template
+    card = (adapter / "README.md").read_text(encoding="utf-8")
+    assert "Trained from a new adapter." in card and "More Information Needed" not in card
+    logged_card = mlflow.artifacts.download_artifacts(run_id=last.info.run_id, artifact_path="llm_adapter/README.md",
+                                                      dst_path=str(project / "downloaded"))
+    assert Path(logged_card).read_text(encoding="utf-8") == card
     assert last.data.tags["llm.dataset_hash"] == last.data.params["llm.dataset_hash"] and len(last.data.tags["git_commit"]) == 40
     assert last.data.params["llm.effective.target_modules"] == "all-linear"
     assert last.data.params["llm.effective.packing"] == "False" and "llm.effective.data.split_salt" in last.data.params
@@ -85,6 +91,8 @@ def test_llm_track_end_to_end(project):
     [second] = mlflow.search_runs(experiment_names=["lora_pipeline"], output_format="list", max_results=1,
                                   order_by=["start_time DESC"])
     assert second.data.tags["llm.init_from"].endswith("demo_llm_lora_adapter")
+    continued = _latest(project / "data/07_model_output/demo_llm_lora_adapter") / "demo_llm_lora_adapter"
+    assert "Continued from the adapter" in (continued / "README.md").read_text(encoding="utf-8")
     # its first step starts where the first run ended, not at the base model's loss
     start = client.get_metric_history(second.info.run_id, "llm.loss")[0].value
     assert start < (first_losses[0] + first_losses[-1]) / 2, (first_losses[0], first_losses[-1], start)

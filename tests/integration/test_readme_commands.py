@@ -18,8 +18,8 @@ from kedro.framework.session import KedroSession
 from kedro.pipeline import Pipeline
 
 from lora_pipeline.cli import main as lora_pipeline_cli
-from lora_pipeline.config import validate_all
-from lora_pipeline.kohya_import import tomllib
+from lora_pipeline.core.config import validate_all
+from lora_pipeline.prep.kohya_config import tomllib
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "README.md"

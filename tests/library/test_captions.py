@@ -1,8 +1,8 @@
 import pytest
 from PIL import Image
 
+from lora_pipeline.core.errors import ModelNotFoundError
 from lora_pipeline.core.models import resolve_model
-from lora_pipeline.errors import ModelNotFoundError
 from lora_pipeline.prep import captions as cap
 
 

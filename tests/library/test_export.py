@@ -7,7 +7,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from train_helpers import model_outputs, webui_merge
 
-from lora_pipeline.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
+from lora_pipeline.core.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
 from lora_pipeline.demo.tiny_models import build_sd15_architecture
 from lora_pipeline.diffusion.families import SD1
 from lora_pipeline.diffusion.loading import load_diffusion_model

@@ -1,10 +1,10 @@
 import pytest
 from PIL import Image
 
-from lora_pipeline.config import PromptSpec
+from lora_pipeline.core.config import PromptSpec
+from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.diffusion.generation import contact_sheet, read_prompts_file, webui_parameters
 from lora_pipeline.diffusion.prompts import LoraRef
-from lora_pipeline.errors import ConfigError
 from lora_pipeline.pipelines.generation import nodes
 
 DEFAULTS = PromptSpec(prompt="-", steps=10, width=64, height=64)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_pipeline.config import ExportParams, GenerationParams, TrainingParams, validate_all
+from lora_pipeline.core.config import ExportParams, GenerationParams, TrainingParams, validate_all
+from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.diffusion.loading import load_diffusion_model
-from lora_pipeline.diffusion.lora_files import load_lora_file, read_lora_modules, webui_copy_path
-from lora_pipeline.errors import ConfigError, DataError
-from lora_pipeline.preflight import check_inputs
+from lora_pipeline.diffusion.lora_files import load_lora_file, project_identity, read_lora_modules, webui_copy_path
+from lora_pipeline.project.preflight import check_inputs
 
 
 def test_a_unet_file_is_not_taken_for_a_lora(tiny_models, tmp_path):
@@ -35,9 +35,9 @@ def test_a_unet_file_is_not_taken_for_a_lora(tiny_models, tmp_path):
 
 
 def test_a_lora_of_another_base_is_called_that_not_a_rank_problem(tiny_models, trained, tmp_path):
+    from lora_pipeline.core.errors import LoraPipelineError
     from lora_pipeline.diffusion.lora_files import to_peft_state
     from lora_pipeline.diffusion.training import inject_lora, load_lora_state, lora_spec
-    from lora_pipeline.errors import LoraPipelineError
 
     sd = load_diffusion_model(str(tiny_models["tiny-sd"]))
     params = trained["params"]
@@ -73,11 +73,21 @@ def test_paths_are_checked_before_any_node(tiny_models, tmp_path):
 def test_webui_copy_never_overwrites_the_users_own_file(tmp_path):
     users = tmp_path / "aki.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(users), metadata={"ss_output_name": "aki"})
-    target, note = webui_copy_path(tmp_path, "aki", "0123456789abcdef")
+    here = project_identity(tmp_path / "project")
+    target, note = webui_copy_path(tmp_path, "aki", "0123456789abcdef", here)
     assert target.name == "aki-01234567.safetensors" and "left alone" in note
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(users),
-              metadata={"ss_output_name": "aki", "lora_pipeline.subject": "aki"})  # an earlier export of ours
-    assert webui_copy_path(tmp_path, "aki", "0123456789abcdef") == (users, None)
+              metadata={"ss_output_name": "aki", "lora_pipeline.subject": "aki", "lora_pipeline.project": here})
+    assert webui_copy_path(tmp_path, "aki", "0123456789abcdef", here) == (users, None)  # an earlier export of ours
+
+
+def test_webui_copy_never_overwrites_another_checkouts_subject_of_the_same_name(tmp_path):
+    theirs = tmp_path / "aki.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(theirs),
+              metadata={"lora_pipeline.subject": "aki", "lora_pipeline.project": project_identity(tmp_path / "a")})
+    target, note = webui_copy_path(tmp_path, "aki", "0123456789abcdef", project_identity(tmp_path / "b"))
+    assert target.name == "aki-01234567.safetensors" and "another lora-pipeline project" in note
+    assert project_identity(tmp_path / "a") == project_identity(tmp_path / "x" / ".." / "a")  # one checkout, one id
 
 
 SAVE_DIFFUSERS = """

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_pipeline.errors import DataError
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.prep import images as im
 
 

@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 from train_helpers import make_params
 
-from lora_pipeline.config import NormalizationParams, TrainingParams
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.config import NormalizationParams, TrainingParams
+from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.core.files import sha256_file
 from lora_pipeline.core.trainer import make_optimizer
 from lora_pipeline.datasets.image_folder import ImageFolder, ImageFolderDataset
 from lora_pipeline.diffusion.dataset import build_examples
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.training import Example, bucket_batches, encode_latents, train
-from lora_pipeline.errors import ConfigError
 from lora_pipeline.pipelines.normalization import nodes
 from lora_pipeline.prep.concepts import Concept, concept_of, epoch_items
 from lora_pipeline.prep.images import make_buckets

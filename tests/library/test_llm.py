@@ -5,8 +5,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from lora_pipeline.config import LLMTrainingParams
 from lora_pipeline.core.checkpoints import ResumeError
+from lora_pipeline.core.config import LLMTrainingParams
 from lora_pipeline.llm.constrained import JsonConstraint, parses
 from lora_pipeline.llm.training import (
     adapter_state,
@@ -214,7 +214,9 @@ def test_llm_export_uses_the_trained_spec_not_edited_parameters(tiny_models, llm
                               started_at="t0", finished_at="t1")
     summary = TrainingSummary.model_validate_json(summary.model_dump_json())  # as the catalog stores it
     edited = {**params.model_dump(), "alpha": 4.0, "lora_rank": 2, "target_modules": ["q_proj"]}
-    (peft_model, _), card = export_llm_adapter({"state": result.adapter}, summary, edited)
+    folder, card = export_llm_adapter({"state": result.adapter}, summary, edited)
+    peft_model = folder.parts[0]
+    assert folder.model_card == card
     peft_model.save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (params.lora_rank, params.alpha) == (16, 32.0)
@@ -282,7 +284,7 @@ def _train_and_export(tiny_models, llm_items, tmp_path, folder, max_steps: int) 
                              dataset_hash="d")
     summary = TrainingSummary(spec=result.spec, base_model=params.base_model, output_name="t", steps=max_steps,
                               epochs=1, seed=1, learning_rate=1e-3, dataset_hash="d", started_at="a", finished_at="b")
-    (peft_model, tok), _ = export_llm_adapter({"state": result.adapter}, summary, params.model_dump())
+    (peft_model, tok) = export_llm_adapter({"state": result.adapter}, summary, params.model_dump())[0].parts
     peft_model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return params
@@ -291,7 +293,7 @@ def _train_and_export(tiny_models, llm_items, tmp_path, folder, max_steps: int) 
 def test_warm_start_continues_the_previous_adapter_exactly(tiny_models, llm_items, tmp_path):
     """init_adapter: the step-0 model of a retrain computes what the previous adapter did, even with another
     alpha; another base or rank is refused."""
-    from lora_pipeline.errors import ConfigError
+    from lora_pipeline.core.errors import ConfigError
     from lora_pipeline.llm.training import llm_lora_spec, load_init_adapter, resolve_init_adapter
 
     tokenizer, train_items, val_items = llm_items
@@ -335,3 +337,16 @@ def test_exported_adapter_loads_from_any_folder(tiny_models, llm_items, tmp_path
                          timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(tiny_models["tiny-llm"].resolve())
+
+
+def test_gradient_checkpointing_on_the_llm_uses_the_current_api(tiny_models, llm_items, tmp_path):
+    import warnings
+
+    tokenizer, train_items, val_items = llm_items
+    base, _ = load_causal_lm(str(tiny_models["tiny-llm"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_causal_lm(base, tokenizer, train_items, val_items,
+                        _params(tiny_models, tmp_path, gradient_checkpointing=True, max_steps=1), dataset_hash="d")
+    assert base.is_activation_checkpointing
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)], caught

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.diffusion.families import SDXL
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.lora_files import kohya_module_name, read_lora_modules
 from lora_pipeline.diffusion.stack import load_stack, merge_into_base, set_weights
-from lora_pipeline.errors import DataError
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
 CONV = "down_blocks.0.resnets.0.conv1"

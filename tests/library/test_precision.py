@@ -11,9 +11,9 @@ import pytest
 import torch
 from train_helpers import make_params, summary_for
 
-from lora_pipeline.config import PromptSpec
 from lora_pipeline.core import trainer
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.config import PromptSpec
 from lora_pipeline.core.trainer import cpu_runs_natively, throughput, warn_slow_cpu_precision
 from lora_pipeline.diffusion import training
 from lora_pipeline.diffusion.generation import render

@@ -3,12 +3,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from train_helpers import model_outputs, random_kohya_lora, webui_merge
 
+from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.diffusion.families import SD1
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.lora_files import save_lora_file
 from lora_pipeline.diffusion.prompts import LoraRef, lora_index, parse_prompt, resolve_loras
 from lora_pipeline.diffusion.stack import load_stack, merge_into_base, pipeline_modules, set_weights
-from lora_pipeline.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_lora_name_at_version_pins_an_export(tmp_path):
 
 
 def test_comparison_grid_covers_every_pair_of_three_subjects(tiny_models, two_loras, tmp_path):
-    from lora_pipeline.config import PromptSpec
+    from lora_pipeline.core.config import PromptSpec
     from lora_pipeline.diffusion.generation import comparison_grid
 
     base = load_diffusion_model(str(tiny_models["tiny-sd"]))

@@ -2,10 +2,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from lora_pipeline.core.errors import ModelNotFoundError
 from lora_pipeline.diffusion.families import SD1
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.single_file import write_ldm_checkpoint
-from lora_pipeline.errors import ModelNotFoundError
 
 
 def test_single_file_ldm_checkpoint_loads_the_same_weights(tiny_models, tmp_path):

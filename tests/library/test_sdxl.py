@@ -12,8 +12,9 @@ from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
 from train_helpers import make_params, summary_for
 
-from lora_pipeline.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
+from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.demo.tiny_models import build_sdxl_architecture
 from lora_pipeline.diffusion.families import SD1, SDXL, detect_family
 from lora_pipeline.diffusion.loading import load_diffusion_model
@@ -28,7 +29,6 @@ from lora_pipeline.diffusion.lora_files import (
 from lora_pipeline.diffusion.single_file import write_ldm_checkpoint
 from lora_pipeline.diffusion.stack import load_stack, merge_into_base, pipeline_modules, set_weights
 from lora_pipeline.diffusion.training import Example, train
-from lora_pipeline.errors import ConfigError, DataError
 
 # ----------------------------------------------------------------------------- the test's own kohya SDXL names
 # Written from kohya's naming rule, independently of lora_pipeline.diffusion: SGM block numbers for the UNet's

@@ -2,9 +2,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.diffusion.dataset import build_examples, dataset_hash
-from lora_pipeline.errors import DataError
 from lora_pipeline.pipelines.export.nodes import export_kohya, write_model_card
 
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
-from lora_pipeline.errors import ConfigError
 from lora_pipeline.pipelines.captioning import nodes
 from lora_pipeline.prep.wd14 import WD14Tagger, format_tag, to_model_input
 

@@ -3,8 +3,8 @@ import pytest
 from PIL import Image
 
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.errors import ModelNotFoundError
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
-from lora_pipeline.errors import ModelNotFoundError
 from lora_pipeline.pipelines.captioning import nodes
 
 NO_REVIEW = pd.DataFrame(columns=["file_name", "text"])

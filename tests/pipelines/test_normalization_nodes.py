@@ -3,9 +3,9 @@ import pytest
 from PIL import Image
 
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.core.files import sha256_file
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
-from lora_pipeline.errors import DataError
 from lora_pipeline.pipelines.normalization import nodes
 
 PARAMS = {"min_size": 512, "resolution": 128, "bucket_min": 64, "bucket_max": 256, "bucket_step": 32}

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import click
 
-from lora_pipeline.errors import LoraPipelineError
+from lora_pipeline.core.errors import LoraPipelineError
 
 
 def user_error(exc: BaseException) -> LoraPipelineError | None:
@@ -72,7 +72,7 @@ def run_subjects(env: str | None, run_all: bool, runner: str | None) -> None:
     from kedro.framework.startup import bootstrap_project
     from kedro.runner import ParallelRunner, SequentialRunner, ThreadRunner
 
-    from lora_pipeline.subjects import recorded_fingerprint, subject_fingerprint
+    from lora_pipeline.project.subjects import recorded_fingerprint, subject_fingerprint
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bootstrap_project(Path.cwd())
@@ -110,7 +110,7 @@ def import_kohya(config: str, subject: str | None, dry_run: bool, conf_dir: str)
     """Turn a kohya sd-scripts / lora-scripts training TOML (its dataset_config followed), a dataset config, or a
     lora-scripts YAML config into a subject here (merged into it if it exists), and list every key that has no
     equivalent, with the reason."""
-    from lora_pipeline.kohya_import import run_import
+    from lora_pipeline.prep.kohya_config import run_import
 
     click.echo(run_import(config, subject, conf_dir, dry_run))
 

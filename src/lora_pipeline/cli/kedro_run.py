@@ -1,6 +1,6 @@
 """What Kedro reads from ``<package>.cli``: ``cli``, a group of project commands for ``kedro`` (only ``run``), and
 ``run``, the command ``kedro run`` and ``python -m lora_pipeline`` execute: Kedro's own, every option unchanged,
-printing a :class:`~lora_pipeline.errors.LoraPipelineError` (even one Kedro wrapped) as ``Error: <message>``."""
+printing a :class:`~lora_pipeline.core.errors.LoraPipelineError` (even one Kedro wrapped) as ``Error: <message>``."""
 
 from __future__ import annotations
 

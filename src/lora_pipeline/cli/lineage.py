@@ -14,7 +14,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from lora_pipeline.errors import DataError
+from lora_pipeline.core.errors import DataError
 
 
 def identify(path: str | Path) -> tuple[dict[str, str], str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.core.errors import ConfigError
 
 
 def launch(env: str | None, project: Path, subject: str | None) -> Path:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from lora_pipeline.core.errors import LoraPipelineError
 from lora_pipeline.core.files import atomic_folder, sha256_file
-from lora_pipeline.errors import LoraPipelineError
 
 logger = logging.getLogger(__name__)
 

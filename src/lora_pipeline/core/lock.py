@@ -19,7 +19,7 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from lora_pipeline.errors import LoraPipelineError
+from lora_pipeline.core.errors import LoraPipelineError
 
 logger = logging.getLogger(__name__)
 

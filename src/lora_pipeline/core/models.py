@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lora_pipeline.errors import ModelNotFoundError
+from lora_pipeline.core.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 

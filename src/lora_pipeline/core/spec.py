@@ -8,6 +8,7 @@ between training and export cannot silently change an adapter.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -23,6 +24,15 @@ def rescale_up(up, from_scale: float, to_scale: float):
     scale 1, which diffusers assumes for a state dict without metadata) and, through ``LoraModule.delta``, to
     merge."""
     return up if from_scale == to_scale else up * (from_scale / to_scale)
+
+
+@dataclass(frozen=True)
+class PretrainedFolder:
+    """A ``save_pretrained`` folder to write: its parts (a model, its tokenizer) and our model card, which
+    replaces the empty template PEFT writes as README.md."""
+
+    parts: tuple[Any, ...]
+    model_card: str | None = None
 
 
 class LoraSpec(BaseModel):

@@ -30,9 +30,9 @@ from lora_pipeline.core.checkpoints import (
     run_folder,
     save_checkpoint,
 )
+from lora_pipeline.core.errors import ConfigError, LoraPipelineError
 from lora_pipeline.core.lock import subject_lock
 from lora_pipeline.core.models import pick_device
-from lora_pipeline.errors import ConfigError, LoraPipelineError
 
 logger = logging.getLogger(__name__)
 

@@ -8,14 +8,14 @@ from typing import Any, Iterator
 
 from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 
+from lora_pipeline.core.errors import DataError, LoraPipelineError
 from lora_pipeline.core.files import NoSpaceError, atomic_folder
-from lora_pipeline.errors import DataError, LoraPipelineError
+from lora_pipeline.core.spec import PretrainedFolder
 
 
 class DiskFullError(LoraPipelineError, DatasetError):
-    """A full disk while saving an output. A DatasetError, so that Kedro's save wrapper passes it on unchanged
-    (anything else it wraps, and the user gets a traceback); a click exception, so that ``kedro run`` prints its
-    one message."""
+    """A full disk while saving an output: our error (``kedro run`` prints its one message, see
+    :mod:`lora_pipeline.cli`) and a DatasetError, which Kedro's save wrapper expects."""
 
 
 @contextlib.contextmanager
@@ -65,9 +65,8 @@ class VersionedPathDataset(AbstractVersionedDataset[Any, Any]):
 
 
 class PretrainedFolderDataset(VersionedPathDataset):
-    """Save: anything with ``save_pretrained`` (a PeftModel, a model, a tokenizer pair), atomically.
-
-    Save also accepts ``(model, tokenizer)``. Load returns the folder, which ``from_pretrained`` takes.
+    """Save: a :class:`PretrainedFolder` (parts with ``save_pretrained`` and our README.md), atomically; also a
+    bare model or ``(model, tokenizer)``. Load returns the folder, which ``from_pretrained`` takes.
     """
 
     def __init__(self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None,
@@ -81,8 +80,12 @@ class PretrainedFolderDataset(VersionedPathDataset):
     def save(self, data: Any) -> None:
         target = Path(self._get_save_path())
         with disk_full_is_one_message(), atomic_folder(target) as tmp:
-            for part in data if isinstance(data, tuple) else (data,):
+            folder = data if isinstance(data, PretrainedFolder) else \
+                PretrainedFolder(data if isinstance(data, tuple) else (data,))
+            for part in folder.parts:
                 part.save_pretrained(tmp)
+            if folder.model_card is not None:
+                (Path(tmp) / "README.md").write_text(folder.model_card, encoding="utf-8")
         if self._log_to_mlflow:
             import mlflow
 

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 
-from lora_pipeline.errors import DataError
+from lora_pipeline.core.errors import DataError
 
 COLUMNS = ["file_name", "text"]
 

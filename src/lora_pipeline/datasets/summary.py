@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.core.files import atomic_write_text
 from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.datasets.files import VersionedPathDataset
-from lora_pipeline.errors import DataError
 
 
 class TrainingSummaryDataset(VersionedPathDataset):

@@ -10,10 +10,10 @@ from typing import Any
 
 import pandas as pd
 
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.core.files import sha256_file
 from lora_pipeline.diffusion.prompts import lora_index
 from lora_pipeline.diffusion.training import Example
-from lora_pipeline.errors import DataError
 
 GEOMETRY = ("original_width", "original_height", "crop_top", "crop_left")
 IMAGE_STORE = "image_store"  # beside the dataset folder: every rendered image by its render key

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

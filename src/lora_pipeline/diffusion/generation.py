@@ -16,11 +16,11 @@ from PIL import Image, ImageDraw
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from lora_pipeline.config import PromptSpec
+from lora_pipeline.core.config import PromptSpec
+from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.diffusion.families import family_of
 from lora_pipeline.diffusion.prompts import LoraRef, export_version, parse_prompt
 from lora_pipeline.diffusion.stack import set_weights
-from lora_pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

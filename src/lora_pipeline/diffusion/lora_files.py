@@ -28,10 +28,10 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.core.files import atomic_folder, atomic_path
 from lora_pipeline.core.spec import TrainingSummary, rescale_up
 from lora_pipeline.diffusion.families import ModelFamily, get_family, sgm_unet_path, unet_layout
-from lora_pipeline.errors import DataError
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -275,10 +275,12 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
             from None
 
 
-def webui_copy_path(folder: str | os.PathLike, title: str, model_hash: str) -> tuple[Path, str | None]:
+def webui_copy_path(folder: str | os.PathLike, title: str, model_hash: str, project: str
+                    ) -> tuple[Path, str | None]:
     """Where the WebUI copy of an export goes: ``<title>.safetensors``, unless a file of that name exists that
-    this project did not write for this subject (a user's own LoRA): then ``<title>-<hash8>.safetensors``, and a
-    note saying why. An earlier export of the same subject is replaced, so ``<lora:title>`` is the newest."""
+    this project checkout (``project``, see :func:`project_identity`) did not write for this subject (a user's own
+    LoRA, or another checkout's subject of the same name): then ``<title>-<hash8>.safetensors``, and a note saying
+    why. An earlier export of the same subject here is replaced, so ``<lora:title>`` is the newest."""
     target = Path(folder).expanduser() / f"{title}.safetensors"
     if not target.exists():
         return target, None
@@ -289,11 +291,21 @@ def webui_copy_path(folder: str | os.PathLike, title: str, model_hash: str) -> t
             header = handle.metadata() or {}
     except Exception:  # noqa: BLE001 - unreadable means: not ours
         header = {}
-    if header.get("lora_pipeline.subject") == title:
+    ours = header.get("lora_pipeline.subject") == title
+    if ours and header.get("lora_pipeline.project") == project:
         return target, None
     other = target.with_name(f"{title}-{model_hash[:8]}.safetensors")
-    return other, (f"{target} exists and was not exported by lora-pipeline for '{title}'; it was left alone and "
-                   f"this export was written as {other.name} (use <lora:{other.stem}:0.8>)")
+    whose = ("is the export of a subject named '{0}' from another lora-pipeline project (or a copy of this one "
+             "elsewhere)" if ours else "was not exported by lora-pipeline for '{0}'").format(title)
+    return other, (f"{target} exists and {whose}; it was left alone and this export was written as {other.name} "
+                   f"(use <lora:{other.stem}:0.8>, or delete the old file to take its name)")
+
+
+def project_identity(root: str | os.PathLike) -> str:
+    """A short id of a project checkout (its absolute path, hashed: the path itself stays out of shared files)."""
+    import hashlib
+
+    return hashlib.sha256(str(Path(root).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def check_is_lora(state: Mapping[str, torch.Tensor], source: str) -> None:

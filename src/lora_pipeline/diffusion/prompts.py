@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.core.errors import ConfigError
 
 _TAG = re.compile(r"<lora:([^:<>]*)(?::([^:<>]*))?>", re.IGNORECASE)
 _OPENING = re.compile(r"<\s*lora\s*:", re.IGNORECASE)

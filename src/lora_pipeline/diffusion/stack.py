@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.diffusion.families import ModelFamily
 from lora_pipeline.diffusion.lora_files import (
     AnyLoraModule,
@@ -24,7 +25,6 @@ from lora_pipeline.diffusion.lora_files import (
     read_lora_modules,
     to_peft_state,
 )
-from lora_pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lora_pipeline.config import TrainingParams
 from lora_pipeline.core.cache import DiskCache, settings_key
+from lora_pipeline.core.config import TrainingParams
+from lora_pipeline.core.errors import ConfigError, LoraPipelineError
 from lora_pipeline.core.spec import LoraSpec
 from lora_pipeline.core.trainer import (
     NonFiniteLossError,
@@ -35,7 +36,6 @@ from lora_pipeline.core.trainer import (
 from lora_pipeline.diffusion.families import Conditioning, ModelFamily
 from lora_pipeline.diffusion.generation import vae_decodes_in_own_dtype
 from lora_pipeline.diffusion.loading import DiffusionComponents, module_fingerprint
-from lora_pipeline.errors import ConfigError, LoraPipelineError
 from lora_pipeline.prep.concepts import epoch_items
 from lora_pipeline.prep.images import load_rgb
 

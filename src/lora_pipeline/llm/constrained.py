@@ -73,7 +73,7 @@ def check_schema(schema: dict[str, Any] | None) -> None:
     if schema:
         import jsonschema
 
-        from lora_pipeline.errors import ConfigError
+        from lora_pipeline.core.errors import ConfigError
 
         try:
             jsonschema.validators.validator_for(schema).check_schema(schema)

@@ -16,10 +16,17 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lora_pipeline.config import LLMTrainingParams
+from lora_pipeline.core.config import LLMTrainingParams
 from lora_pipeline.core.models import load_pretrained
 from lora_pipeline.core.spec import LoraSpec
-from lora_pipeline.core.trainer import TrainerCore, make_accelerator, make_adamw, optimizer_step, peak_memory_mb
+from lora_pipeline.core.trainer import (
+    TrainerCore,
+    enable_activation_checkpointing,
+    make_accelerator,
+    make_adamw,
+    optimizer_step,
+    peak_memory_mb,
+)
 from lora_pipeline.prep.llm_data import pack, pad_batch, pad_packed_batch, prompt_ids, user_prompt
 
 logger = logging.getLogger(__name__)
@@ -75,7 +82,7 @@ def with_adapter(model, spec: LoraSpec, state: dict[str, torch.Tensor] | None = 
 
 def resolve_init_adapter(init_adapter: str, export_dir: str, output_name: str) -> Path:
     """``latest`` -> the newest exported version of ``<output_name>_adapter``; else the folder as given."""
-    from lora_pipeline.errors import DataError
+    from lora_pipeline.core.errors import DataError
 
     if init_adapter != "latest":
         folder = Path(init_adapter)
@@ -105,8 +112,8 @@ def load_init_adapter(folder: Path, spec: LoraSpec, base_model: str) -> dict[str
 
     from safetensors.torch import load_file
 
+    from lora_pipeline.core.errors import ConfigError, DataError
     from lora_pipeline.core.spec import rescale_up
-    from lora_pipeline.errors import ConfigError, DataError
 
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     recorded = config.get("base_model_name_or_path")
@@ -181,9 +188,10 @@ def train_causal_lm(
         packed = pack(train_items, length)
         logger.info("Packing: %d samples into %d rows of <= %d tokens", len(train_items), len(packed), length)
         train_items = packed
-    accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps)
+    accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps,
+                                   setting="llm_training.mixed_precision")
     if params.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
         model.enable_input_require_grads()
     spec = llm_lora_spec(params)
     model = with_adapter(model, spec, init_state, seed=params.seed)

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.core.models import load_pretrained, pick_device
-from lora_pipeline.errors import DataError
 
 if TYPE_CHECKING:
-    from lora_pipeline.config import CaptioningParams
+    from lora_pipeline.core.config import CaptioningParams
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from lora_pipeline.config import NormalizationParams
+from lora_pipeline.core.config import NormalizationParams
 from lora_pipeline.prep.captions import normalize_prompt, split_tags
 from lora_pipeline.prep.concepts import concept_of
 from lora_pipeline.prep.images import (

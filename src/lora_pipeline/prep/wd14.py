@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from lora_pipeline.core.errors import ConfigError, ModelNotFoundError
 from lora_pipeline.core.models import resolve_model
-from lora_pipeline.errors import ConfigError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from lora_pipeline.config import CaptioningParams, parse_params
 from lora_pipeline.core.cache import DiskCache, FileMemo
+from lora_pipeline.core.config import CaptioningParams, parse_params
 from lora_pipeline.core.files import sha256_file
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics

@@ -12,8 +12,8 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lora_pipeline.config import EvaluationParams, PromptSpec, TrainingParams, parse_params
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.config import EvaluationParams, PromptSpec, TrainingParams, parse_params
 from lora_pipeline.core.models import pick_device
 from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.datasets.image_folder import ImageFolder

@@ -8,10 +8,10 @@ from typing import Any
 
 import mlflow
 
-from lora_pipeline.config import ExportParams, parse_params
+from lora_pipeline.core.config import ExportParams, parse_params
 from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.datasets.files import disk_full_is_one_message
-from lora_pipeline.diffusion.lora_files import build_kohya_file, save_lora_file, webui_copy_path
+from lora_pipeline.diffusion.lora_files import build_kohya_file, project_identity, save_lora_file, webui_copy_path
 from lora_pipeline.diffusion.model_card import model_card
 from lora_pipeline.pipelines.metrics import log_lineage_tags
 
@@ -30,12 +30,14 @@ def export_kohya(lora_weights: dict[str, Any], training_summary: TrainingSummary
     state, metadata = build_kohya_file(lora_weights["state"], training_summary, training_summary.unet_config(),
                                        p.precision, title, _base_name(training_summary, p))
     metadata["lora_pipeline.training_run_id"] = training_summary.mlflow_run_id
-    metadata["lora_pipeline.subject"] = title  # marks the file as this project's export of this subject
+    metadata["lora_pipeline.subject"] = title  # with the project: this checkout's export of this subject
+    metadata["lora_pipeline.project"] = project_identity(Path.cwd())  # Kedro runs nodes at the project root
     # `lora-pipeline lineage <file>` finds this run from the file's sshs_model_hash.
     log_lineage_tags(**{f"lora.{title}.sshs_model_hash": metadata["sshs_model_hash"],
                         f"lora.{title}.dataset_hash": training_summary.dataset_hash})
     if p.webui_lora_dir:
-        target, note = webui_copy_path(p.webui_lora_dir, title, metadata["sshs_model_hash"])
+        target, note = webui_copy_path(p.webui_lora_dir, title, metadata["sshs_model_hash"],
+                                       metadata["lora_pipeline.project"])
         if note:
             logger.warning(note)
         with disk_full_is_one_message():  # a node's error reaches the console as is: one message, no traceback

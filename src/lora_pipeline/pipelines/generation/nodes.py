@@ -9,7 +9,7 @@ from typing import Any
 import mlflow
 from PIL import Image
 
-from lora_pipeline.config import GenerationParams, PromptSpec, parse_params
+from lora_pipeline.core.config import GenerationParams, PromptSpec, parse_params
 from lora_pipeline.core.models import pick_device
 from lora_pipeline.diffusion.generation import (
     LoraSource,

@@ -10,9 +10,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from lora_pipeline.config import LLMDataParams, parse_params
+from lora_pipeline.core.config import LLMDataParams, parse_params
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.core.models import load_pretrained
-from lora_pipeline.errors import DataError
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
 from lora_pipeline.prep.llm_data import Conversation, Reject, dedupe, read_jsonl, split, tokenize
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import mlflow
 
-from lora_pipeline.config import LLMDataParams, LLMEvalParams, LLMTrainingParams, parse_params
+from lora_pipeline.core.config import LLMDataParams, LLMEvalParams, LLMTrainingParams, parse_params
 from lora_pipeline.llm.constrained import JsonConstraint, check_schema, parses, schema_errors
 from lora_pipeline.llm.training import eval_loss, generate_answers, load_causal_lm, token_f1
 from lora_pipeline.pipelines.llm_training.nodes import tokenized

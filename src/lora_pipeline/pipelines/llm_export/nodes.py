@@ -9,10 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import mlflow
-
-from lora_pipeline.config import LLMTrainingParams, parse_params
-from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.core.config import LLMTrainingParams, parse_params
+from lora_pipeline.core.spec import PretrainedFolder, TrainingSummary
 from lora_pipeline.llm.training import load_causal_lm, portable_base, with_adapter
 
 logger = logging.getLogger(__name__)
@@ -60,9 +58,8 @@ model = PeftModel.from_pretrained(base, "path/to/this/folder")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 ```
 """
-    if mlflow.active_run():
-        mlflow.log_text(card, "llm_adapter/README.md")
-    return (peft_model, tokenizer), card
+    # the adapter folder's README.md (and so its copy in MLflow) is this card, not PEFT's empty template
+    return PretrainedFolder((peft_model, tokenizer), card), card
 
 
 def export_llm_merged(weights: dict[str, Any], summary: TrainingSummary, params: dict[str, Any]):

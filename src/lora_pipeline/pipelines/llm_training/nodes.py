@@ -11,7 +11,7 @@ from typing import Any
 import mlflow
 from tqdm.auto import tqdm
 
-from lora_pipeline.config import LLMDataParams, LLMTrainingParams, parse_params
+from lora_pipeline.core.config import LLMDataParams, LLMTrainingParams, parse_params
 from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.llm.training import (
     llm_lora_spec,

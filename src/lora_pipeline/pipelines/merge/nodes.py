@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lora_pipeline.config import GenerationParams, MergeParams, parse_params
+from lora_pipeline.core.config import GenerationParams, MergeParams, parse_params
 from lora_pipeline.core.files import atomic_folder
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.prompts import LoraRef, resolve_loras

@@ -11,11 +11,11 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from lora_pipeline.config import NormalizationParams, parse_params
 from lora_pipeline.core.cache import DiskCache, FileMemo, settings_key
+from lora_pipeline.core.config import NormalizationParams, parse_params
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.diffusion.families import native_resolution
-from lora_pipeline.errors import DataError
 from lora_pipeline.pipelines.metrics import as_mlflow_metrics
 from lora_pipeline.prep.captions import normalize_prompt, tag_frequency
 from lora_pipeline.prep.concepts import Concept, regularization_prompt

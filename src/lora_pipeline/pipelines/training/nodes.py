@@ -12,8 +12,8 @@ import mlflow
 import pandas as pd
 from accelerate import PartialState
 
-from lora_pipeline.config import TrainingParams, parse_params
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.config import TrainingParams, parse_params
 from lora_pipeline.core.lock import subject_lock
 from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.core.trainer import throughput

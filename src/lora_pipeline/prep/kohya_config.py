@@ -22,8 +22,8 @@ try:  # Python 3.11+; tomli is the same parser for 3.10
 except ImportError:  # pragma: no cover
     import tomli as tomllib
 
-from lora_pipeline.config import SUBJECT_NAME, CaptioningParams, NormalizationParams, SubjectParams, TrainingParams
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.core.config import SUBJECT_NAME, CaptioningParams, NormalizationParams, SubjectParams, TrainingParams
+from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.prep.concepts import KOHYA_FOLDER
 
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "lion": "lion",
@@ -493,7 +493,7 @@ def _trigger(parts: _Parts) -> set[str]:
 
 def _check(name: str, entry: dict[str, Any]) -> None:
     """Every key written must be one this project knows (the same schema the run validates)."""
-    from lora_pipeline.config import parse_subjects
+    from lora_pipeline.core.config import parse_subjects
 
     parse_subjects({"subjects": {name: entry}})
     for group, schema in (("training", TrainingParams), ("normalization", NormalizationParams),

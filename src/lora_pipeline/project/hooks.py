@@ -8,8 +8,8 @@ from pathlib import Path
 
 from kedro.framework.hooks import hook_impl
 
-from lora_pipeline.config import validate_all
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.core.config import validate_all
+from lora_pipeline.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ValidateParametersHook:
 
     @hook_impl
     def after_context_created(self, context) -> None:
-        from lora_pipeline.quiet import install
+        from lora_pipeline.project.quiet import install
 
         install()  # again: Kedro's logging setup resets child loggers' levels after settings.py ran
         subjects = context.config_loader.subjects() if hasattr(context.config_loader, "subjects") else {}
@@ -51,7 +51,7 @@ class ValidateParametersHook:
 
     @hook_impl
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
-        from lora_pipeline.preflight import check_inputs
+        from lora_pipeline.project.preflight import check_inputs
 
         used = {name.removeprefix("params:") for name in pipeline.inputs() if name.startswith("params:")}
         try:
@@ -132,7 +132,7 @@ class SubjectFingerprintHook:
 
     @hook_impl
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
-        from lora_pipeline.subjects import subject_fingerprint
+        from lora_pipeline.project.subjects import subject_fingerprint
 
         loader = self._context.config_loader if self._context else None
         if loader is None or not hasattr(loader, "subjects"):
@@ -144,7 +144,7 @@ class SubjectFingerprintHook:
 
     @hook_impl
     def after_pipeline_run(self, run_params, pipeline, catalog) -> None:
-        from lora_pipeline.subjects import record_fingerprint
+        from lora_pipeline.project.subjects import record_fingerprint
 
         for subject, fingerprint in self._pending.items():
             record_fingerprint(subject, fingerprint)
@@ -174,7 +174,7 @@ class SubjectStageRunsHook:
 
     @staticmethod
     def _stage_of(node) -> tuple[str, str] | None:
-        from lora_pipeline.pipeline_registry import stage_of_node
+        from lora_pipeline.pipelines.stages import stage_of_node
 
         if not node.namespace:
             return None

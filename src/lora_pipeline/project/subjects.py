@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from kedro.config import OmegaConfigLoader
 
-from lora_pipeline.config import SUBJECT_GROUPS, SubjectParams, parse_subjects
+from lora_pipeline.core.config import SUBJECT_GROUPS, SubjectParams, parse_subjects
 
 SUBJECT_PATTERNS = ["subjects*", "subjects*/**", "**/subjects*"]
 

@@ -9,9 +9,15 @@ from typing import Callable, Mapping
 
 from pydantic import BaseModel
 
-from lora_pipeline.config import CaptioningParams, ExportParams, GenerationParams, LLMTrainingParams, TrainingParams
+from lora_pipeline.core.config import (
+    CaptioningParams,
+    ExportParams,
+    GenerationParams,
+    LLMTrainingParams,
+    TrainingParams,
+)
+from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.core.models import resolve_model
-from lora_pipeline.errors import ConfigError
 
 PROJECT_EXPORTS = Path("data/07_model_output")  # created by the first export; may not exist yet
 
@@ -60,8 +66,8 @@ def _check_captioner(group: str, p: CaptioningParams, images_needing_a_captioner
 
 
 def _check_lora_file(path: Path, key: str) -> None:
+    from lora_pipeline.core.errors import DataError
     from lora_pipeline.diffusion.lora_files import DIFFUSERS_WEIGHT_NAME, check_is_lora
-    from lora_pipeline.errors import DataError
 
     file = path / DIFFUSERS_WEIGHT_NAME if path.is_dir() else path
     if not file.is_file():

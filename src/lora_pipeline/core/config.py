@@ -10,7 +10,7 @@ from typing import Any, Literal, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.core.errors import ConfigError
 
 
 class _Strict(BaseModel):
