@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test test-fast clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,6 +38,10 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The unit tests only (no @pytest.mark.slow: pipeline runs, subprocesses, kill -9, airflow, accelerate launch).
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf data/01_raw/*/images data/02_intermediate/* data/03_primary/* data/08_reporting/* mlflow.db mlruns
