@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOISE = ("Add type hints to the `predict` method", "register_new_resolver() is deprecated",
          "dataset names contain '.'", "is_gradient_checkpointing", "Loading data from",
          "Already found a `peft_config`", "No LoRA keys associated to")
 
 
+@pytest.mark.slow
 def test_a_kedro_command_prints_no_known_third_party_warning():
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KEDRO_ENV": "demo", "COLUMNS": "200"}
     result = subprocess.run([str(Path(sys.executable).parent / "kedro"), "registry", "list"], cwd=REPO_ROOT, env=env,
@@ -38,6 +41,7 @@ def test_a_new_warning_of_our_own_still_shows():
     assert all(f.filter(record) for f in logging.getLogger("py.warnings").filters)
 
 
+@pytest.mark.slow
 def test_a_config_error_is_one_message_that_names_its_source():
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KEDRO_ENV": "demo", "COLUMNS": "200"}
     result = subprocess.run([str(Path(sys.executable).parent / "kedro"), "run", "--env", "demo", "--pipelines",

@@ -82,6 +82,7 @@ def _kill_during_training(params: TrainingParams, examples, tmp_path, dataset_ha
     return checkpoints()
 
 
+@pytest.mark.slow
 def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tiny_models, tiny_examples, tmp_path):
     settings = dict(max_steps=40, save_steps=4, dropout=0.1)
     params = make_params(tiny_models, tmp_path / "killed", **settings)
@@ -205,6 +206,7 @@ def _files(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_retrain_beside_an_older_longer_run(tiny_models, tiny_examples, tmp_path):
     """A retrain (more images) is killed while the subject also holds an older run with higher step numbers:
     it resumes its own checkpoint, never touches the older run, and ends bit-identical to an uninterrupted retrain."""
@@ -318,6 +320,7 @@ with mlflow.start_run() as run:
 """
 
 
+@pytest.mark.slow
 def test_sigterm_writes_the_buffered_step_metrics(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient

@@ -14,6 +14,8 @@ from PIL import Image
 from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.core.files import sha256_file
 
+pytestmark = pytest.mark.slow  # a whole pipeline through Kedro (see make test-fast)
+
 
 def latest_captions(root: Path) -> pd.DataFrame:
     versions = sorted((root / "data/02_intermediate/demo_lora/captions.csv").iterdir())

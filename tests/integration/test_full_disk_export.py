@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from disk_helpers import everything_under, mount_small_disk, unmount
 from kedro.io import Version
 
 from lora_pipeline.datasets import LoraWeightsDataset, TrainingSummaryDataset
+
+pytestmark = pytest.mark.slow  # a whole pipeline through Kedro (see make test-fast)
 
 
 class NotOneMessage(AssertionError):

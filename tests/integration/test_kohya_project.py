@@ -13,11 +13,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 from kedro.framework.session import KedroSession
 from kedro_helpers import kedro_runs, stage_run
 from PIL import Image
 
 from lora_pipeline.diffusion.lora_files import load_lora_file
+
+pytestmark = pytest.mark.slow  # a whole pipeline through Kedro (see make test-fast)
 
 TOML = """
 [model_arguments]

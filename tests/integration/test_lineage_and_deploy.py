@@ -20,6 +20,8 @@ from kedro_helpers import run
 from lora_pipeline.cli import lineage
 from lora_pipeline.diffusion.lora_files import load_lora_file
 
+pytestmark = pytest.mark.slow  # a whole pipeline through Kedro (see make test-fast)
+
 ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
        "KEDRO_ENV": "demo"}  # the environment whose subjects.yml the pipelines are registered for
 BIN = Path(sys.executable).parent

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
 from kedro_helpers import run
 
 from lora_pipeline.core.files import sha256_file
+
+pytestmark = pytest.mark.slow  # a whole pipeline through Kedro (see make test-fast)
 
 
 def _latest(folder):

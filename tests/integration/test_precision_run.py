@@ -4,12 +4,15 @@ and logs its samples (the run used to crash in the samples after the last step a
 from __future__ import annotations
 
 import mlflow
+import pytest
 import yaml
 from kedro.framework.session import KedroSession
 from kedro_helpers import kedro_runs, stage_run
 from mlflow.tracking import MlflowClient
 
 from lora_pipeline.diffusion.lora_files import load_lora_file
+
+pytestmark = pytest.mark.slow  # a whole pipeline through Kedro (see make test-fast)
 
 
 def test_an_fp16_subject_trains_samples_and_exports(project):

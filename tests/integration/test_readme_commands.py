@@ -106,6 +106,7 @@ def test_the_readme_shows_the_commands_a_user_needs():
         assert any(expected in c for c in commands), expected
 
 
+@pytest.mark.slow
 def test_every_readme_command_parses_and_names_real_things(project, demo_catalog):
     makefile = (REPO_ROOT / "Makefile").read_text()
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -136,6 +137,7 @@ def test_every_readme_command_parses_and_names_real_things(project, demo_catalog
     assert {re.split(r"[<>=\[ ]", dep)[0] for dep in extras["notebook"]} >= {"jupyterlab", "notebook"}
 
 
+@pytest.mark.slow
 def test_one_subject_run_as_the_readme_writes_it_shows_bars_and_only_our_warnings(project):
     """`kedro run --namespaces <subject>` on the demo: the console a user reads."""
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "KEDRO_ENV": "demo",

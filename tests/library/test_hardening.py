@@ -100,6 +100,7 @@ save_diffusers_lora(sys.argv[3], load_file(sys.argv[2]), summary)
 """
 
 
+@pytest.mark.slow
 def test_the_diffusers_file_is_byte_reproducible_across_processes(trained, tmp_path):
     from safetensors.torch import save_file as save
 

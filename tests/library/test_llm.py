@@ -320,6 +320,7 @@ def test_warm_start_continues_the_previous_adapter_exactly(tiny_models, llm_item
         load_init_adapter(folder, llm_lora_spec(retrain), str(tiny_models["tiny-sd"]))
 
 
+@pytest.mark.slow
 def test_exported_adapter_loads_from_any_folder(tiny_models, llm_items, tmp_path):
     import subprocess
     import sys
