@@ -7,13 +7,13 @@ import os
 import stat
 from pathlib import Path
 
-import click
 import pytest
 import torch
 from disk_helpers import everything_under, mount_small_disk, unmount
 from kedro.io import DatasetError, Version
 from safetensors.torch import save_file
 
+from lora_pipeline.cli.commands import user_error
 from lora_pipeline.core.files import NoSpaceError, atomic_folder, atomic_path
 from lora_pipeline.datasets import DiffusersLoraDataset, LoraWeightsDataset
 from lora_pipeline.datasets.files import DiskFullError
@@ -101,7 +101,7 @@ def test_a_file_that_fits_is_still_written_on_the_small_disk(small_disk):
 @pytest.mark.parametrize("dataset", ["kohya", "diffusers"])
 def test_a_real_full_disk_during_export_is_one_message_and_no_version_folder(trained, small_disk, dataset):
     """Through Kedro's own save wrapper: a DatasetError passes it unchanged (anything else it wraps, and the
-    user gets a traceback), and click prints a ClickException as one `Error: ...` line."""
+    user gets a traceback), and `kedro run` (lora_pipeline.cli) prints our error as one `Error: ...` line."""
     lora = {"state": trained["result"].lora_state}
     if dataset == "kohya":
         target, data = LoraWeightsDataset, export_kohya(lora, trained["summary"], {})
@@ -111,7 +111,7 @@ def test_a_real_full_disk_during_export_is_one_message_and_no_version_folder(tra
     with pytest.raises(DatasetError) as info:
         target(str(small_disk / name), version=Version(None, None)).save(data)
     error = info.value
-    assert isinstance(error, DiskFullError) and isinstance(error, click.ClickException)
+    assert isinstance(error, DiskFullError) and user_error(error) is error
     assert error.message.startswith(f"no space left on {small_disk / name}/")  # where: the version folder
     assert f"while writing {name}; free some space" in error.message  # what, and what to do
     assert "\n" not in error.message and "Failed while saving" not in error.message
