@@ -17,7 +17,6 @@ Not a test: CI has no GPU. The suite checks all of this on CPU; this script says
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import click  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -262,14 +262,14 @@ def llm_checks(models: dict[str, Path], root: Path) -> None:
     check(diff < 1e-4, f"PEFT reloads the saved adapter with the trained logits (max diff {diff:.2e})")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--only", nargs="*", default=["diffusion", "precision", "resume", "llm"])
-    parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # try the script itself on CPU
-    args = parser.parse_args()
+@click.command(help=__doc__)
+@click.option("--steps", type=int, default=40, show_default=True)
+@click.option("--only", multiple=True, help="checks, repeated or comma-separated: diffusion precision resume llm")
+@click.option("--cpu-smoke", is_flag=True, hidden=True)  # try the script itself on CPU
+def main(steps: int, only: tuple[str, ...], cpu_smoke: bool) -> None:
     global DEVICE
-    if args.cpu_smoke:
+    only = [name for value in only for name in value.split(",") if name] or ["diffusion", "precision", "resume", "llm"]
+    if cpu_smoke:
         DEVICE = "cpu"
         torch.cuda.empty_cache = lambda: None
         torch.cuda.get_device_name = lambda: "CPU (smoke run)"
@@ -281,13 +281,13 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     models = build_all(root / "models")
     examples = make_examples(root / "images")
-    if "diffusion" in args.only:
-        diffusion_checks(models, examples, root, args.steps)
-    if "precision" in args.only:
+    if "diffusion" in only:
+        diffusion_checks(models, examples, root, steps)
+    if "precision" in only:
         precision_checks(models, root)
-    if "resume" in args.only:
+    if "resume" in only:
         determinism_and_resume(models, examples, root)
-    if "llm" in args.only:
+    if "llm" in only:
         llm_checks(models, root)
     print(f"\n{len(FAILED)} check(s) failed" + (":\n  " + "\n  ".join(FAILED) if FAILED else ""))
     sys.exit(1 if FAILED else 0)

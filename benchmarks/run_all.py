@@ -10,7 +10,6 @@ Speed targets live here, never in the test suite.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -29,6 +28,7 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import click  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -556,39 +556,40 @@ def write_report(figures: dict[str, float], machine: str, path: Path) -> str:
     return text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="*", default=None,
-                        help="training data llm memory flops sd15 (sd15_cuda: the CUDA half of sd15 alone)")
-    parser.add_argument("--no-mlflow", action="store_true", help="neither log step metrics nor the figures")
-    parser.add_argument("--data-stage", help=argparse.SUPPRESS)
-    parser.add_argument("--memory-stage", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+@click.command(help=__doc__)
+@click.option("--quick", is_flag=True, help="smaller sizes, for a smoke run")
+@click.option("--only", multiple=True, help="sections, repeated or comma-separated: training data llm memory flops "
+                                            "sd15 (sd15_cuda: the CUDA half of sd15 alone)")
+@click.option("--no-mlflow", is_flag=True, help="neither log step metrics nor the figures")
+@click.option("--data-stage", hidden=True)
+@click.option("--memory-stage", hidden=True)
+def main(quick: bool, only: tuple[str, ...], no_mlflow: bool, data_stage: str | None, memory_stage: str | None
+         ) -> None:
     global NO_MLFLOW
-    NO_MLFLOW = args.no_mlflow
-    if args.data_stage:
-        work = Path(args.data_stage)
+    NO_MLFLOW = no_mlflow
+    if data_stage:
+        work = Path(data_stage)
         print(json.dumps(data_stages_once(work / "raw", work / "out", work / "cache")))
         return
-    if args.memory_stage:
-        print(json.dumps(bench_memory_sd15(args.memory_stage)))
+    if memory_stage:
+        print(json.dumps(bench_memory_sd15(memory_stage)))
         return
     from lora_pipeline.demo.tiny_models import build_all
 
-    sections = args.only or ["training", "data", "llm", "memory", "flops", "sd15"]
+    sections = [name for value in only for name in value.split(",") if name] or \
+        ["training", "data", "llm", "memory", "flops", "sd15"]
     models = build_all(Path(tempfile.mkdtemp(prefix="bench-models-")))
     figures: dict[str, float] = {}
     if "training" in sections:
-        figures.update(bench_training(models, args.quick))
+        figures.update(bench_training(models, quick))
         print(figures, flush=True)
     if "data" in sections:
-        figures.update(bench_data(args.quick))
+        figures.update(bench_data(quick))
         print(figures, flush=True)
     if "llm" in sections:
-        figures.update(bench_llm(models, args.quick))
+        figures.update(bench_llm(models, quick))
         print(figures, flush=True)
-    if "memory" in sections and not args.quick:
+    if "memory" in sections and not quick:
         gpu = torch.cuda.is_available()
         # bf16 on this CPU (no AVX512-BF16/AMX) is emulated: minutes per step, so CPU runs fp32 only.
         for precision in (("fp32", "bf16") if gpu else ("fp32",)):
@@ -604,10 +605,10 @@ def main() -> None:
         figures.update(sd15_flops())
         figures.update(sdxl_flops())
     if "sd15" in sections:
-        figures.update(bench_sd15(models, "cpu", args.quick))
+        figures.update(bench_sd15(models, "cpu", quick))
     if {"sd15", "sd15_cuda"} & set(sections):
         if torch.cuda.is_available():
-            figures.update(bench_sd15(models, "cuda", args.quick))
+            figures.update(bench_sd15(models, "cuda", quick))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {gpu}"
     print(write_report(figures, machine, HERE / ("RESULTS_GPU.md" if torch.cuda.is_available() else "RESULTS.md")))
@@ -617,8 +618,8 @@ def main() -> None:
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{HERE.parent / 'mlflow.db'}"))
     mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name="quick" if args.quick else "full"):
-        mlflow.log_params({"machine": machine, "quick": args.quick})
+    with mlflow.start_run(run_name="quick" if quick else "full"):
+        mlflow.log_params({"machine": machine, "quick": quick})
         mlflow.log_metrics(figures)
 
 
