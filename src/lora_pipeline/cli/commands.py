@@ -142,10 +142,13 @@ def generate_command(prompt: str, negative: str | None, seed: int | None, steps:
     bootstrap_project(Path.cwd())
     with KedroSession.create(env=env, runtime_params=runtime) as session:
         session.run(pipeline_names=["generation"])
-        store = session.load_context().catalog.get("generated_images")
-    root = Path(store._describe()["filepath"]) if store is not None else None
-    if root is not None and root.is_dir():  # Kedro versions live in <filepath>/<version>/<name>
-        click.echo(f"Images: {max(root.iterdir(), key=lambda p: p.name) / root.name}")
+        catalog = session.load_context().catalog
+    from lora_pipeline.core.files import newest_version
+
+    filepath = catalog.config_resolver.resolve_pattern("generated_images").get("filepath")
+    images = newest_version(filepath) if filepath else None  # Kedro versions live in <filepath>/<version>/<name>
+    if images is not None:
+        click.echo(f"Images: {images}")
 
 
 @main.command("lineage")

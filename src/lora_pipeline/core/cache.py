@@ -1,4 +1,5 @@
-"""A content-addressed disk cache (one small file per key), shared by captions and, later, latents.
+"""A content-addressed disk cache (one small file per key): captions, VAE latents and text embeddings, and the
+remembered per-file values of :class:`FileMemo` (content hashes, image checks).
 
 Keys are hashes of the input content plus the settings that produced the value, so a changed image or
 changed settings simply miss the cache; nothing stale can be returned. Writes are atomic.
@@ -11,12 +12,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_pipeline.core.files import atomic_path, atomic_write_text, sha256_text
+from lora_pipeline.core.files import atomic_path, atomic_write_text, json_sha256
 
 
 def settings_key(settings: dict[str, Any]) -> str:
     """A short stable hash of a settings dict (model id, captioner options ...)."""
-    return sha256_text(json.dumps(settings, sort_keys=True, default=str))[:16]
+    return json_sha256(settings, 16)
 
 
 class DiskCache:

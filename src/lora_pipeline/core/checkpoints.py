@@ -6,17 +6,17 @@ A checkpoint is ``checkpoint-<step>/`` holding ``lora.safetensors`` (the trainab
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
 from lora_pipeline.core.errors import LoraPipelineError
-from lora_pipeline.core.files import atomic_folder, sha256_file
+from lora_pipeline.core.files import atomic_folder, json_sha256, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +27,27 @@ class ResumeError(LoraPipelineError):
     """A requested resume cannot continue the same run."""
 
 
+def run_signature(base_model: str, dataset: str, spec: Any, settings: Mapping[str, Any],
+                  added_later: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The one rule for what must match for a checkpoint to continue *this* run rather than silently start
+    another, for the image and the LLM trainers alike: the base model, the dataset hash, the LoRA spec, and
+    ``settings`` (those that change the training trajectory; never max_steps/epochs, so raising them goes on).
+
+    ``added_later`` maps settings introduced after runs were already on disk to their defaults: such a setting
+    is part of the signature only when it differs from that default, so the signature (and the run folder) of
+    an earlier run stays what it was and its checkpoints still resume."""
+    later = added_later or {}
+    return {"base_model": base_model, "dataset": dataset, "spec": spec.model_dump(mode="json"),
+            **{key: value for key, value in settings.items() if key not in later or value != later[key]}}
+
+
 def run_folder(subject_folder: Path, signature: dict) -> Path:
     """Where one run's checkpoints live: ``<subject>/run-<hash of its signature>``.
 
     A retrain (new images, other settings) gets its own folder, so it never resumes from, confuses or prunes
     another run's checkpoints; raising max_steps keeps the signature, so the same run goes on.
     """
-    text = json.dumps(signature, sort_keys=True, default=str)
-    return subject_folder / f"run-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return subject_folder / f"run-{json_sha256(signature, 12)}"
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -1,15 +1,17 @@
-"""File helpers shared by every stage: atomic writes and content hashes."""
+"""File helpers shared by every stage: atomic writes, content hashes, safetensors headers and Kedro version
+folders (read as plain folders: nothing here imports Kedro)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 _CHUNK = 1 << 20
 
@@ -76,17 +78,69 @@ def _output_mode(path: Path, umask: int) -> None:
     os.chmod(path, (0o777 if executable else 0o666) & ~umask)
 
 
+Chunk = bytes | bytearray | memoryview | str
+
+
+def sha256_hex(data: Chunk | Iterable[Chunk], length: int = 64) -> str:
+    """The one content hash: hex sha256 of ``data``, cut to its first ``length`` characters.
+
+    ``data`` is bytes (or any buffer, such as a numpy view of a tensor), a str (UTF-8; undecodable file-name bytes
+    kept as ``surrogateescape`` writes them), or an iterable of those, hashed as their concatenation without
+    holding it in memory. ``length`` is each caller's to keep, as it is part of names and keys already on disk:
+    run folders 12, settings keys and project ids 16, module fingerprints 24, image store names 32."""
+    digest = hashlib.sha256()
+    for chunk in [data] if isinstance(data, (bytes, bytearray, memoryview, str)) else data:
+        digest.update(chunk.encode("utf-8", "surrogateescape") if isinstance(chunk, str) else chunk)
+    return digest.hexdigest()[:length]
+
+
+def canonical_json(value: Any, ensure_ascii: bool = True) -> str:
+    """``value`` as JSON with sorted keys (anything JSON lacks, such as paths, as its ``str``): equal values
+    give equal text, whatever order their dicts were built in."""
+    return json.dumps(value, sort_keys=True, default=str, ensure_ascii=ensure_ascii)
+
+
+def json_sha256(value: Any, length: int = 64, ensure_ascii: bool = True) -> str:
+    """:func:`sha256_hex` of :func:`canonical_json` of ``value``: the hash of settings, signatures and records."""
+    return sha256_hex(canonical_json(value, ensure_ascii), length)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in chunks so large files stay out of memory."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_hex(iter(lambda: handle.read(_CHUNK), b""))
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+class SafetensorsHeader(NamedTuple):
+    keys: list[str]  # the tensor names
+    metadata: dict[str, str]  # the ``__metadata__`` strings (empty when the file has none)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """A ``.safetensors`` file's tensor names and metadata, without loading a tensor. An unreadable file raises
+    safetensors' ``SafetensorError``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return SafetensorsHeader(list(handle.keys()), dict(handle.metadata() or {}))
+
+
+def versions(versioned: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Every saved version of a Kedro versioned dataset, oldest first: ``<versioned>/<version>/<name>`` where it
+    exists, ``name`` defaulting to the last part of ``versioned`` (Kedro's layout). Kedro's version ids are UTC
+    timestamps (``2026-03-01T00.00.00.000Z``), so their names sort in time order."""
+    versioned = Path(versioned).expanduser()
+    name = name or versioned.name
+    if not versioned.is_dir():
+        return []
+    return sorted((folder / name for folder in versioned.iterdir() if (folder / name).exists()),
+                  key=lambda path: path.parent.name)
+
+
+def newest_version(versioned: str | os.PathLike, name: str | None = None) -> Path | None:
+    """The newest saved version (see :func:`versions`), or None when nothing was saved yet."""
+    found = versions(versioned, name)
+    return found[-1] if found else None
 
 
 @contextlib.contextmanager

@@ -1,4 +1,9 @@
-"""The one model loader: resolve a local folder or hub id, pick a device, call ``from_pretrained``."""
+"""Where models come from and where they run: :func:`resolve_model` (a local folder or file, or a hub id when
+downloads are allowed), :func:`load_pretrained` (``from_pretrained`` with downloads only when allowed: the loader
+of every transformers model and processor; diffusion bases load in :mod:`lora_pipeline.diffusion.loading`
+through :func:`resolve_model`), :func:`pick_device` (the device a setting asks for) and :data:`DTYPES` (the
+torch dtype of a precision setting). The loaders choose no device: callers (the trainers, the stages) move
+what they load."""
 
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ from lora_pipeline.core.errors import ModelNotFoundError
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# The torch dtype of every precision setting: mixed_precision (no/fp16/bf16) and export/merge precision
+# (fp16/fp32/bf16).
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def pick_device(preference: str = "auto") -> torch.device:

@@ -175,8 +175,19 @@ def _launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+# One multiplier per random stream keeps the streams of one seed apart. They are part of every run's randomness:
+# changing one changes what a seed trains, and a run resumed across the change would not continue bit for bit.
+SEED_STREAMS = {"noise": 1_000_003, "order": 1_000_003, "dropout": 7_919, "captions": 104_729}
+
+
+def derive_seed(base: int, *parts: int, stream: str = "noise") -> int:
+    """The seed of one random ``stream`` (noise, batch order, LoRA dropout, caption augmentation) at one place of
+    a run: ``base * SEED_STREAMS[stream]`` plus ``parts`` read as base-1000 digits, e.g. ``(micro_step,)``,
+    ``(epoch,)`` or ``(image, timestep)``."""
+    offset = 0
+    for part in parts:
+        offset = offset * 1000 + part
+    return base * SEED_STREAMS[stream] + offset
 
 
 def seed_dropout(seed: int, device: torch.device) -> None:
@@ -317,9 +328,9 @@ class TrainerCore:
 
     def micro_seeds(self, micro: int) -> tuple[torch.Generator, random.Random]:
         """This micro-step's noise generator and Python RNG; LoRA dropout is seeded too."""
-        seed_dropout(self.seed * 7_919 + micro, self.device)
-        return (torch.Generator().manual_seed(self.seed * 1_000_003 + micro),
-                random.Random(self.seed * 104_729 + micro))
+        seed_dropout(derive_seed(self.seed, micro, stream="dropout"), self.device)
+        return (torch.Generator().manual_seed(derive_seed(self.seed, micro, stream="noise")),
+                random.Random(derive_seed(self.seed, micro, stream="captions")))
 
     def end_step(self, step: int, loss: torch.Tensor, seen: int, optimizer, scheduler,
                  evaluate: Callable[[], dict[str, float]] | None = None) -> None:

@@ -3,7 +3,6 @@ earlier LoRA a retrain starts from."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from lora_pipeline.core.errors import DataError
-from lora_pipeline.core.files import sha256_file
+from lora_pipeline.core.files import sha256_file, sha256_hex
 from lora_pipeline.diffusion.prompts import lora_index
 from lora_pipeline.diffusion.training import Example
 
@@ -53,12 +52,13 @@ def build_examples(root: str | os.PathLike | Any, metadata: pd.DataFrame) -> lis
 
 def dataset_hash(examples: list[Example]) -> str:
     """Content hash of the training set: image bytes and captions, order-independent."""
-    digest = hashlib.sha256()
-    for ex in sorted(examples, key=lambda e: (e.sha256, e.text, e.is_reg)):
-        # Folder repeats and the class-image role change training; the plain case hashes as it always did.
-        extra = f"|{ex.repeats}|{int(ex.is_reg)}" if (ex.repeats, ex.is_reg) != (1, False) else ""
-        digest.update(f"{ex.sha256}|{ex.text}{extra}\n".encode())
-    return digest.hexdigest()
+    def lines():
+        for ex in sorted(examples, key=lambda e: (e.sha256, e.text, e.is_reg)):
+            # Folder repeats and the class-image role change training; the plain case hashes as it always did.
+            extra = f"|{ex.repeats}|{int(ex.is_reg)}" if (ex.repeats, ex.is_reg) != (1, False) else ""
+            yield f"{ex.sha256}|{ex.text}{extra}\n"
+
+    return sha256_hex(lines())
 
 
 def resolve_init_lora(init_lora: str, export_dir: str, output_name: str) -> Path:

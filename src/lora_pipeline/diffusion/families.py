@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from lora_pipeline.core.errors import ConfigError
+from lora_pipeline.core.files import read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +184,7 @@ def _hub_model_index(repo_id: str, allow_download: bool) -> Path | None:
 
 def _checkpoint_keys(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
+        return read_safetensors_header(path).keys
     state = torch.load(path, map_location="meta", weights_only=True)
     return list(state.get("state_dict", state))
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from lora_pipeline.core.config import PromptSpec
 from lora_pipeline.core.errors import ConfigError
+from lora_pipeline.core.files import read_safetensors_header
 from lora_pipeline.diffusion.families import family_of
 from lora_pipeline.diffusion.prompts import LoraRef, export_version, parse_prompt
 from lora_pipeline.diffusion.stack import set_weights
@@ -90,10 +91,7 @@ class LoraSource:
 
     @classmethod
     def of(cls, path: Path) -> "LoraSource":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
+        header = read_safetensors_header(path).metadata
         clip_skip = header.get("ss_clip_skip", "")
         return cls(path, export_version(path), header.get("sshs_model_hash", "")[:12] or "unknown",
                    int(clip_skip) if clip_skip.isdigit() else None)

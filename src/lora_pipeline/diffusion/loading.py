@@ -1,8 +1,13 @@
-"""The one loader for diffusion bases (SD1.x, SDXL): a diffusers folder, a hub id or a single-file checkpoint."""
+"""Diffusion bases (SD1.x, SDXL) as one bundle of components, :class:`DiffusionComponents`, for every stage
+(training, generation, evaluation, merge).
+
+Who does what: :func:`lora_pipeline.core.models.resolve_model` finds the folder, file or hub id (downloads only
+when allowed), the rule every transformers model loads by too (:func:`~lora_pipeline.core.models.load_pretrained`);
+:func:`lora_pipeline.diffusion.families.resolve_family` says which family it is; this module calls diffusers'
+``from_pretrained`` or ``from_single_file`` and takes the pipeline apart."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lora_pipeline.core.files import sha256_hex
 from lora_pipeline.core.models import resolve_model
 from lora_pipeline.diffusion.families import Conditioning, ModelFamily, resolve_family
 
@@ -106,9 +112,11 @@ def load_diffusion_model(base_model: str, family: str = "auto", allow_download: 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over a module's config and weights: the identity a cache key needs (same weights = same key)."""
-    digest = hashlib.sha256(repr(getattr(module, "config", "")).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        # The numpy view is hashed in place (no copy): a UNet is 3.4 GB in fp32.
-        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:24]
+    def chunks():
+        yield repr(getattr(module, "config", ""))
+        for name, tensor in sorted(module.state_dict().items()):
+            yield name
+            # The numpy view is hashed in place (no copy): a UNet is 3.4 GB in fp32.
+            yield tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+    return sha256_hex(chunks(), 24)

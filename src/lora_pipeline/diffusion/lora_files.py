@@ -17,7 +17,6 @@ its text-encoder keys in the canonical ``text_encoder(_2).text_model.`` spelling
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,11 +28,11 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from lora_pipeline.core.errors import DataError
-from lora_pipeline.core.files import atomic_folder, atomic_path
+from lora_pipeline.core.files import atomic_folder, atomic_path, read_safetensors_header, sha256_hex
+from lora_pipeline.core.models import DTYPES
 from lora_pipeline.core.spec import TrainingSummary, rescale_up
 from lora_pipeline.diffusion.families import ModelFamily, get_family, sgm_unet_path, unet_layout
 
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
@@ -216,12 +215,13 @@ def tensor_hash(state: Mapping[str, torch.Tensor]) -> str:
 
     Used as ``sshs_model_hash``: identical weights give an identical hash whatever the timestamps say.
     """
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    def chunks():
+        for key in sorted(state):
+            tensor = state[key].detach().to("cpu").contiguous()
+            yield f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|"
+            yield tensor.reshape(-1).view(torch.uint8).numpy()  # hashed in place, no copy
+
+    return sha256_hex(chunks())
 
 
 def stringify_metadata(metadata: Mapping[str, object]) -> dict[str, str]:
@@ -259,7 +259,7 @@ def sort_header(path: str | os.PathLike) -> None:
 
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A ``.safetensors`` file's tensors and header; any other file is refused with its name and why."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -267,8 +267,7 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise DataError(f"{path} is a pickled {path.suffix} file: LoRAs are read from .safetensors only (a pickle can "
                         f"run code when loaded). Use the .safetensors version of this LoRA.")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
+        metadata = read_safetensors_header(path).metadata
         return load_file(str(path)), metadata
     except SafetensorError as exc:
         raise DataError(f"{path} is not a readable .safetensors file ({exc}); is it damaged, or another format?") \
@@ -284,11 +283,8 @@ def webui_copy_path(folder: str | os.PathLike, title: str, model_hash: str, proj
     target = Path(folder).expanduser() / f"{title}.safetensors"
     if not target.exists():
         return target, None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(target), framework="pt") as handle:
-            header = handle.metadata() or {}
+        header = read_safetensors_header(target).metadata
     except Exception:  # noqa: BLE001 - unreadable means: not ours
         header = {}
     ours = header.get("lora_pipeline.subject") == title
@@ -303,9 +299,7 @@ def webui_copy_path(folder: str | os.PathLike, title: str, model_hash: str, proj
 
 def project_identity(root: str | os.PathLike) -> str:
     """A short id of a project checkout (its absolute path, hashed: the path itself stays out of shared files)."""
-    import hashlib
-
-    return hashlib.sha256(str(Path(root).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return sha256_hex(str(Path(root).resolve()), 16)
 
 
 def check_is_lora(state: Mapping[str, torch.Tensor], source: str) -> None:

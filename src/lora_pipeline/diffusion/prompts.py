@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lora_pipeline.core.errors import ConfigError
+from lora_pipeline.core.files import newest_version, versions
 
 _TAG = re.compile(r"<lora:([^:<>]*)(?::([^:<>]*))?>", re.IGNORECASE)
 _OPENING = re.compile(r"<\s*lora\s*:", re.IGNORECASE)
@@ -67,15 +68,8 @@ def lora_index(folders: Sequence[str | Path]) -> dict[str, Path]:
         if not folder.is_dir():
             continue
         for path in sorted(folder.rglob("*.safetensors")):
-            if not path.is_file():
-                continue
-            versioned = path.parent.parent
-            if versioned.name == path.name and versioned.is_dir():
-                name = path.stem  # versioned export: keep the newest version (sorted: last wins)
-                if index.get(name, path).parent.parent == versioned or name not in index:
-                    index[name] = path
-            else:
-                index.setdefault(path.stem, path)
+            if path.is_file():
+                index.setdefault(path.stem, newest_version(path.parent.parent) if export_version(path) else path)
     return index
 
 
@@ -87,15 +81,15 @@ def export_version(path: Path) -> str | None:
 def _pinned(name: str, folders: Sequence[str | Path]) -> Path:
     """``NAME@VERSION``: that exported version of NAME, or an error listing the versions there are."""
     base, version = name.rsplit("@", 1)
-    versions = []
+    saved: list[str] = []
     for folder in folders:
         versioned = Path(folder).expanduser() / f"{base}.safetensors"
         candidate = versioned / version / f"{base}.safetensors"
         if candidate.is_file():
             return candidate
-        versions += sorted(p.name for p in versioned.glob("*") if (p / f"{base}.safetensors").is_file())
+        saved += [path.parent.name for path in versions(versioned)]
     raise ConfigError(f"LoRA {base!r} has no exported version {version!r}. Versions: "
-                      f"{', '.join(versions) or 'none'}. Write <lora:{base}:w> for the newest.")
+                      f"{', '.join(saved) or 'none'}. Write <lora:{base}:w> for the newest.")
 
 
 def resolve_loras(refs: Sequence[LoraRef], folders: Sequence[str | Path]) -> dict[str, Path]:

@@ -20,18 +20,20 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lora_pipeline.core.cache import DiskCache, settings_key
+from lora_pipeline.core.checkpoints import run_signature
 from lora_pipeline.core.config import TrainingParams
 from lora_pipeline.core.errors import ConfigError, LoraPipelineError
+from lora_pipeline.core.models import DTYPES
 from lora_pipeline.core.spec import LoraSpec
 from lora_pipeline.core.trainer import (
     NonFiniteLossError,
     TrainerCore,
+    derive_seed,
     enable_activation_checkpointing,
     make_accelerator,
     make_optimizer,
     optimizer_step,
     peak_memory_mb,
-    weight_dtype,
 )
 from lora_pipeline.diffusion.families import Conditioning, ModelFamily
 from lora_pipeline.diffusion.generation import vae_decodes_in_own_dtype
@@ -285,7 +287,7 @@ def bucket_batches(examples: Sequence[Example], batch_size: int, repeats: int, s
     Each image counts ``repeats`` x its folder's repeats; regularization images fill as many places as the
     instance images take (kohya's DreamBooth mixing). With ``flip``, each place is mirrored with
     probability 1/2 (index ``len(examples) + i``)."""
-    rng = random.Random(seed * 1_000_003 + epoch)
+    rng = random.Random(derive_seed(seed, epoch, stream="order"))
     instance = [(i, ex.repeats * repeats) for i, ex in enumerate(examples) if not ex.is_reg]
     regularization = [(i, ex.repeats * repeats) for i, ex in enumerate(examples) if ex.is_reg]
     groups: dict[tuple[int, int], list[int]] = {}
@@ -317,17 +319,13 @@ def prepare_caption(text: str, rng: random.Random, dropout: float, shuffle: bool
 
 # ----------------------------------------------------------------------------- the loop
 
-def run_signature(params: TrainingParams, spec: LoraSpec, base_id: str, dataset_hash: str) -> dict[str, Any]:
-    """What must match for a checkpoint to continue *this* run rather than silently start another."""
-    keys = ("batch_size", "gradient_accumulation_steps", "seed", "repeats", "learning_rate", "text_encoder_lr",
-            "lr_scheduler", "lr_warmup_steps", "caption_dropout", "shuffle_tags", "noise_offset",
-            "min_snr_gamma", "init_lora")
-    # Added later: part of the signature only when set, so checkpoints of earlier runs still resume.
-    later = {"prior_loss_weight": 1.0, "clip_skip": 1, "flip_aug": False, "optimizer": "adamw",
-             "optimizer_args": {}, "lr_scheduler_num_cycles": 1}
-    return {"base_model": base_id, "dataset": dataset_hash, "spec": spec.model_dump(mode="json"),
-            **{k: getattr(params, k) for k in keys},
-            **{k: getattr(params, k) for k, default in later.items() if getattr(params, k) != default}}
+# What must match for a checkpoint to continue a run (the rule: core.checkpoints.run_signature). The second group
+# came later: each is part of the signature only when it differs from its default, so earlier runs still resume.
+SIGNATURE_SETTINGS = ("batch_size", "gradient_accumulation_steps", "seed", "repeats", "learning_rate",
+                      "text_encoder_lr", "lr_scheduler", "lr_warmup_steps", "caption_dropout", "shuffle_tags",
+                      "noise_offset", "min_snr_gamma", "init_lora")
+SIGNATURE_ADDED_LATER = {"prior_loss_weight": 1.0, "clip_skip": 1, "flip_aug": False, "optimizer": "adamw",
+                         "optimizer_args": {}, "lr_scheduler_num_cycles": 1}
 
 
 StepCallback = Callable[[int, DiffusionComponents], None]
@@ -364,7 +362,7 @@ def train(
     accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps,
                                    params.allow_tf32, params.gpu, setting="training.mixed_precision")
     device = accelerator.device
-    dtype = weight_dtype(params.mixed_precision)
+    dtype = DTYPES[params.mixed_precision]
     spec = lora_spec(params, sd.family)
     trained_te = [name for name in sd.family.text_encoders if spec.trains(name)]
 
@@ -373,7 +371,9 @@ def train(
     inject_lora(sd, spec)
     if init_state is not None:
         load_lora_state(sd, init_state, f"init_lora {params.init_lora}")
-    signature = run_signature(params, spec, base_id, dataset_hash)
+    signature = run_signature(base_id, dataset_hash, spec,
+                              {k: getattr(params, k) for k in (*SIGNATURE_SETTINGS, *SIGNATURE_ADDED_LATER)},
+                              SIGNATURE_ADDED_LATER)
 
     if sd.family.name == "sdxl" and params.mixed_precision == "fp16":
         # SDXL's original VAE overflows to NaN in fp16; it is kept in fp32 here (only the UNet and the text
@@ -605,7 +605,7 @@ def denoising_loss(sd: DiffusionComponents, examples: Sequence[Example], cache: 
         cond = sd.encode_prompt([ex.text], device)
         time_ids = time_ids_for(sd, [ex], device)
         for t in timesteps:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + index * 1000 + t)
+            generator = torch.Generator().manual_seed(derive_seed(seed, index, t))
             latents = (stats["mean"] + stats["std"] * torch.randn(stats["mean"].shape, generator=generator))
             latents = (latents * scaling).unsqueeze(0).to(device)
             noise = torch.randn(latents.shape, generator=generator).to(device)

@@ -16,11 +16,14 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from lora_pipeline.core.checkpoints import run_signature
 from lora_pipeline.core.config import LLMTrainingParams
+from lora_pipeline.core.files import versions
 from lora_pipeline.core.models import load_pretrained
 from lora_pipeline.core.spec import LoraSpec
 from lora_pipeline.core.trainer import (
     TrainerCore,
+    derive_seed,
     enable_activation_checkpointing,
     make_accelerator,
     make_adamw,
@@ -30,6 +33,11 @@ from lora_pipeline.core.trainer import (
 from lora_pipeline.prep.llm_data import pack, pad_batch, pad_packed_batch, prompt_ids, user_prompt
 
 logger = logging.getLogger(__name__)
+
+# What must match for a checkpoint to continue a run, besides base model, data and LoRA spec (the rule:
+# core.checkpoints.run_signature).
+SIGNATURE_SETTINGS = ("batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps", "seed",
+                      "gradient_accumulation_steps", "packing", "pack_length")
 
 
 def load_causal_lm(name: str, allow_download: bool = False, quantize_4bit: bool = False):
@@ -91,12 +99,11 @@ def resolve_init_adapter(init_adapter: str, export_dir: str, output_name: str) -
                             f"folder of an exported adapter, 'latest', or null.")
         return folder
     root = Path(export_dir) / f"{output_name}_adapter"
-    versions = sorted(p for p in root.glob(f"*/{output_name}_adapter") if (p / "adapter_config.json").is_file()) \
-        if root.is_dir() else []
-    if not versions:
+    complete = [folder for folder in versions(root) if (folder / "adapter_config.json").is_file()]
+    if not complete:
         raise DataError(f"init_adapter: latest, but {root} holds no exported adapter yet. Run the LLM pipelines once "
                         f"(kedro run --pipelines llm), or set init_adapter: null.")
-    return versions[-1]
+    return complete[-1]
 
 
 def portable_base(name_or_path: str) -> str:
@@ -201,10 +208,9 @@ def train_causal_lm(
     total_steps = params.max_steps or params.epochs * per_epoch
     scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps,
                               num_training_steps=total_steps)
-    signature = {"base_model": params.base_model, "dataset": dataset_hash, "spec": spec.model_dump(mode="json"),
-                 **params.model_dump(include={"batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps", "seed",
-                                              "gradient_accumulation_steps", "packing", "pack_length"}),
-                 **({"init_from": init_from} if init_from else {})}
+    signature = run_signature(params.base_model, dataset_hash, spec,
+                              {**{k: getattr(params, k) for k in SIGNATURE_SETTINGS}, "init_from": init_from or None},
+                              {"init_from": None})  # init_from came later: absent unless set
     core = TrainerCore(
         accelerator=accelerator, seed=params.seed, subject=params.output_name,
         subject_folder=Path(params.checkpoint_dir) / params.output_name,
@@ -244,7 +250,7 @@ def train_causal_lm(
                 if epoch not in orders:
                     orders.clear()
                     orders[epoch] = list(range(len(train_items)))
-                    random.Random(params.seed * 1_000_003 + epoch).shuffle(orders[epoch])
+                    random.Random(derive_seed(params.seed, epoch, stream="order")).shuffle(orders[epoch])
                 chosen = orders[epoch][index * params.batch_size:(index + 1) * params.batch_size]
                 batch = {k: v.to(device, non_blocking=True)
                          for k, v in collate([train_items[i] for i in chosen], pad_id).items()}

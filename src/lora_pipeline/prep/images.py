@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -14,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lora_pipeline.core.errors import DataError
+from lora_pipeline.core.files import sha256_hex
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -129,10 +129,6 @@ def perceptual_hash(image: Image.Image) -> int:
     return int(str(imagehash.phash(image)), 16)
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def make_buckets(resolution: int | tuple[int, int], minimum: int, maximum: int, step: int) -> list[tuple[int, int]]:
     """kohya-style aspect buckets: (w, h) multiples of ``step`` with w*h <= the base resolution's area
     (``resolution`` is a square side or kohya's non-square ``(width, height)``)."""
@@ -196,7 +192,7 @@ class ImageCheck:
 def check_image(root: str | os.PathLike, file_name: str, min_size: int, want_phash: bool) -> ImageCheck:
     """Decode one file and test it against the minimum size. Never raises for a bad image."""
     data = (Path(root) / file_name).read_bytes()
-    digest = sha256_bytes(data)
+    digest = sha256_hex(data)
     try:
         image = decode(data)  # ValueError with the reason (empty file, corrupt, ...)
         with Image.open(io.BytesIO(data)) as probe:

@@ -7,11 +7,12 @@ final assistant turn; everything before it is prompt (masked out of the loss).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from lora_pipeline.core.files import json_sha256, sha256_hex
 
 IGNORE_INDEX = -100
 DEFAULT_TEMPLATE = "{system}### Instruction:\n{prompt}\n\n### Response:\n"
@@ -31,7 +32,7 @@ class Conversation:
         return self.messages[-1][1]
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.messages, ensure_ascii=False).encode()).hexdigest()
+        return json_sha256(self.messages, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,7 @@ def split_position(conversation: Conversation, salt: str) -> float:
     It depends on nothing else, so appending lines never moves an existing example between train and
     validation, and the same prompt asked twice (with different answers) lands on one side only."""
     prompt = " ".join(" ".join(c.split()) for _, c in conversation.messages[:-1])
-    digest = hashlib.sha256(f"{salt}\0{prompt}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return int(sha256_hex(f"{salt}\0{prompt}", 16), 16) / 2**64  # the digest's first 8 bytes
 
 
 def split(conversations: Sequence[Conversation], validation_fraction: float, salt: str

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from lora_pipeline.core.config import NormalizationParams
+from lora_pipeline.core.files import sha256_hex
 from lora_pipeline.prep.captions import normalize_prompt, split_tags
 from lora_pipeline.prep.concepts import concept_of
 from lora_pipeline.prep.images import (
@@ -123,9 +124,7 @@ def render_key(sha256: str, size: tuple[int, int], background: tuple[int, int, i
 
 
 def store_name(key: str, fmt: str) -> str:
-    import hashlib
-
-    return f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.{fmt}"
+    return f"{sha256_hex(key, 32)}.{fmt}"
 
 
 class ImageRender:

@@ -75,11 +75,12 @@ def _check_lora_file(path: Path, key: str) -> None:
                           f"folder), 'latest', or null.")
     if file.suffix.lower() != ".safetensors":
         raise ConfigError(f"{key}: {file} is a {file.suffix} file; LoRAs are read from .safetensors only.")
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+
+    from lora_pipeline.core.files import read_safetensors_header
 
     try:
-        with safe_open(str(file), framework="pt") as handle:
-            keys = list(handle.keys())
+        keys = read_safetensors_header(file).keys
     except SafetensorError as exc:
         raise ConfigError(f"{key}: {file} is not a readable .safetensors file ({exc}).") from None
     try:

@@ -126,16 +126,15 @@ def project_subjects(conf_source: str | Path = "conf", env: str | None = None) -
 
 # ----------------------------------------------------------------------------- which subjects changed
 
-FINGERPRINT_DIR = Path("data/06_models/subject_inputs")
-
-
 def _raw_paths(catalog, name: str) -> list[Path]:
     """The files a subject's run reads from raw data: its image folder (sidecars included) and reviewed captions."""
     paths = []
     for dataset in (f"{name}.raw_images", f"{name}.reg_images", f"{name}.reviewed_captions"):
-        found = catalog.get(dataset)
-        described = found._describe() if found is not None else {}
-        location = Path(str(described.get("path") or described.get("filepath") or ""))
+        config = catalog.config_resolver.resolve_pattern(dataset)  # explicit entry or factory, as Kedro resolves it
+        where = config.get("path") or config.get("filepath")
+        if not where:
+            continue  # not a file dataset (no entry at all): it reads nothing from disk
+        location = Path(str(where))
         if location.is_dir():
             paths += sorted(p for p in location.rglob("*") if p.is_file())
         elif location.is_file():
@@ -145,30 +144,39 @@ def _raw_paths(catalog, name: str) -> list[Path]:
 
 def subject_fingerprint(catalog, parameters: Mapping[str, Any], name: str) -> str:
     """What a subject's training depends on: its raw files (name, size, mtime) and its parameters."""
-    import hashlib
-    import json
+    from lora_pipeline.core.files import canonical_json, sha256_hex
 
-    digest = hashlib.sha256(json.dumps(parameters.get(name, {}), sort_keys=True, default=str).encode())
-    for path in _raw_paths(catalog, name):
-        stat = path.stat()
-        digest.update(f"{path.as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+    def lines():
+        yield canonical_json(parameters.get(name, {}))
+        for path in _raw_paths(catalog, name):
+            stat = path.stat()
+            yield f"{path.as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n"
+
+    return sha256_hex(lines())
 
 
-def recorded_fingerprint(name: str) -> dict[str, Any]:
-    import json
+def inputs_dataset(name: str) -> str:
+    """The catalog entry that remembers what subject ``name`` was last trained on (``{subject}.subject_inputs``)."""
+    return f"{name}.subject_inputs"
+
+
+def recorded_fingerprint(catalog, name: str):
+    """The :class:`~lora_pipeline.core.spec.SubjectInputs` recorded after the subject's last full run, or None
+    (never trained here, or a file this version cannot read: the subject counts as changed)."""
+    from kedro.io import DatasetError
+
+    from lora_pipeline.core.errors import DataError
 
     try:
-        return json.loads((FINGERPRINT_DIR / f"{name}.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+        return catalog.load(inputs_dataset(name)) if catalog.exists(inputs_dataset(name)) else None
+    except (DatasetError, DataError):
+        return None
 
 
-def record_fingerprint(name: str, fingerprint: str) -> None:
-    import json
+def record_fingerprint(catalog, name: str, fingerprint: str) -> None:
     from datetime import datetime, timezone
 
-    from lora_pipeline.core.files import atomic_write_text
+    from lora_pipeline.core.spec import SubjectInputs
 
-    atomic_write_text(FINGERPRINT_DIR / f"{name}.json", json.dumps(
-        {"fingerprint": fingerprint, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    catalog.save(inputs_dataset(name), SubjectInputs(
+        fingerprint=fingerprint, trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds")))
