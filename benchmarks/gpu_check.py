@@ -72,9 +72,9 @@ def train_once(base: Path, examples, work: Path, name: str, mixed: str, steps: i
                                       alpha=8, batch_size=2, max_steps=steps, learning_rate=1e-3, dropout=0.1,
                                       checkpoint_dir=str(work / "ckpt"), resume="none", output_name=name),
                                **overrides})
-    sd = load_diffusion_model(params.base_model)
-    result = train(sd, examples, params, DiskCache(work / "cache"), dataset_hash="gpu", step_callback=callback)
-    return sd, result
+    components = load_diffusion_model(params.base_model)
+    result = train(components, examples, params, DiskCache(work / "cache"), dataset_hash="gpu", step_callback=callback)
+    return components, result
 
 
 def fp32_forward(model):
@@ -103,7 +103,7 @@ def unet_output(unet, family, seed: int = 0) -> torch.Tensor:
     return unet(sample.to(DEVICE), torch.tensor([10, 500]).to(DEVICE), hidden.to(DEVICE), **kwargs).sample.float().cpu()
 
 
-def diffusers_reads_the_export(base: Path, sd, result, work: Path) -> float:
+def diffusers_reads_the_export(base: Path, components, result, work: Path) -> float:
     """Relative max difference between the LoRA's effect on the trained UNet and on diffusers' pipeline with the
     exported file loaded.
 
@@ -115,23 +115,23 @@ def diffusers_reads_the_export(base: Path, sd, result, work: Path) -> float:
 
     from lora_pipeline.diffusion.lora_files import to_kohya_state_dict
 
-    kohya = to_kohya_state_dict(result.lora_state, sd.family, 8.0, sd.unet.config, dtype=torch.float32)
-    path = work / f"{sd.family.name}.safetensors"
+    kohya = to_kohya_state_dict(result.lora_state, components.family, 8.0, components.unet.config, dtype=torch.float32)
+    path = work / f"{components.family.name}.safetensors"
     save_file(kohya, str(path))
-    unet = fp32_forward(sd.unet)
-    trained = unet_output(unet, sd.family)
+    unet = fp32_forward(components.unet)
+    trained = unet_output(unet, components.family)
     unet.disable_adapters()
-    trained_base = unet_output(unet, sd.family)
+    trained_base = unet_output(unet, components.family)
     unet.enable_adapters()
-    cls = StableDiffusionXLPipeline if sd.family.name == "sdxl" else StableDiffusionPipeline
+    cls = StableDiffusionXLPipeline if components.family.name == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(str(base), dtype=torch.float32).to(DEVICE)
-    base_out = unet_output(pipe.unet, sd.family)
+    base_out = unet_output(pipe.unet, components.family)
     pipe.load_lora_weights(str(path), adapter_name="gpu_check")
-    loaded = unet_output(pipe.unet, sd.family)
+    loaded = unet_output(pipe.unet, components.family)
     effect = trained - trained_base
     size = effect.abs().max().item()
     check(size > 1e-3 * trained.abs().max().item(),
-          f"{sd.family.name}: the LoRA changes the UNet's output (max {size:.2e})")
+          f"{components.family.name}: the LoRA changes the UNet's output (max {size:.2e})")
     return ((loaded - base_out) - effect).abs().max().item() / size
 
 
@@ -141,8 +141,9 @@ def diffusion_checks(models: dict[str, Path], examples, root: Path, steps: int) 
             work = root / f"{model}-{mixed}"
             print(f"{model}, mixed_precision={mixed}, {steps} steps", flush=True)
             started = time.perf_counter()
-            sd, result = train_once(models[model], examples, work, "gpu", mixed, steps,
-                                    sample_prompts=["sks, red circle"], sample_size=64, sample_inference_steps=4)
+            components, result = train_once(models[model], examples, work, "gpu", mixed, steps,
+                                            sample_prompts=["sks, red circle"], sample_size=64,
+                                            sample_inference_steps=4)
             seconds = time.perf_counter() - started
             losses = result.losses
             check(all(np.isfinite(losses)), f"losses finite (first 5 mean {np.mean(losses[:5]):.4f}, "
@@ -151,11 +152,11 @@ def diffusion_checks(models: dict[str, Path], examples, root: Path, steps: int) 
                   f"the sample after the last step renders at 64x64 ({result.sample_error or 'no error'})")
             print(f"  {result.images_per_second:.1f} img/s in the loop, {seconds:.1f} s with loading, "
                   f"peak {result.peak_memory_mb:.0f} MB", flush=True)
-            diff = diffusers_reads_the_export(models[model], sd, result, work)
+            diff = diffusers_reads_the_export(models[model], components, result, work)
             limit = 1e-3 if mixed == "no" else 2e-2  # fp16/bf16: the effect on rounded vs fp32 base weights
             check(diff < limit, f"diffusers' load_lora_weights reproduces the LoRA's effect on the trained UNet "
                                 f"(relative max diff {diff:.2e}, limit {limit:g})")
-            del sd
+            del components
             torch.cuda.empty_cache()
 
 
@@ -174,10 +175,10 @@ def precision_checks(models: dict[str, Path], root: Path) -> None:
     for model in ("tiny-sd", "tiny-sdxl"):
         for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
             print(f"{model}, generation in {name}", flush=True)
-            sd = load_diffusion_model(str(models[model]))
-            for module in (sd.unet, *sd.text_encoders):
+            components = load_diffusion_model(str(models[model]))
+            for module in (components.unet, *components.text_encoders):
                 module.to(DEVICE, dtype)
-            pipe = sd.pipeline().to(DEVICE)
+            pipe = components.pipeline().to(DEVICE)
             pipe.set_progress_bar_config(disable=True)
             try:
                 ok, note = is_picture(render(pipe, "sks, red circle", spec, 0)), ""
@@ -185,7 +186,7 @@ def precision_checks(models: dict[str, Path], root: Path) -> None:
                 ok, note = False, f": {exc}"
             check(ok, f"render: UNet and text encoders in {name}, VAE in fp32{note}")
             base = root / f"{model}-saved-{name}"
-            sd.pipeline().to(dtype=dtype).save_pretrained(base)
+            components.pipeline().to(dtype=dtype).save_pretrained(base)
             params = {"base_model": str(base), "lora_dirs": [str(root)], "device": DEVICE, "prompt": "sks, red circle",
                       "comparison_weights": [1.0], "thumbnail": 32,
                       "defaults": {"prompt": "-", "steps": 4, "width": 64, "height": 64}}
@@ -195,7 +196,7 @@ def precision_checks(models: dict[str, Path], root: Path) -> None:
             except RuntimeError as exc:
                 ok, note = False, f": {exc}"
             check(ok, f"generation stage on a base saved in {name}{note}")
-            del sd, pipe
+            del components, pipe
             torch.cuda.empty_cache()
 
 

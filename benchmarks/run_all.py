@@ -56,7 +56,7 @@ def _dataset(folder: Path, n: int, size: int):
     return examples
 
 
-def bare_stepper(sd, examples, batch: int, rank: int, device: str = "cpu", dtype=torch.float32):
+def bare_stepper(components, examples, batch: int, rank: int, device: str = "cpu", dtype=torch.float32):
     """The textbook diffusers + PEFT loop (as in diffusers' train_text_to_image_lora.py): set up, then return
     its step function ``step(i)``."""
     from peft import LoraConfig
@@ -64,7 +64,8 @@ def bare_stepper(sd, examples, batch: int, rank: int, device: str = "cpu", dtype
     from lora_pipeline.core.config import KOHYA_UNET_TARGETS
     from lora_pipeline.prep.images import load_rgb
 
-    unet, vae, text_encoder, tokenizer, scheduler = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler
+    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
+    tokenizer, scheduler = components.tokenizer, components.scheduler
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.to(device, dtype)
@@ -117,7 +118,7 @@ def step_metrics(workdir: Path):
         return
     import mlflow
 
-    from lora_pipeline.pipelines.metrics import StepMetricsLogger
+    from lora_pipeline.pipelines.tracking import StepMetricsLogger
 
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     with mlflow.start_run(), StepMetricsLogger("train") as log_metrics:
@@ -294,8 +295,8 @@ def tiny_flops(models: dict[str, Path]) -> dict[str, float]:
     """The benchmark's tiny SD at its 128 px: why caching cannot reach 1.5x there."""
     from lora_pipeline.diffusion.loading import load_diffusion_model
 
-    sd = load_diffusion_model(str(models["tiny-sd"]))
-    return step_flops(sd.unet, sd.vae, sd.text_encoders, 128, "tiny")
+    components = load_diffusion_model(str(models["tiny-sd"]))
+    return step_flops(components.unet, components.vae, components.text_encoders, 128, "tiny")
 
 
 # Dense bf16 peak (no sparsity), TFLOP/s, from the vendors' data sheets (SXM parts).
@@ -317,9 +318,9 @@ def bench_sd15(models: dict[str, Path], device: str, quick: bool) -> dict[str, f
     from lora_pipeline.core.cache import DiskCache
     from lora_pipeline.diffusion.training import encode_latents
 
-    sd = sd15_components(tiny)
-    encode_latents(sd, examples, DiskCache(work / "cache"), torch.device(device))  # "from the second epoch on"
-    del sd
+    components = sd15_components(tiny)
+    encode_latents(components, examples, DiskCache(work / "cache"), torch.device(device))  # "from the second epoch on"
+    del components
     pairs = {"nocache": [], "cache": []}
     for _ in range(repeats):
         for mode, cache in (("nocache", False), ("cache", True)):

@@ -84,8 +84,8 @@ def trained(tiny_models, tiny_examples, tmp_path_factory):
     """A LoRA trained on UNet and text encoder (alpha != rank), with its model and outputs."""
     tmp = tmp_path_factory.mktemp("trained")
     params = make_params(tiny_models, tmp, train_text_encoder=True, max_steps=8, text_encoder_lr=1e-3)
-    sd = load_diffusion_model(params.base_model)
-    result = train(sd, tiny_examples, params, DiskCache(tmp / "cache"), dataset_hash="d")
+    components = load_diffusion_model(params.base_model)
+    result = train(components, tiny_examples, params, DiskCache(tmp / "cache"), dataset_hash="d")
     summary = summary_for(params, result.spec)
-    return {"sd": sd, "result": result, "params": params, "summary": summary, "outputs": model_outputs(sd),
-            "tmp": tmp}
+    return {"components": components, "result": result, "params": params, "summary": summary,
+            "outputs": model_outputs(components), "tmp": tmp}

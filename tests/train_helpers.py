@@ -16,24 +16,24 @@ def make_params(tiny_models, tmp_path, **overrides) -> TrainingParams:
     return TrainingParams(**values)
 
 
-def unet_inputs(sd, seed: int = 0):
+def unet_inputs(components, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(2, 4, 8, 8, generator=generator)
-    hidden = torch.randn(2, 77, sd.unet.config.cross_attention_dim, generator=generator)
+    hidden = torch.randn(2, 77, components.unet.config.cross_attention_dim, generator=generator)
     return sample, torch.tensor([10, 500]), hidden
 
 
-def te_inputs(sd):
-    return sd.tokenizer(["sks, red circle", "a photo of a dog"], padding="max_length", max_length=77,
-                        return_tensors="pt").input_ids
+def te_inputs(components):
+    return components.tokenizer(["sks, red circle", "a photo of a dog"], padding="max_length", max_length=77,
+                                return_tensors="pt").input_ids
 
 
 @torch.no_grad()
-def model_outputs(sd) -> tuple[torch.Tensor, torch.Tensor]:
-    unet = getattr(sd.unet, "module", sd.unet)
+def model_outputs(components) -> tuple[torch.Tensor, torch.Tensor]:
+    unet = getattr(components.unet, "module", components.unet)
     unet.eval()
-    sd.text_encoder.eval()
-    return unet(*unet_inputs(sd)).sample, sd.text_encoder(te_inputs(sd))[0]
+    components.text_encoder.eval()
+    return unet(*unet_inputs(components)).sample, components.text_encoder(te_inputs(components))[0]
 
 
 def webui_merge(base, kohya_state, strength=1.0):
@@ -55,14 +55,15 @@ def webui_merge(base, kohya_state, strength=1.0):
     return applied
 
 
-def random_kohya_lora(sd, rank: int, alpha: float, seed: int, unet_targets=("to_q", "to_v", "ff.net.2", "proj_in"),
+def random_kohya_lora(components, rank: int, alpha: float, seed: int,
+                      unet_targets=("to_q", "to_v", "ff.net.2", "proj_in"),
                       te_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1")) -> dict[str, torch.Tensor]:
     """A LoRA file's tensors written the way kohya's sd-scripts names them (what users download)."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    modules = [("lora_unet_" + n.replace(".", "_"), m) for n, m in sd.unet.named_modules()
+    modules = [("lora_unet_" + n.replace(".", "_"), m) for n, m in components.unet.named_modules()
                if n.split(".")[-1] in unet_targets or any(n.endswith(t) for t in unet_targets)]
-    modules += [("lora_te_text_model_" + n.replace(".", "_"), m) for n, m in sd.text_encoder.named_modules()
+    modules += [("lora_te_text_model_" + n.replace(".", "_"), m) for n, m in components.text_encoder.named_modules()
                 if n.split(".")[-1] in te_targets]
     for name, module in modules:
         weight = module.weight
@@ -78,8 +79,8 @@ SD1_UNET_LAYOUT = {"layers_per_block": 1, "up_block_types": ["UpBlock2D", "Cross
 
 
 def summary_for(params: TrainingParams, spec=None, family: str = "sd1", **overrides):
-    """A TrainingSummary as the training node writes it, for export tests that skip the node."""
-    from lora_pipeline.core.spec import LoraSpec, TrainingSummary
+    """An ImageTrainingSummary as the training node writes it, for export tests that skip the node."""
+    from lora_pipeline.core.spec import ImageTrainingSummary, LoraSpec
 
     if spec is None:
         targets = {"unet": list(params.unet_targets)}
@@ -92,7 +93,7 @@ def summary_for(params: TrainingParams, spec=None, family: str = "sd1", **overri
                   dataset_hash="d", started_at="t0", finished_at="t1", num_images=8, resolution=[96, 64],
                   trigger="sks", tag_frequency={"sks": 8}, unet_layout=SD1_UNET_LAYOUT)
     values.update(overrides)
-    return TrainingSummary(**values)
+    return ImageTrainingSummary(**values)
 
 
 def run_dir(subject_folder):

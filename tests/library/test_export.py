@@ -100,7 +100,7 @@ def test_diffusers_file_names_its_text_encoder_as_comfyui_maps_clip_l(trained, t
     patches none of CLIP-L and logs every text-encoder key as not loaded."""
     folder = save_diffusers_lora(tmp_path / "diffusers", trained["result"].lora_state, trained["summary"])
     state, _ = load_lora_file(folder / "pytorch_lora_weights.safetensors")
-    layers = trained["sd"].text_encoder.config.num_hidden_layers
+    layers = trained["components"].text_encoder.config.num_hidden_layers
     trained_modules = {k.rsplit(".lora_", 1)[0] for k in trained["result"].lora_state if k.startswith("text_encoder.")}
     assert len(trained_modules) == 6 * layers  # every CLIP module of every layer was trained
     assert not_loaded(state, clip_key_map(clip_l_layers=layers)) == []

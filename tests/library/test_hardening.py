@@ -20,10 +20,10 @@ from lora_pipeline.project.preflight import check_inputs
 
 
 def test_a_unet_file_is_not_taken_for_a_lora(tiny_models, tmp_path):
-    sd = load_diffusion_model(str(tiny_models["tiny-sd"]))
+    components = load_diffusion_model(str(tiny_models["tiny-sd"]))
     unet_file = next((tiny_models["tiny-sd"] / "unet").glob("*.safetensors"))
     with pytest.raises(DataError, match="is not a LoRA.*full model"):
-        read_lora_modules(unet_file, sd.family, sd.modules())
+        read_lora_modules(unet_file, components.family, components.modules())
     pickled = tmp_path / "old_lora.pt"
     torch.save({"x": torch.zeros(1)}, pickled)
     with pytest.raises(DataError, match="old_lora.pt is a pickled .pt file"):
@@ -39,14 +39,14 @@ def test_a_lora_of_another_base_is_called_that_not_a_rank_problem(tiny_models, t
     from lora_pipeline.diffusion.lora_files import to_peft_state
     from lora_pipeline.diffusion.training import inject_lora, load_lora_state, lora_spec
 
-    sd = load_diffusion_model(str(tiny_models["tiny-sd"]))
+    components = load_diffusion_model(str(tiny_models["tiny-sd"]))
     params = trained["params"]
-    inject_lora(sd, lora_spec(params, sd.family))
+    inject_lora(components, lora_spec(params, components.family))
     state = {k: v for k, v in trained["result"].lora_state.items()}
     key = next(k for k in state if k.endswith("lora_A.weight"))
     state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 3)  # same rank, other layer width
     with pytest.raises(LoraPipelineError, match="another base model") as info:
-        load_lora_state(sd, state, "init_lora x")
+        load_lora_state(components, state, "init_lora x")
     assert "lora_rank" not in str(info.value)
     assert to_peft_state  # (the converter is shared with generation)
 
@@ -93,9 +93,9 @@ def test_webui_copy_never_overwrites_another_checkouts_subject_of_the_same_name(
 SAVE_DIFFUSERS = """
 import sys, torch
 from safetensors.torch import load_file
-from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.core.spec import ImageTrainingSummary
 from lora_pipeline.diffusion.lora_files import save_diffusers_lora
-summary = TrainingSummary.model_validate_json(open(sys.argv[1]).read())
+summary = ImageTrainingSummary.model_validate_json(open(sys.argv[1]).read())
 save_diffusers_lora(sys.argv[3], load_file(sys.argv[2]), summary)
 """
 

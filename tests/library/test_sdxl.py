@@ -35,10 +35,10 @@ from lora_pipeline.diffusion.training import Example, train
 # transformer blocks, lora_te1_/lora_te2_ + the text_model path for the text encoders.
 
 
-def own_sdxl_names(sd) -> dict[str, torch.nn.Module]:
-    per = sd.unet.config.layers_per_block + 1
+def own_sdxl_names(components) -> dict[str, torch.nn.Module]:
+    per = components.unet.config.layers_per_block + 1
     names = {}
-    for path, module in sd.unet.named_modules():
+    for path, module in components.unet.named_modules():
         if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
             sgm = f"input_blocks.{int(m[1]) * per + int(m[2]) + 1}.1.{m[3]}"
         elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", path):
@@ -48,7 +48,7 @@ def own_sdxl_names(sd) -> dict[str, torch.nn.Module]:
         else:
             continue
         names["lora_unet_" + sgm.replace(".", "_")] = module
-    parts = Parts(sd)
+    parts = Parts(components)
     for prefix, encoder in (("lora_te1_", parts.text_encoder), ("lora_te2_", parts.text_encoder_2)):
         for path, module in encoder.named_modules():
             if path.removeprefix("text_model.").startswith("encoder.layers."):
@@ -56,9 +56,9 @@ def own_sdxl_names(sd) -> dict[str, torch.nn.Module]:
     return names
 
 
-def webui_merge_sdxl(sd, kohya_state, strength=1.0) -> int:
+def webui_merge_sdxl(components, kohya_state, strength=1.0) -> int:
     """W += strength * alpha / r * up @ down, the way WebUI and ComfyUI apply a LoRA."""
-    names = own_sdxl_names(sd)
+    names = own_sdxl_names(components)
     with torch.no_grad():
         for name, parts in kohya_modules(kohya_state).items():
             module = names[name]
@@ -80,19 +80,20 @@ class Parts:
 @torch.no_grad()
 def sdxl_outputs(obj) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """UNet (with pooled + time-id conditioning), TE1 and TE2 outputs on fixed inputs."""
-    sd = Parts(obj)
-    for module in (sd.unet, sd.text_encoder, sd.text_encoder_2):
+    components = Parts(obj)
+    for module in (components.unet, components.text_encoder, components.text_encoder_2):
         getattr(module, "module", module).eval()
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, 8, 8, generator=generator)
-    hidden = torch.randn(2, 77, sd.unet.config.cross_attention_dim, generator=generator)
-    pooled = torch.randn(2, sd.text_encoder_2.config.projection_dim, generator=generator)
+    hidden = torch.randn(2, 77, components.unet.config.cross_attention_dim, generator=generator)
+    pooled = torch.randn(2, components.text_encoder_2.config.projection_dim, generator=generator)
     time_ids = torch.tensor([[100.0, 80, 0, 8, 64, 64], [64.0, 64, 0, 0, 64, 64]])
-    unet = sd.unet(sample, torch.tensor([10, 500]), hidden,
-                   added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    unet = components.unet(sample, torch.tensor([10, 500]), hidden,
+                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     ids = torch.tensor([[49406, 300, 301, 302, 49407] + [49407] * 72])
-    ids = ids.clamp(max=sd.text_encoder.config.vocab_size - 1)
-    return unet, sd.text_encoder(ids)[0], sd.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2]
+    ids = ids.clamp(max=components.text_encoder.config.vocab_size - 1)
+    second = components.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2]
+    return unet, components.text_encoder(ids)[0], second
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +104,15 @@ def sdxl_trained(tiny_models, tiny_examples, tmp_path_factory):
                         crop_top_left=(10, 20)) for e in tiny_examples]
     params = make_params(tiny_models, tmp, base_model=str(tiny_models["tiny-sdxl"]), train_text_encoder=True,
                          max_steps=6, text_encoder_lr=1e-3, learning_rate=5e-3)
-    sd = load_diffusion_model(params.base_model)
-    result = train(sd, examples, params, DiskCache(tmp / "cache"), dataset_hash="d")
+    components = load_diffusion_model(params.base_model)
+    result = train(components, examples, params, DiskCache(tmp / "cache"), dataset_hash="d")
     summary = summary_for(params, result.spec, unet_layout={
-        "layers_per_block": sd.unet.config.layers_per_block, "up_block_types": list(sd.unet.config.up_block_types)})
+        "layers_per_block": components.unet.config.layers_per_block, "up_block_types": list(components.unet.config.up_block_types)})
     state, metadata = build_kohya_file(result.lora_state, summary, summary.unet_config(), "fp32", "xl", "tiny-sdxl")
     save_lora_file(tmp / "xl.safetensors", state, metadata)
     folder = save_diffusers_lora(tmp / "xl_diffusers", result.lora_state, summary)
-    return {"sd": sd, "result": result, "params": params, "summary": summary, "outputs": sdxl_outputs(sd),
-            "kohya": tmp / "xl.safetensors", "diffusers": folder, "tmp": tmp}
+    return {"components": components, "result": result, "params": params, "summary": summary,
+            "outputs": sdxl_outputs(components), "kohya": tmp / "xl.safetensors", "diffusers": folder, "tmp": tmp}
 
 
 def test_sdxl_training_lowers_loss_and_trains_both_text_encoders(sdxl_trained):
@@ -182,8 +183,8 @@ def test_diffusers_file_names_both_text_encoders_as_comfyui_maps_clip_l_and_clip
     """te1 is a CLIPTextModel (no text_model. wrapper in transformers 5), te2 a CLIPTextModelWithProjection (with
     one): the file names both text_encoder(_2).text_model.encoder.layers.N..., the only spelling ComfyUI maps."""
     state, _ = load_lora_file(sdxl_trained["diffusers"] / "pytorch_lora_weights.safetensors")
-    sd = sdxl_trained["sd"]
-    layers = [encoder.config.num_hidden_layers for encoder in sd.text_encoders]
+    components = sdxl_trained["components"]
+    layers = [encoder.config.num_hidden_layers for encoder in components.text_encoders]
     trained = {k.rsplit(".lora_", 1)[0] for k in sdxl_trained["result"].lora_state if k.startswith("text_encoder")}
     assert len(trained) == 6 * sum(layers)  # every CLIP module of both encoders was trained
     assert not_loaded(state, clip_key_map(clip_l_layers=layers[0], clip_g_layers=layers[1])) == []
@@ -192,11 +193,11 @@ def test_diffusers_file_names_both_text_encoders_as_comfyui_maps_clip_l_and_clip
     assert {m.split(".")[0] for m in modules} == {"text_encoder", "text_encoder_2"}
 
 
-def random_kohya_sdxl_lora(sd, rank: int, alpha: float, seed: int) -> dict[str, torch.Tensor]:
+def random_kohya_sdxl_lora(components, rank: int, alpha: float, seed: int) -> dict[str, torch.Tensor]:
     """An SDXL LoRA written the way kohya's sd-scripts names and stores it: fp16, alpha != rank."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, module in own_sdxl_names(sd).items():
+    for name, module in own_sdxl_names(components).items():
         if not isinstance(module, torch.nn.Linear) or not name.endswith(("to_q", "to_v", "ff_net_2", "proj_in",
                                                                            "q_proj", "out_proj", "fc1")):
             continue
@@ -288,6 +289,8 @@ def test_generation_stage_renders_sdxl_with_a_stacked_lora(tiny_models, sdxl_tra
     """The generation node on an SDXL base: the LoRA tag resolves, changes the image, and PNG info is written."""
     import numpy as np
 
+    from lora_pipeline.core.config import GenerationParams
+    from lora_pipeline.core.spec import LoraFile
     from lora_pipeline.pipelines.generation import nodes
 
     library = tmp_path / "Lora"
@@ -296,10 +299,10 @@ def test_generation_stage_renders_sdxl_with_a_stacked_lora(tiny_models, sdxl_tra
     params = {"base_model": str(tiny_models["tiny-sdxl"]), "lora_dirs": [str(library)], "device": "cpu",
               "prompt": "sks, red circle <lora:xl:1.0>", "comparison_weights": [0.0, 1.0], "thumbnail": 32,
               "defaults": {"prompt": "-", "steps": 2, "width": 64, "height": 64, "seed": 3}}
-    images, sheet, grid = nodes.generate_images(params, {"metadata": {}})
+    images, sheet, grid = nodes.generate_images(GenerationParams(**params), LoraFile({}))
     [(name, image)] = images.items()
     assert image.size == (64, 64) and "<lora:xl:1>" in image.info["parameters"]
-    without = nodes.generate_images({**params, "prompt": "sks, red circle"}, {"metadata": {}})[0]
+    without = nodes.generate_images(GenerationParams(**{**params, "prompt": "sks, red circle"}), LoraFile({}))[0]
     assert np.abs(np.asarray(image, float) - np.asarray(next(iter(without.values())), float)).max() > 0
     assert grid.size[0] == 2 * 32
 
@@ -312,10 +315,10 @@ def test_init_lora_from_the_sdxl_kohya_file_reproduces_the_trained_model(sdxl_tr
     from lora_pipeline.diffusion.training import inject_lora, load_lora_state, lora_spec
 
     params = sdxl_trained["params"].model_copy(update={"alpha": new_alpha})
-    sd = load_diffusion_model(params.base_model)
-    spec = lora_spec(params, sd.family)
-    init = to_peft_state(read_lora_modules(sdxl_trained["kohya"], sd.family, sd.modules()), target_scale=spec.scale)
-    inject_lora(sd, spec)
-    load_lora_state(sd, init, "init")
-    for got, want in zip(sdxl_outputs(sd), sdxl_trained["outputs"]):
+    components = load_diffusion_model(params.base_model)
+    spec = lora_spec(params, components.family)
+    init = to_peft_state(read_lora_modules(sdxl_trained["kohya"], components.family, components.modules()), target_scale=spec.scale)
+    inject_lora(components, spec)
+    load_lora_state(components, init, "init")
+    for got, want in zip(sdxl_outputs(components), sdxl_trained["outputs"]):
         assert (got - want).abs().max() < 1e-4

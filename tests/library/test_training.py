@@ -45,16 +45,16 @@ def test_prepare_caption_keeps_leading_tokens():
 
 def test_training_lowers_a_fixed_denoising_loss(tiny_models, tiny_examples, tmp_path):
     params = make_params(tiny_models, tmp_path, max_steps=30, learning_rate=2e-3, batch_size=4)
-    sd = load_diffusion_model(params.base_model)
+    components = load_diffusion_model(params.base_model)
     cache = DiskCache(tmp_path / "cache")
-    keys, encoded = encode_latents(sd, tiny_examples, cache, torch.device("cpu"))
+    keys, encoded = encode_latents(components, tiny_examples, cache, torch.device("cpu"))
     assert encoded == len(tiny_examples)
-    before = denoising_loss(sd, tiny_examples, cache, keys)
-    result = train(sd, tiny_examples, params, cache, dataset_hash="d")
-    after = denoising_loss(sd, tiny_examples, cache, keys)
+    before = denoising_loss(components, tiny_examples, cache, keys)
+    result = train(components, tiny_examples, params, cache, dataset_hash="d")
+    after = denoising_loss(components, tiny_examples, cache, keys)
     assert after < before * 0.95, (before, after)
     assert len(result.losses) == 30 and result.images_per_second > 0
-    assert encode_latents(sd, tiny_examples, cache, torch.device("cpu"))[1] == 0  # all cached now
+    assert encode_latents(components, tiny_examples, cache, torch.device("cpu"))[1] == 0  # all cached now
 
 
 def _final_state(tiny_models, examples, tmp_path, **overrides):
@@ -67,7 +67,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_models, tiny_exa
                     lr_scheduler="cosine", lr_warmup_steps=2, noise_offset=0.05, min_snr_gamma=5.0)
     straight = _final_state(tiny_models, tiny_examples, tmp_path / "a", **settings)
 
-    def interrupt(step, sd):
+    def interrupt(step, components):
         if step == 3:
             raise KeyboardInterrupt
 
@@ -108,9 +108,9 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tiny_models, tiny_exa
     assert find_resume_checkpoint("latest", folder).name == "checkpoint-0000004"
 
 
-def _poison_after_step_2(step, sd):
+def _poison_after_step_2(step, components):
     if step == 2:
-        for name, param in sd.unet.named_parameters():
+        for name, param in components.unet.named_parameters():
             if "lora_A" in name:
                 param.data.fill_(float("nan"))
 
@@ -129,23 +129,23 @@ def test_init_from_exported_lora_reproduces_it_at_step_zero(trained, tiny_models
     state, metadata = build_kohya_file(trained["result"].lora_state, trained["summary"], trained["summary"].unet_config(), "fp32", "t", "tiny")
     save_lora_file(tmp_path / "t.safetensors", state, metadata)
     params = make_params(tiny_models, tmp_path, train_text_encoder=True, alpha=new_alpha)
-    sd = load_diffusion_model(params.base_model)
-    init = to_peft_state(read_lora_modules(tmp_path / "t.safetensors", sd.family, sd.modules()),
+    components = load_diffusion_model(params.base_model)
+    init = to_peft_state(read_lora_modules(tmp_path / "t.safetensors", components.family, components.modules()),
                          target_scale=params.alpha / params.lora_rank)
-    inject_lora(sd, lora_spec(params, sd.family))
-    load_lora_state(sd, init, "init")
-    unet_out, te_out = model_outputs(sd)
+    inject_lora(components, lora_spec(params, components.family))
+    load_lora_state(components, init, "init")
+    unet_out, te_out = model_outputs(components)
     assert torch.allclose(unet_out, trained["outputs"][0], atol=1e-5)
     assert torch.allclose(te_out, trained["outputs"][1], atol=1e-5)
 
 
 def test_init_lora_with_wrong_rank_says_what_to_change(trained, tiny_models, tmp_path):
     params = make_params(tiny_models, tmp_path, lora_rank=2)
-    sd = load_diffusion_model(params.base_model)
-    inject_lora(sd, lora_spec(params, sd.family))
+    components = load_diffusion_model(params.base_model)
+    inject_lora(components, lora_spec(params, components.family))
     unet_only = {k: v for k, v in trained["result"].lora_state.items() if k.startswith("unet.")}
     with pytest.raises(LoraPipelineError, match="set training.lora_rank"):
-        load_lora_state(sd, unet_only, "init")
+        load_lora_state(components, unet_only, "init")
 
 
 def test_checkpoints_are_pruned_to_keep_checkpoints(tiny_models, tiny_examples, tmp_path):

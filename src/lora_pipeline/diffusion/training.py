@@ -94,13 +94,13 @@ def lora_spec(params: TrainingParams, family: ModelFamily) -> LoraSpec:
                     targets=targets)
 
 
-def inject_lora(sd: DiffusionComponents, spec: LoraSpec) -> None:
+def inject_lora(components: DiffusionComponents, spec: LoraSpec) -> None:
     """Add LoRA adapters (PEFT) to each component the spec names; freeze everything else."""
-    for module in [sd.unet, sd.vae, *sd.text_encoders]:
+    for module in [components.unet, components.vae, *components.text_encoders]:
         module.requires_grad_(False)
     for component in spec.components:
         try:
-            sd.component(component).add_adapter(spec.peft_config(component))
+            components.component(component).add_adapter(spec.peft_config(component))
         except ValueError as exc:
             raise LoraPipelineError(
                 f"LoRA targets matched no layer of the {component} ({exc}). Check training.unet_targets / "
@@ -108,22 +108,22 @@ def inject_lora(sd: DiffusionComponents, spec: LoraSpec) -> None:
                 f"proj_in, proj_out (UNet) and q_proj, k_proj, v_proj, out_proj, fc1, fc2 (text encoders).") from None
 
 
-def lora_state_dict(sd: DiffusionComponents) -> dict[str, torch.Tensor]:
+def lora_state_dict(components: DiffusionComponents) -> dict[str, torch.Tensor]:
     """The trainable LoRA weights with ``<component>.`` prefixes (diffusers' layout)."""
     from peft.utils import get_peft_model_state_dict
 
     state = {}
-    for name, module in sd.modules().items():
+    for name, module in components.modules().items():
         if getattr(_unwrap(module), "peft_config", None):
             state.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(_unwrap(module)).items()})
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
-def load_lora_state(sd: DiffusionComponents, state: dict[str, torch.Tensor], what: str) -> None:
+def load_lora_state(components: DiffusionComponents, state: dict[str, torch.Tensor], what: str) -> None:
     """Put LoRA weights (training layout) into the injected adapters; every weight must find its layer."""
     from peft.utils import set_peft_model_state_dict
 
-    for name, module in sd.modules().items():
+    for name, module in components.modules().items():
         prefix = name + "."
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not part:
@@ -164,7 +164,7 @@ def _unwrap(module: Any) -> Any:
 FLIPPED = ":flip"  # suffix of a mirrored image's key in the latent-key map
 
 
-def encode_latents(sd: DiffusionComponents, examples: Sequence[Example], cache: DiskCache, device: torch.device,
+def encode_latents(components: DiffusionComponents, examples: Sequence[Example], cache: DiskCache, device: torch.device,
                    batch_size: int = 8, flip: bool = False) -> tuple[dict[str, str], int]:
     """Encode every image's VAE latent distribution once; returns ({sha256: cache key}, number encoded).
 
@@ -173,7 +173,7 @@ def encode_latents(sd: DiffusionComponents, examples: Sequence[Example], cache: 
     mirrored image is encoded and cached too (``sha256 + ":flip"``): a mirrored latent is not the mirror
     of the latent, so flipping cached latents would train on something the VAE never produced.
     """
-    vae_id = module_fingerprint(sd.vae)
+    vae_id = module_fingerprint(components.vae)
     todo = [(ex, False) for ex in examples] + ([(ex, True) for ex in examples] if flip else [])
     keys = {}
     for ex, flipped in todo:
@@ -181,7 +181,7 @@ def encode_latents(sd: DiffusionComponents, examples: Sequence[Example], cache: 
     missing = [(ex, flipped) for ex, flipped in dict.fromkeys(todo)
                if not cache.has(keys[ex.sha256 + (FLIPPED if flipped else "")], ".safetensors")]
     if missing:
-        sd.vae.to(device)
+        components.vae.to(device)
         groups: dict[tuple[int, int], list[tuple[Example, bool]]] = {}
         for ex, flipped in missing:
             groups.setdefault((ex.width, ex.height), []).append((ex, flipped))
@@ -190,7 +190,7 @@ def encode_latents(sd: DiffusionComponents, examples: Sequence[Example], cache: 
                 for start in range(0, len(group), batch_size):
                     chunk = group[start:start + batch_size]
                     pixels = torch.stack([_to_tensor(load_rgb(ex.path), flipped) for ex, flipped in chunk])
-                    dist = sd.vae.encode(pixels.to(device, sd.vae.dtype)).latent_dist
+                    dist = components.vae.encode(pixels.to(device, components.vae.dtype)).latent_dist
                     for (ex, flipped), mean, std in zip(chunk, dist.mean, dist.std):
                         cache.put_tensors(keys[ex.sha256 + (FLIPPED if flipped else "")],
                                           {"mean": mean.float(), "std": std.float()})
@@ -212,11 +212,11 @@ class TextEncoderCache:
     """Frozen-text-encoder conditioning by exact prompt text (both SDXL encoders and the pooled embedding),
     in memory and on disk."""
 
-    def __init__(self, sd: DiffusionComponents, cache: DiskCache, device: torch.device):
-        self.sd, self.cache, self.device = sd, cache, device
-        identity: dict[str, Any] = {"te": [module_fingerprint(te) for te in sd.text_encoders]}
-        if sd.clip_skip > 1:
-            identity["clip_skip"] = sd.clip_skip
+    def __init__(self, components: DiffusionComponents, cache: DiskCache, device: torch.device):
+        self.components, self.cache, self.device = components, cache, device
+        identity: dict[str, Any] = {"te": [module_fingerprint(te) for te in components.text_encoders]}
+        if components.clip_skip > 1:
+            identity["clip_skip"] = components.clip_skip
         self.te_id = settings_key(identity)
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -228,7 +228,7 @@ class TextEncoderCache:
             hit = self.cache.get_tensors(key)
             if hit is None:
                 with torch.inference_mode():
-                    cond = self.sd.encode_prompt([text], self.device)
+                    cond = self.components.encode_prompt([text], self.device)
                 hit = {"hidden": cond.hidden[0].float().cpu()}
                 if cond.pooled is not None:
                     hit["pooled"] = cond.pooled[0].float().cpu()
@@ -241,8 +241,9 @@ class TextEncoderCache:
         return Conditioning(hidden, pooled)
 
 
-def time_ids_for(sd: DiffusionComponents, examples: Sequence[Example], device: torch.device) -> torch.Tensor | None:
-    if not sd.family.uses_time_ids():
+def time_ids_for(components: DiffusionComponents, examples: Sequence[Example],
+                 device: torch.device) -> torch.Tensor | None:
+    if not components.family.uses_time_ids():
         return None
     return torch.tensor([ex.time_ids() for ex in examples], dtype=torch.float32, device=device)
 
@@ -332,7 +333,7 @@ StepCallback = Callable[[int, DiffusionComponents], None]
 
 
 def train(
-    sd: DiffusionComponents,
+    components: DiffusionComponents,
     examples: Sequence[Example],
     params: TrainingParams,
     cache: DiskCache,
@@ -357,50 +358,50 @@ def train(
     if params.batch_size > places:
         raise ConfigError(f"training.batch_size ({params.batch_size}) is larger than the training set "
                           f"({places} images x repeats); lower batch_size or raise repeats.")
-    sd.family.check_clip_skip(params.clip_skip)
-    sd.clip_skip = params.clip_skip
+    components.family.check_clip_skip(params.clip_skip)
+    components.clip_skip = params.clip_skip
     accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps,
                                    params.allow_tf32, params.gpu, setting="training.mixed_precision")
     device = accelerator.device
     dtype = DTYPES[params.mixed_precision]
-    spec = lora_spec(params, sd.family)
-    trained_te = [name for name in sd.family.text_encoders if spec.trains(name)]
+    spec = lora_spec(params, components.family)
+    trained_te = [name for name in components.family.text_encoders if spec.trains(name)]
 
-    base_id = module_fingerprint(sd.unet)[:16]  # before injection: the base weights alone
+    base_id = module_fingerprint(components.unet)[:16]  # before injection: the base weights alone
     torch.manual_seed(params.seed)  # PEFT draws lora_A's initial values from the global RNG
-    inject_lora(sd, spec)
+    inject_lora(components, spec)
     if init_state is not None:
-        load_lora_state(sd, init_state, f"init_lora {params.init_lora}")
+        load_lora_state(components, init_state, f"init_lora {params.init_lora}")
     signature = run_signature(base_id, dataset_hash, spec,
                               {k: getattr(params, k) for k in (*SIGNATURE_SETTINGS, *SIGNATURE_ADDED_LATER)},
                               SIGNATURE_ADDED_LATER)
 
-    if sd.family.name == "sdxl" and params.mixed_precision == "fp16":
+    if components.family.name == "sdxl" and params.mixed_precision == "fp16":
         # SDXL's original VAE overflows to NaN in fp16; it is kept in fp32 here (only the UNet and the text
         # encoders are cast), so latents stay finite. A fp16-fixed VAE saves memory if you need it.
         logger.warning("SDXL with fp16: the VAE stays fp32 (its fp16 version produces NaN latents); "
                        "bf16 is the safer choice for the UNet on GPUs that support it.")
     if params.cache_latents:
-        latent_keys, latents_encoded = encode_latents(sd, examples, cache, device, flip=params.flip_aug)
-        sd.vae.to("cpu")
+        latent_keys, latents_encoded = encode_latents(components, examples, cache, device, flip=params.flip_aug)
+        components.vae.to("cpu")
     else:
         latent_keys, latents_encoded = {}, 0
-        sd.vae.to(device)
-    scaling = sd.vae.config.scaling_factor
-    text_cache = TextEncoderCache(sd, cache, device) if params.cache_latents and not trained_te else None
+        components.vae.to(device)
+    scaling = components.vae.config.scaling_factor
+    text_cache = TextEncoderCache(components, cache, device) if params.cache_latents and not trained_te else None
 
-    sd.unet.to(device, dtype=dtype)
-    for encoder in sd.text_encoders:
+    components.unet.to(device, dtype=dtype)
+    for encoder in components.text_encoders:
         encoder.to(device, dtype=dtype)
-    models = [sd.unet] + [sd.component(name) for name in trained_te]
+    models = [components.unet] + [components.component(name) for name in trained_te]
     cast_training_params(models, dtype=torch.float32)  # LoRA weights train in fp32 under mixed precision
     if params.gradient_checkpointing:
         for model in models:
             enable_activation_checkpointing(model)
 
-    groups = [{"params": [p for p in sd.unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
+    groups = [{"params": [p for p in components.unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
     for name in trained_te:
-        groups.append({"params": [p for p in sd.component(name).parameters() if p.requires_grad],
+        groups.append({"params": [p for p in components.component(name).parameters() if p.requires_grad],
                        "lr": params.text_encoder_lr})
     optimizer = make_optimizer(params.optimizer, groups, params.optimizer_args)
 
@@ -418,23 +419,24 @@ def train(
         save_every_steps=params.save_every_n_epochs * steps_per_epoch,
         keep_checkpoints=params.keep_checkpoints, log_every_steps=params.log_every_steps,
         advice="mixed_precision: bf16 instead of fp16, a lower learning_rate, or an fp32 VAE",
-        desc=f"training {params.output_name}", unit="img", lora_state=lambda: lora_state_dict(sd),
+        desc=f"training {params.output_name}", unit="img", lora_state=lambda: lora_state_dict(components),
         on_metrics=on_metrics)
     with core.locked():  # one run per subject; checkpoints are read and written under the lock
         restored = core.resume(params.resume, optimizer, scheduler)
         if restored is not None:
-            load_lora_state(sd, restored, f"checkpoint {core.resumed_from}")
+            load_lora_state(components, restored, f"checkpoint {core.resumed_from}")
         start_step = core.start_step
 
         prepared = accelerator.prepare(*models, optimizer, scheduler)
         unet = prepared[0]
-        encoders = list(sd.text_encoders)
+        encoders = list(components.text_encoders)
         for name, wrapped in zip(trained_te, prepared[1:1 + len(trained_te)]):
-            encoders[sd.family.text_encoders.index(name)] = wrapped
+            encoders[components.family.text_encoders.index(name)] = wrapped
+        trained_modules = [unet] + [encoders[components.family.text_encoders.index(n)] for n in trained_te]
         optimizer, scheduler = prepared[-2], prepared[-1]
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
-        noise_scheduler = sd.scheduler
+        noise_scheduler = components.scheduler
         prediction_type = noise_scheduler.config.prediction_type
         epoch_cache: dict[int, list[list[int]]] = {}
 
@@ -456,7 +458,7 @@ def train(
 
         unet.train()
         for name in trained_te:
-            encoders[sd.family.text_encoders.index(name)].train()
+            encoders[components.family.text_encoders.index(name)].train()
         core.start()
         sample_error = None
         for step in range(start_step, total_steps):
@@ -467,13 +469,13 @@ def train(
                 generator, rng = core.micro_seeds(micro)
                 indices = micro_batches[micro - start_step * ga]
                 inputs = next(loader)
-                with accelerator.accumulate(*([unet] + [encoders[sd.family.text_encoders.index(n)] for n in trained_te])):
+                with accelerator.accumulate(*trained_modules):
                     if params.cache_latents:
                         mean, std = inputs["mean"], inputs["std"]
                     else:  # the textbook loop: VAE-encode the batch every step
                         with torch.no_grad():
-                            pixels = inputs["pixels"].to(device, sd.vae.dtype, non_blocking=True)
-                            dist = sd.vae.encode(pixels).latent_dist
+                            pixels = inputs["pixels"].to(device, components.vae.dtype, non_blocking=True)
+                            dist = components.vae.encode(pixels).latent_dist
                             mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
                     latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
                     noise = torch.randn(latents.shape, generator=generator)
@@ -494,13 +496,13 @@ def train(
                             cond = text_cache(texts)
                         elif not trained_te:
                             with torch.no_grad():
-                                cond = sd.encode_prompt(texts, device)
+                                cond = components.encode_prompt(texts, device)
                         else:
-                            cond = sd.encode_prompt(texts, device, encoders)
+                            cond = components.encode_prompt(texts, device, encoders)
                         hidden = cond.hidden.to(dtype)
                         if cond.pooled is not None:
                             cond = Conditioning(hidden, cond.pooled.to(dtype))
-                        time_ids = time_ids_for(sd, chosen, device)
+                        time_ids = time_ids_for(components, chosen, device)
                         pred = unet(noisy.to(dtype), timesteps, hidden,
                                     **cond.unet_kwargs(time_ids.to(dtype) if time_ids is not None else None)).sample
                     target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(
@@ -521,19 +523,19 @@ def train(
             done = step + 1
             if (on_samples and params.sample_prompts and params.sample_every_steps and sample_error is None
                     and done % params.sample_every_steps == 0):
-                images, sample_error = samples_or_error(sd, params, done)
+                images, sample_error = samples_or_error(components, params, done)
                 if images:
                     on_samples(images, done)
             if step_callback is not None:
-                step_callback(done, sd)
+                step_callback(done, components)
         images_per_second = core.finish(optimizer, scheduler)  # the final checkpoint is on disk from here on
         samples: list[Any] = []
         if params.sample_prompts and accelerator.is_main_process and sample_error is None:
-            samples, sample_error = samples_or_error(sd, params, total_steps)
+            samples, sample_error = samples_or_error(components, params, total_steps)
         if on_samples and samples:
             on_samples(samples, total_steps)
         return TrainResult(
-            lora_state=lora_state_dict(sd), spec=spec, losses=core.losses.values, steps=total_steps,
+            lora_state=lora_state_dict(components), spec=spec, losses=core.losses.values, steps=total_steps,
             epochs_done=total_steps * params.gradient_accumulation_steps / batches_per_epoch,
             images_per_second=images_per_second, peak_memory_mb=peak_memory_mb(device),
             samples=samples, resumed_from=core.resumed_from, latents_encoded=latents_encoded,
@@ -546,10 +548,11 @@ def _class_path(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__name__}"
 
 
-def samples_or_error(sd: DiffusionComponents, params: TrainingParams, step: int) -> tuple[list[Any], str | None]:
+def samples_or_error(components: DiffusionComponents, params: TrainingParams,
+                     step: int) -> tuple[list[Any], str | None]:
     """Sample images, or none and the reason: a failure while sampling must never cost the trained LoRA."""
     try:
-        return render_samples(sd, params), None
+        return render_samples(components, params), None
     except Exception as exc:  # whatever broke: the weights are worth more than the pictures
         reason = f"{type(exc).__name__}: {exc}"
         logger.error("Sample images at step %d failed (%s). The LoRA itself is complete: it is checkpointed and "
@@ -560,59 +563,59 @@ def samples_or_error(sd: DiffusionComponents, params: TrainingParams, step: int)
 
 
 @torch.no_grad()
-def render_samples(sd: DiffusionComponents, params: TrainingParams) -> list[Any]:
+def render_samples(components: DiffusionComponents, params: TrainingParams) -> list[Any]:
     """Sample images with the LoRA as it is now (fixed seeds, so samples across steps are comparable).
 
     The UNet and text encoders sample in the dtype they train in; the VAE decodes in its own (fp32 under
     fp16/bf16 training)."""
-    pipe = sd.pipeline(unet=_unwrap(sd.unet), **{name: _unwrap(te) for name, te in
-                                                  zip(sd.family.text_encoders, sd.text_encoders)})
+    pipe = components.pipeline(unet=_unwrap(components.unet), **{name: _unwrap(te) for name, te in
+                                                  zip(components.family.text_encoders, components.text_encoders)})
     pipe.set_progress_bar_config(disable=True)
-    device = next(_unwrap(sd.unet).parameters()).device
+    device = next(_unwrap(components.unet).parameters()).device
     vae_device = next(pipe.vae.parameters()).device  # on the GPU already when latents are not cached
-    was_training = _unwrap(sd.unet).training
+    was_training = _unwrap(components.unet).training
     pipe.vae.to(device)
-    _unwrap(sd.unet).eval()
+    _unwrap(components.unet).eval()
     size = params.sample_size
     images = []
     try:
         with vae_decodes_in_own_dtype(pipe.vae):
             for index, prompt in enumerate(tqdm(params.sample_prompts, desc="samples", unit="img", leave=False)):
                 generator = torch.Generator().manual_seed(params.seed + index)
-                images.extend(pipe(**sd.family.prompt_kwargs(pipe, prompt, None, sd.clip_skip),
+                images.extend(pipe(**components.family.prompt_kwargs(pipe, prompt, None, components.clip_skip),
                                    num_inference_steps=params.sample_inference_steps, generator=generator,
                                    height=size, width=size).images)
     finally:  # also after a failure: training may go on
         pipe.vae.to(vae_device)
-        _unwrap(sd.unet).train(was_training)
+        _unwrap(components.unet).train(was_training)
     return images
 
 
 @torch.no_grad()
-def denoising_loss(sd: DiffusionComponents, examples: Sequence[Example], cache: DiskCache,
+def denoising_loss(components: DiffusionComponents, examples: Sequence[Example], cache: DiskCache,
                    latent_keys: dict[str, str], seed: int = 0,
                    timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> float:
     """Mean denoising MSE at fixed timesteps, noise and latents: a reproducible quality figure.
 
     Lower is better; comparing base vs base+LoRA on held-out images shows what the LoRA learned.
     """
-    unet = _unwrap(sd.unet)
+    unet = _unwrap(components.unet)
     device = next(unet.parameters()).device
-    scaling = sd.vae.config.scaling_factor
+    scaling, scheduler = components.vae.config.scaling_factor, components.scheduler
     total, count = 0.0, 0
     for index, ex in enumerate(tqdm(examples, desc="denoising loss", unit="img", leave=False)):
         stats = cache.get_tensors(latent_keys[ex.sha256])
-        cond = sd.encode_prompt([ex.text], device)
-        time_ids = time_ids_for(sd, [ex], device)
+        cond = components.encode_prompt([ex.text], device)
+        time_ids = time_ids_for(components, [ex], device)
         for t in timesteps:
             generator = torch.Generator().manual_seed(derive_seed(seed, index, t))
             latents = (stats["mean"] + stats["std"] * torch.randn(stats["mean"].shape, generator=generator))
             latents = (latents * scaling).unsqueeze(0).to(device)
             noise = torch.randn(latents.shape, generator=generator).to(device)
             step = torch.tensor([t], device=device)
-            noisy = sd.scheduler.add_noise(latents, noise, step)
+            noisy = scheduler.add_noise(latents, noise, step)
             pred = unet(noisy.to(unet.dtype), step, cond.hidden.to(unet.dtype), **cond.unet_kwargs(time_ids)).sample
-            target = noise if sd.scheduler.config.prediction_type == "epsilon" else sd.scheduler.get_velocity(
+            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(
                 latents, noise, step)
             total += F.mse_loss(pred.float(), target.float()).item()
             count += 1
