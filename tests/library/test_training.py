@@ -9,10 +9,10 @@ from train_helpers import make_params, model_outputs, run_dir
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.checkpoints import ResumeError, find_resume_checkpoint, list_checkpoints
 from lora_pipeline.core.errors import LoraPipelineError
+from lora_pipeline.core.trainer import NonFiniteLossError
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.lora_files import build_kohya_file, read_lora_modules, save_lora_file, to_peft_state
 from lora_pipeline.diffusion.training import (
-    NonFiniteLossError,
     bucket_batches,
     denoising_loss,
     encode_latents,

@@ -26,7 +26,6 @@ from lora_pipeline.core.errors import ConfigError, LoraPipelineError
 from lora_pipeline.core.models import DTYPES
 from lora_pipeline.core.spec import LoraSpec
 from lora_pipeline.core.trainer import (
-    NonFiniteLossError,
     TrainerCore,
     derive_seed,
     enable_activation_checkpointing,
@@ -42,8 +41,6 @@ from lora_pipeline.prep.concepts import epoch_items
 from lora_pipeline.prep.images import load_rgb
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["Example", "NonFiniteLossError", "TrainResult", "train", "lora_spec", "denoising_loss"]
 
 
 @dataclass(frozen=True)
