@@ -149,14 +149,14 @@ def test_non_square_resolution_gives_kohya_buckets():
 
 
 def test_clip_skip_2_conditions_on_the_penultimate_layer_like_diffusers(tiny_models):
-    sd = load_diffusion_model(str(tiny_models["tiny-sd"]))
+    components = load_diffusion_model(str(tiny_models["tiny-sd"]))
     with torch.no_grad():
-        ours = sd.family.encode_prompt(sd.text_encoders, sd.tokenizers, ["sks, red circle"], torch.device("cpu"), 2)
-        ids = sd.tokenizer(["sks, red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-        states = sd.text_encoder(ids, output_hidden_states=True).hidden_states
-        expected = sd.text_encoder.final_layer_norm(states[-2])  # kohya's and WebUI's definition of clip skip 2
-        last = sd.family.encode_prompt(sd.text_encoders, sd.tokenizers, ["sks, red circle"], torch.device("cpu"))
-        kwargs = sd.family.prompt_kwargs(sd.pipeline(), "sks, red circle", "ugly", 2)
+        ours = components.family.encode_prompt(components.text_encoders, components.tokenizers, ["sks, red circle"], torch.device("cpu"), 2)
+        ids = components.tokenizer(["sks, red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        states = components.text_encoder(ids, output_hidden_states=True).hidden_states
+        expected = components.text_encoder.final_layer_norm(states[-2])  # kohya's and WebUI's definition of clip skip 2
+        last = components.family.encode_prompt(components.text_encoders, components.tokenizers, ["sks, red circle"], torch.device("cpu"))
+        kwargs = components.family.prompt_kwargs(components.pipeline(), "sks, red circle", "ugly", 2)
     torch.testing.assert_close(ours.hidden, expected)
     assert not torch.allclose(ours.hidden, last.hidden)
     torch.testing.assert_close(kwargs["prompt_embeds"], expected)
@@ -171,25 +171,25 @@ def test_clip_skip_is_refused_for_sdxl(tiny_models):
 
 
 def test_flip_aug_caches_the_mirrored_latent_too(tiny_models, tmp_path):
-    sd = load_diffusion_model(str(tiny_models["tiny-sd"]))
+    components = load_diffusion_model(str(tiny_models["tiny-sd"]))
     examples = _examples(tmp_path)[:1]
     cache = DiskCache(tmp_path / "cache")
-    keys, encoded = encode_latents(sd, examples, cache, torch.device("cpu"), flip=True)
+    keys, encoded = encode_latents(components, examples, cache, torch.device("cpu"), flip=True)
     assert encoded == 2
     plain, mirrored = (cache.get_tensors(keys[examples[0].sha256 + suffix])["mean"] for suffix in ("", ":flip"))
     assert not torch.allclose(plain, mirrored)
     with torch.no_grad():  # the mirrored entry is the VAE's latent of the mirrored image
         image = torch.from_numpy(np.asarray(Image.open(examples[0].path), dtype=np.float32).copy())
         pixels = (image.permute(2, 0, 1).flip(-1) / 127.5 - 1).unsqueeze(0)
-        torch.testing.assert_close(sd.vae.encode(pixels).latent_dist.mean[0], mirrored, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(components.vae.encode(pixels).latent_dist.mean[0], mirrored, atol=1e-5, rtol=1e-4)
 
 
 def test_training_with_reg_images_flip_and_epoch_saving(tiny_models, tmp_path):
-    sd = load_diffusion_model(str(tiny_models["tiny-sd"]))
+    components = load_diffusion_model(str(tiny_models["tiny-sd"]))
     examples = _examples(tmp_path)
     params = make_params(tiny_models, tmp_path, batch_size=4, max_steps=None, epochs=2, repeats=1,
                          prior_loss_weight=0.5, flip_aug=True, save_every_n_epochs=1, clip_skip=2)
-    result = train(sd, examples, params, DiskCache(tmp_path / "cache"), dataset_hash="k")
+    result = train(components, examples, params, DiskCache(tmp_path / "cache"), dataset_hash="k")
     assert result.steps == 8  # (8 instance places + 8 class-image places) / 4 per step, 2 epochs
     assert result.latents_encoded == 10  # 5 images, each plain and mirrored
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints" / "test_lora").glob("run-*/checkpoint-*"))
@@ -232,9 +232,9 @@ def test_training_params_accept_the_kohya_knobs():
 
 
 def test_prior_loss_weight_scales_the_class_images_loss(tiny_models, tmp_path):
-    sd = load_diffusion_model(str(tiny_models["tiny-sd"]))
+    components = load_diffusion_model(str(tiny_models["tiny-sd"]))
     examples = [ex if ex.is_reg else Example(ex.path, ex.text, ex.width, ex.height, ex.sha256)
                 for ex in _examples(tmp_path)]  # 2 instance images (1 repeat) and 3 class images
     params = make_params(tiny_models, tmp_path, batch_size=1, max_steps=None, epochs=1, prior_loss_weight=0.0)
-    losses = train(sd, examples, params, DiskCache(tmp_path / "cache"), dataset_hash="w").losses
+    losses = train(components, examples, params, DiskCache(tmp_path / "cache"), dataset_hash="w").losses
     assert len(losses) == 4 and sorted(loss == 0.0 for loss in losses) == [False, False, True, True]
