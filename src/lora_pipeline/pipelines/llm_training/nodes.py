@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from datetime import datetime, timezone
 from typing import Any
@@ -12,6 +10,7 @@ import mlflow
 from tqdm.auto import tqdm
 
 from lora_pipeline.core.config import LLMDataParams, LLMTrainingParams, parse_params
+from lora_pipeline.core.files import json_sha256
 from lora_pipeline.core.spec import TrainingSummary
 from lora_pipeline.llm.training import (
     llm_lora_spec,
@@ -32,7 +31,7 @@ def tokenized(records: list[dict[str, Any]], tokenizer, data: LLMDataParams) -> 
 
 
 def records_hash(records: list[dict[str, Any]]) -> str:
-    return hashlib.sha256(json.dumps(records, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+    return json_sha256(records, ensure_ascii=False)
 
 
 def train_llm_lora(train: list[dict[str, Any]], validation: list[dict[str, Any]], data_params: dict[str, Any],

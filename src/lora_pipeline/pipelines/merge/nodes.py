@@ -10,6 +10,7 @@ import torch
 
 from lora_pipeline.core.config import GenerationParams, MergeParams, parse_params
 from lora_pipeline.core.files import atomic_folder
+from lora_pipeline.core.models import DTYPES
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.prompts import LoraRef, resolve_loras
 from lora_pipeline.diffusion.single_file import write_ldm_checkpoint
@@ -34,7 +35,7 @@ def merge_loras(params: dict[str, Any], generation: dict[str, Any]) -> str:
         module.to(torch.float32)
     merge_into_base(sd.modules(), sd.family, [(files[e.name], e.weight) for e in p.loras])
     pipe = sd.pipeline()
-    dtype = torch.float16 if p.precision == "fp16" else torch.float32
+    dtype = DTYPES[p.precision]
     folder = MERGED_DIR / p.output_name
     with atomic_folder(folder) as tmp:
         pipe.to(dtype=dtype).save_pretrained(tmp)
