@@ -175,6 +175,70 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_t5_tokenizer(max_length: int = 512):
+    """A T5 Unigram tokenizer (T5's layout: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2) over WORDS plus single
+    characters, so every lowercase ASCII text encodes. transformers 5's ``T5Tokenizer`` is tokenizers-backed and
+    takes the vocabulary itself; it is round-tripped through disk like the CLIP one, so no sentencepiece model
+    (nor a download) is needed."""
+    import tempfile
+
+    from transformers import T5Tokenizer
+
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(f"\u2581{word}", -5.0) for word in dict.fromkeys(WORDS)]
+    vocab += [(f"\u2581{c}", -9.0) for c in characters] + [(c, -10.0) for c in characters]
+    with tempfile.TemporaryDirectory() as folder:
+        T5Tokenizer(vocab=list(dict(vocab).items()), extra_ids=0).save_pretrained(folder)
+        return T5Tokenizer.from_pretrained(folder, model_max_length=max_length)
+
+
+# Flux.1-dev's scheduler as published (FlowMatchEulerDiscreteScheduler, resolution-dependent shift).
+FLUX1_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                              max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+# Full-size Flux.1-dev transformer (config only): for kohya module counts and memory figures on the meta device.
+FLUX1_DEV_TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny Flux.1 pipeline folder with the real classes: ``FluxTransformer2DModel`` (2 double + 2 single
+    blocks; a guidance embedding as dev has, none as schnell), CLIP-L-like ``text_encoder`` (its pooled output
+    conditions the transformer), a T5 ``text_encoder_2`` (its sequence is the joint attention's text), a
+    16-channel VAE with Flux's scale and shift, and Flux.1-dev's flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    # hidden 64 (2 heads x 32): proj_out maps it to the 64 packed channels (16 latent channels x 2x2); narrower
+    # and the output layer cannot span them. RoPE axes must sum to the head dim (16 + 56 + 56 = 128 in the real one).
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(8, 12, 12))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False)  # Flux's autoencoder has no quant convs
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX1_SCHEDULER_CONFIG), vae=vae,
+                        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(out_dir)
+    logger.info("Wrote tiny Flux.1 (%s) pipeline to %s", "dev" if guidance_embeds else "schnell", out_dir)
+    return out_dir
+
+
 def build_tiny_blip(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny BLIP image-captioning model + processor (BERT word-piece tokenizer from a local vocab)."""
     from transformers import (
