@@ -118,7 +118,7 @@ def step_metrics(workdir: Path):
         return
     import mlflow
 
-    from lora_pipeline.pipelines.metrics import StepMetricsLogger
+    from lora_pipeline.pipelines.tracking import StepMetricsLogger
 
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     with mlflow.start_run(), StepMetricsLogger("train") as log_metrics:

@@ -53,11 +53,12 @@ def test_resolution_auto_follows_the_base_model_family(tiny_models):
     from lora_pipeline.core.config import NormalizationParams
     from lora_pipeline.pipelines.normalization.nodes import sized_params
 
-    sd1 = sized_params({"base_model": str(tiny_models["tiny-sd"])})
-    sdxl = sized_params({"base_model": str(tiny_models["tiny-sdxl"])})
+    sd1 = sized_params(NormalizationParams(base_model=str(tiny_models["tiny-sd"])))
+    sdxl = sized_params(NormalizationParams(base_model=str(tiny_models["tiny-sdxl"])))
     assert (sd1.resolution, sd1.bucket_min, sd1.bucket_max) == (512, 256, 1024)
     assert (sdxl.resolution, sdxl.bucket_min, sdxl.bucket_max) == (1024, 512, 2048)
-    assert sized_params({"base_model": "someone/not-downloaded", "base_model_family": "sdxl"}).resolution == 1024
+    assert sized_params(NormalizationParams(base_model="someone/not-downloaded", base_model_family="sdxl")
+                        ).resolution == 1024
     explicit = NormalizationParams(resolution=768, bucket_min=512, bucket_max=1024).sized(1024)
     assert (explicit.resolution, explicit.bucket_min, explicit.bucket_max) == (768, 512, 1024)
     with pytest.raises(ConfigError, match="resolution is 1024.*explicitly"):

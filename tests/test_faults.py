@@ -22,7 +22,7 @@ from train_helpers import make_params, summary_for
 from lora_pipeline.core import files as files_module
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.checkpoints import list_checkpoints
-from lora_pipeline.core.config import TrainingParams
+from lora_pipeline.core.config import NormalizationParams, TrainingParams
 from lora_pipeline.core.errors import ConfigError, DataError, ModelNotFoundError
 from lora_pipeline.core.files import sha256_file
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
@@ -134,7 +134,7 @@ def test_odd_paths_spaces_and_chinese_names_work_end_to_end(tiny_models, tmp_pat
     folder = ImageFolderDataset(str(raw)).load()
     manifest = scan_images(folder)
     assert manifest.set_index("file_name").loc["猫 的 照片.png"].sidecar == "sks, 猫, cat"
-    params = {"resolution": 64, "bucket_min": 64, "bucket_max": 128, "bucket_step": 32}
+    params = NormalizationParams(resolution=64, bucket_min=64, bucket_max=128, bucket_step=32)
     checks = inspect_images(folder, params)
     assert (checks.status == "kept").all()
     captions = manifest.assign(text="sks, photo")[["file_name", "sha256", "text"]]
@@ -157,7 +157,7 @@ def test_bad_image_files_become_report_rows(tmp_path, monkeypatch):
     (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 3])
     Image.new("RGB", (700, 700), (9, 9, 9)).save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 700x700 = 490k > 2x the limit: a "bomb"
-    checks = inspect_images(ImageFolderDataset(str(tmp_path)).load(), {"min_size": 64}).set_index("file_name")
+    checks = inspect_images(ImageFolderDataset(str(tmp_path)).load(), NormalizationParams(min_size=64)).set_index("file_name")
     assert checks.loc["good.png"].status == "kept"
     for name in ("truncated.png", "bomb.png"):
         assert checks.loc[name].reason_code == "corrupt", name
@@ -245,6 +245,7 @@ LOCK_HOLDER = textwrap.dedent("""
 
 def test_one_run_per_subject_and_a_stale_lock_is_taken_over(tiny_models, tiny_examples, tmp_path, monkeypatch, caplog):
     from lora_pipeline.core.lock import SubjectBusyError, subject_lock
+    from lora_pipeline.core.spec import DatasetInfo
     from lora_pipeline.pipelines.training import nodes
 
     params = make_params(tiny_models, tmp_path, max_steps=2)
@@ -257,7 +258,7 @@ def test_one_run_per_subject_and_a_stale_lock_is_taken_over(tiny_models, tiny_ex
         # the node stops before it loads anything, naming the holder
         monkeypatch.setattr(nodes, "load_diffusion_model", lambda *a, **k: pytest.fail("must not load the model"))
         with pytest.raises(SubjectBusyError, match=rf"subject test_lora is being trained by PID {holder.pid} since"):
-            nodes.train_lora(None, None, {}, None, params.model_dump())
+            nodes.train_lora(None, None, DatasetInfo(), None, params)
         with pytest.raises(SubjectBusyError, match=f"PID {holder.pid}"):
             train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(tmp_path / "cache"),
                   dataset_hash="d")
@@ -291,7 +292,7 @@ def test_runs_left_running_by_a_killed_process_are_closed_on_the_next_start(tmp_
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from lora_pipeline.pipelines.metrics import close_abandoned_runs, process_tags
+    from lora_pipeline.pipelines.tracking import close_abandoned_runs, process_tags
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = mlflow.create_experiment("x")
@@ -307,12 +308,12 @@ def test_runs_left_running_by_a_killed_process_are_closed_on_the_next_start(tmp_
 
 SIGTERM_SCRIPT = """
 import os, signal, sys, mlflow
-from lora_pipeline.pipelines.metrics import StepMetricsLogger
+from lora_pipeline.pipelines.tracking import StepMetricsLogger
 mlflow.set_tracking_uri(sys.argv[1])
 mlflow.set_experiment("sigterm")
 with mlflow.start_run() as run:
     print(run.info.run_id, flush=True)
-    with StepMetricsLogger("t", flush_seconds=3600) as log:
+    with StepMetricsLogger("t") as log:
         for step in range(5):
             log({"loss": 1.0 / (step + 1)}, step)
         os.kill(os.getpid(), signal.SIGTERM)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from lora_pipeline.core.config import parse_subjects
+from lora_pipeline.core.config import CaptioningParams, NormalizationParams, parse_subjects
 from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.prep.captions import apply_template
 from lora_pipeline.prep.kohya_config import NO_EFFECT, read_config, read_toml, run_import, translate, write_subject
@@ -396,14 +396,15 @@ def test_class_images_read_the_imported_caption_extension(tmp_path, caplog):
                         "reg_data_dir": (tmp_path / "reg").as_posix(), "caption_extension": ".caption"}, subject="aki")
     # the project's shared default is .txt (conf/base/parameters_normalization.yml)
     shared = {"normalization": {"min_size": 64, "base_model_family": "sd1", "reg_caption_extension": ".txt"}}
-    params = _merged(result, shared)["normalization"]
+    params = NormalizationParams(**_merged(result, shared)["normalization"])
     raw, reg = (ImageFolderDataset(str(tmp_path / folder)).load() for folder in ("train", "reg"))
     checks = inspect_images(raw, params, None, reg).set_index("file_name")
     assert checks.loc["1_woman/0.png"].sidecar_caption == "woman, beach"
     assert checks.loc["1_woman/1.png"].sidecar_caption == ""  # no caption file: its class token is its prompt
     # with the other extension configured, the .caption files are named in a warning, not ignored silently
     with caplog.at_level("WARNING"):
-        checks = inspect_images(raw, {**params, "reg_caption_extension": ".txt"}, None, reg).set_index("file_name")
+        txt = params.model_copy(update={"reg_caption_extension": ".txt"})
+        checks = inspect_images(raw, txt, None, reg).set_index("file_name")
     assert checks.loc["1_woman/0.png"].sidecar_caption == ""
     assert "1 class image(s)" in caplog.text and "reg_caption_extension: '.caption'" in caplog.text
 
@@ -483,7 +484,7 @@ def test_metadata_csv_captions_rank_below_reviewed_above_auto(tmp_path, monkeypa
     monkeypatch.setattr(nodes, "resolve_model", lambda *args: None, raising=False)  # no model is needed
     monkeypatch.setattr(nodes, "load_captioner", lambda params: type("Auto", (), {
         "name": "auto", "caption": staticmethod(lambda batch: ["auto words"] * len(batch))})())
-    params = {"backend": "blip", "model": "unused", "trigger": "", "metadata_csv": str(tmp_path / "metadata.csv")}
+    params = CaptioningParams(backend="blip", model="unused", trigger="", metadata_csv=str(tmp_path / "metadata.csv"))
     raw = ImageFolderDataset(str(images)).load()
     manifest = nodes.scan_images(raw, None, params)
     reviewed = pd.DataFrame({"file_name": ["002.png"], "text": ["reviewed by hand"]})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lora_pipeline.core.config import SubjectParams, parse_subjects, validate_all
@@ -89,3 +91,28 @@ def test_one_subject_per_gpu_in_subjects_order():
     assert [gpu_for(p, 2, distributed=False) for p in positions] == [0, 1, 0]  # round robin over 2 GPUs
     assert gpu_for(1, 1, distributed=False) is None  # one GPU (or CPU): the default device
     assert gpu_for(3, 4, distributed=True) is None  # accelerate launch assigns GPUs per process itself
+
+
+def test_the_fingerprint_is_written_and_read_through_the_catalog(tmp_path):
+    """``<subject>.subject_inputs`` is a catalog entry (the project's factory), not a path in the code."""
+    import yaml
+    from kedro.io import DataCatalog
+
+    from lora_pipeline.core.spec import SubjectInputs
+    from lora_pipeline.project.hooks import SubjectFingerprintHook
+    from lora_pipeline.project.subjects import recorded_fingerprint
+
+    conf = yaml.safe_load((Path(__file__).parents[1] / "conf/base/catalog.yml").read_text())
+    entry = conf["{subject}.subject_inputs"]
+    assert entry["metadata"]["kedro-viz"]["layer"] == "models"
+    factory = {**entry, "filepath": str(tmp_path / "subject_inputs/{subject}.json")}
+    catalog = DataCatalog.from_config({"{subject}.subject_inputs": factory})
+    assert recorded_fingerprint(catalog, "aki") is None  # never trained here
+    hook = SubjectFingerprintHook()
+    hook._pending = {"aki": "abc"}
+    hook.after_pipeline_run({}, None, catalog)
+    recorded = recorded_fingerprint(catalog, "aki")
+    assert isinstance(recorded, SubjectInputs) and recorded.fingerprint == "abc" and recorded.trained_at
+    assert (tmp_path / "subject_inputs" / "aki.json").is_file()
+    (tmp_path / "subject_inputs" / "aki.json").write_text("not json")
+    assert recorded_fingerprint(catalog, "aki") is None  # unreadable: the subject counts as changed

@@ -79,8 +79,8 @@ SD1_UNET_LAYOUT = {"layers_per_block": 1, "up_block_types": ["UpBlock2D", "Cross
 
 
 def summary_for(params: TrainingParams, spec=None, family: str = "sd1", **overrides):
-    """A TrainingSummary as the training node writes it, for export tests that skip the node."""
-    from lora_pipeline.core.spec import LoraSpec, TrainingSummary
+    """An ImageTrainingSummary as the training node writes it, for export tests that skip the node."""
+    from lora_pipeline.core.spec import ImageTrainingSummary, LoraSpec
 
     if spec is None:
         targets = {"unet": list(params.unet_targets)}
@@ -93,7 +93,7 @@ def summary_for(params: TrainingParams, spec=None, family: str = "sd1", **overri
                   dataset_hash="d", started_at="t0", finished_at="t1", num_images=8, resolution=[96, 64],
                   trigger="sks", tag_frequency={"sks": 8}, unet_layout=SD1_UNET_LAYOUT)
     values.update(overrides)
-    return TrainingSummary(**values)
+    return ImageTrainingSummary(**values)
 
 
 def run_dir(subject_folder):

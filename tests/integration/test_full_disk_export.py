@@ -12,6 +12,7 @@ import pytest
 from disk_helpers import everything_under, mount_small_disk, unmount
 from kedro.io import Version
 
+from lora_pipeline.core.spec import LoraFile
 from lora_pipeline.datasets import LoraWeightsDataset, TrainingSummaryDataset
 
 pytestmark = pytest.mark.slow  # a whole pipeline through Kedro (see make test-fast)
@@ -26,7 +27,7 @@ class NotOneMessage(AssertionError):
 def test_kedro_run_export_on_a_full_disk_prints_one_message(project, trained):
     models = project / "data" / "06_models"
     LoraWeightsDataset(str(models / "demo_lora_training.safetensors"), version=Version(None, None)).save(
-        {"state": trained["result"].lora_state, "metadata": {}})
+        LoraFile(trained["result"].lora_state))
     TrainingSummaryDataset(str(models / "demo_lora_summary.json"), version=Version(None, None)).save(
         trained["summary"])
     disk = mount_small_disk(project / "data" / "07_model_output")

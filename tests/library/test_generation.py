@@ -1,8 +1,9 @@
 import pytest
 from PIL import Image
 
-from lora_pipeline.core.config import PromptSpec
+from lora_pipeline.core.config import GenerationParams, PromptSpec
 from lora_pipeline.core.errors import ConfigError
+from lora_pipeline.core.spec import LoraFile
 from lora_pipeline.diffusion.generation import contact_sheet, read_prompts_file, webui_parameters
 from lora_pipeline.diffusion.prompts import LoraRef
 from lora_pipeline.pipelines.generation import nodes
@@ -38,6 +39,6 @@ def test_contact_sheet_layout():
 
 def test_unknown_lora_fails_before_any_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(nodes, "load_diffusion_model", lambda *a, **k: pytest.fail("must not load a model"))
-    params = {"base_model": "x", "prompt": "a cat <lora:nope:0.5>", "lora_dirs": [str(tmp_path)]}
+    params = GenerationParams(base_model="x", prompt="a cat <lora:nope:0.5>", lora_dirs=[str(tmp_path)])
     with pytest.raises(ConfigError, match="Unknown LoRA 'nope'"):
-        nodes.generate_images(params, {"metadata": {}})
+        nodes.generate_images(params, LoraFile({}))

@@ -93,9 +93,9 @@ def test_webui_copy_never_overwrites_another_checkouts_subject_of_the_same_name(
 SAVE_DIFFUSERS = """
 import sys, torch
 from safetensors.torch import load_file
-from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.core.spec import ImageTrainingSummary
 from lora_pipeline.diffusion.lora_files import save_diffusers_lora
-summary = TrainingSummary.model_validate_json(open(sys.argv[1]).read())
+summary = ImageTrainingSummary.model_validate_json(open(sys.argv[1]).read())
 save_diffusers_lora(sys.argv[3], load_file(sys.argv[2]), summary)
 """
 

@@ -92,8 +92,8 @@ def _captions(checks: pd.DataFrame) -> pd.DataFrame:
                          "text": [texts[n] for n in instance.file_name]})
 
 
-PARAMS = {"min_size": 32, "resolution": 64, "bucket_step": 32, "bucket_min": 64, "bucket_max": 128,
-          "prompt": {"trigger": "sks"}}
+PARAMS = NormalizationParams(min_size=32, resolution=64, bucket_step=32, bucket_min=64, bucket_max=128,
+                             prompt={"trigger": "sks"})
 
 
 def test_normalization_reads_folders_repeats_class_tokens_and_reg_images(tmp_path):
@@ -113,11 +113,11 @@ def test_normalization_reads_folders_repeats_class_tokens_and_reg_images(tmp_pat
     assert text["reg/1_woman/r2.png"] == "a woman, outdoors"  # its caption file
     roles = dict(zip(metadata.file_name, zip(metadata.repeats, metadata.is_reg)))
     assert roles["10_aki/a.png"] == (10, 0) and roles["reg/1_woman/r1.png"] == (1, 1)
-    folders = {(f["role"], f["folder"]): f for f in info["folders"]}
+    folders = {(f.role, f.folder): f.model_dump() for f in info.folders}
     assert folders[("instance", "10_aki")] == {"folder": "10_aki", "role": "instance", "repeats": 10,
                                                "class_tokens": "aki", "kept": 1, "rejected": 0}
     assert folders[("reg", "1_woman")]["kept"] == 2 and folders[("reg", "1_woman")]["rejected"] == 1
-    assert info["num_images"] == 3 and info["num_reg_images"] == 2
+    assert info.num_images == 3 and info.num_reg_images == 2
     assert set(report.columns) >= {"role", "folder", "repeats", "class_tokens"}
     renders = nodes.render_images(raw, report, PARAMS, reg)
     assert renders["reg/1_woman/r1.png"]().size == (64, 64)
@@ -130,7 +130,7 @@ def test_normalization_reads_folders_repeats_class_tokens_and_reg_images(tmp_pat
 
 def test_kohya_folders_false_reads_names_literally(tmp_path):
     raw, _ = _kohya_raw(tmp_path)
-    checks = nodes.inspect_images(raw, {**PARAMS, "kohya_folders": False}, None)
+    checks = nodes.inspect_images(raw, PARAMS.model_copy(update={"kohya_folders": False}), None)
     assert set(checks.repeats) == {1} and set(checks.class_tokens) == {""}
 
 

@@ -202,19 +202,19 @@ def test_training_with_packing_lowers_validation_loss(tiny_models, llm_items, tm
 
 def test_llm_export_uses_the_trained_spec_not_edited_parameters(tiny_models, llm_items, tmp_path):
     """Changing alpha/rank/targets in parameters_llm.yml after training must not change the exported adapter."""
-    from lora_pipeline.core.spec import TrainingSummary
+    from lora_pipeline.core.spec import LLMTrainingSummary, LoraFile
     from lora_pipeline.pipelines.llm_export.nodes import export_llm_adapter
 
     tokenizer, train_items, val_items = llm_items
     params = _params(tiny_models, tmp_path, max_steps=4)
     result = train_causal_lm(load_causal_lm(str(tiny_models["tiny-llm"]))[0], tokenizer, train_items, val_items,
                              params, dataset_hash="d")
-    summary = TrainingSummary(spec=result.spec, base_model=params.base_model, output_name="x", steps=4, epochs=1,
-                              seed=params.seed, learning_rate=params.learning_rate, dataset_hash="d",
-                              started_at="t0", finished_at="t1")
-    summary = TrainingSummary.model_validate_json(summary.model_dump_json())  # as the catalog stores it
-    edited = {**params.model_dump(), "alpha": 4.0, "lora_rank": 2, "target_modules": ["q_proj"]}
-    folder, card = export_llm_adapter({"state": result.adapter}, summary, edited)
+    summary = LLMTrainingSummary(spec=result.spec, base_model=params.base_model, output_name="x", steps=4, epochs=1,
+                                 seed=params.seed, learning_rate=params.learning_rate, dataset_hash="d",
+                                 started_at="t0", finished_at="t1")
+    summary = LLMTrainingSummary.model_validate_json(summary.model_dump_json())  # as the catalog stores it
+    edited = LLMTrainingParams(**{**params.model_dump(), "alpha": 4.0, "lora_rank": 2, "target_modules": ["q_proj"]})
+    folder, card = export_llm_adapter(LoraFile(result.adapter), summary, edited)
     peft_model = folder.parts[0]
     assert folder.model_card == card
     peft_model.save_pretrained(tmp_path / "adapter")
@@ -275,16 +275,17 @@ def test_generation_formats_prompts_exactly_as_training(tiny_models):
 
 def _train_and_export(tiny_models, llm_items, tmp_path, folder, max_steps: int) -> LLMTrainingParams:
     """A short training run, exported through the llm_export node into ``folder`` (adapter + tokenizer)."""
-    from lora_pipeline.core.spec import TrainingSummary
+    from lora_pipeline.core.spec import LLMTrainingSummary, LoraFile
     from lora_pipeline.pipelines.llm_export.nodes import export_llm_adapter
 
     tokenizer, train_items, val_items = llm_items
     params = _params(tiny_models, tmp_path, max_steps=max_steps)
     result = train_causal_lm(load_causal_lm(params.base_model)[0], tokenizer, train_items, val_items, params,
                              dataset_hash="d")
-    summary = TrainingSummary(spec=result.spec, base_model=params.base_model, output_name="t", steps=max_steps,
-                              epochs=1, seed=1, learning_rate=1e-3, dataset_hash="d", started_at="a", finished_at="b")
-    (peft_model, tok) = export_llm_adapter({"state": result.adapter}, summary, params.model_dump())[0].parts
+    summary = LLMTrainingSummary(spec=result.spec, base_model=params.base_model, output_name="t", steps=max_steps,
+                                 epochs=1, seed=1, learning_rate=1e-3, dataset_hash="d", started_at="a",
+                                 finished_at="b")
+    (peft_model, tok) = export_llm_adapter(LoraFile(result.adapter), summary, params)[0].parts
     peft_model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return params
@@ -351,3 +352,30 @@ def test_gradient_checkpointing_on_the_llm_uses_the_current_api(tiny_models, llm
                         _params(tiny_models, tmp_path, gradient_checkpointing=True, max_steps=1), dataset_hash="d")
     assert base.is_activation_checkpointing
     assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)], caught
+
+
+def test_llm_eval_loads_the_trained_base_and_spec_not_edited_parameters(tiny_models, llm_items, tmp_path,
+                                                                        monkeypatch):
+    """llm_training parameters edited between training and evaluation change neither the base model evaluated
+    nor the rank/alpha the report states: both are the training summary's."""
+    from lora_pipeline.core.config import LLMDataParams, LLMEvalParams
+    from lora_pipeline.core.spec import LLMTrainingSummary
+    from lora_pipeline.llm.training import llm_lora_spec
+    from lora_pipeline.pipelines.llm_eval import nodes
+
+    folder = tmp_path / "adapter"
+    params = _train_and_export(tiny_models, llm_items, tmp_path, folder, max_steps=2)
+    summary = LLMTrainingSummary(spec=llm_lora_spec(params), base_model=params.base_model, output_name="t", steps=2,
+                                 epochs=1, seed=1, learning_rate=1e-3, dataset_hash="d", started_at="a",
+                                 finished_at="b")
+    edited = params.model_copy(update={"base_model": "someone/edited-after-training", "lora_rank": 2, "alpha": 4.0})
+    loaded = []
+    real = nodes.load_causal_lm
+    monkeypatch.setattr(nodes, "load_causal_lm", lambda base, *a: loaded.append(base) or real(base, *a))
+    validation = [{"line": 1, "messages": [{"role": "user", "content": "Patient: fever and cough"},
+                                           {"role": "assistant", "content": "Rest and drink fluids."}]}]
+    report, metrics = nodes.evaluate_llm(validation, folder, summary, LLMDataParams(tokenizer=params.base_model),
+                                         edited, LLMEvalParams(max_new_tokens=4, max_prompts=1))
+    assert loaded == [params.base_model, params.base_model]  # base, then base + adapter
+    assert f"LoRA rank {params.lora_rank}, alpha {params.alpha}" in report and "rank 2" not in report
+    assert {"eval_loss_base", "eval_loss_adapter"} <= metrics.keys()

@@ -14,7 +14,9 @@ from kedro.io import DatasetError, Version
 from safetensors.torch import save_file
 
 from lora_pipeline.cli.commands import user_error
+from lora_pipeline.core.config import ExportParams
 from lora_pipeline.core.files import NoSpaceError, atomic_folder, atomic_path
+from lora_pipeline.core.spec import LoraFile
 from lora_pipeline.datasets import DiffusersLoraDataset, LoraWeightsDataset
 from lora_pipeline.datasets.files import DiskFullError
 from lora_pipeline.diffusion.lora_files import save_lora_file
@@ -59,9 +61,9 @@ def test_atomic_folder_gives_what_save_file_wrote_the_umask_mode(tmp_path, umask
 def test_diffusers_export_is_readable_like_the_kohya_file_under_umask_022(trained, tmp_path, umask):
     """Issue repro: pytorch_lora_weights.safetensors came out 0600 beside a 0644 kohya file."""
     umask(0o022)
-    lora = {"state": trained["result"].lora_state}
+    lora = LoraFile(trained["result"].lora_state)
     kohya = LoraWeightsDataset(str(tmp_path / "t.safetensors"), version=Version(None, None))
-    kohya.save(export_kohya(lora, trained["summary"], {}))
+    kohya.save(export_kohya(lora, trained["summary"], ExportParams()))
     diffusers = DiffusersLoraDataset(str(tmp_path / "t_diffusers"), version=Version(None, None))
     diffusers.save(export_diffusers(lora, trained["summary"]))
     [weights] = (tmp_path / "t_diffusers").glob("*/t_diffusers/pytorch_lora_weights.safetensors")
@@ -102,9 +104,9 @@ def test_a_file_that_fits_is_still_written_on_the_small_disk(small_disk):
 def test_a_real_full_disk_during_export_is_one_message_and_no_version_folder(trained, small_disk, dataset):
     """Through Kedro's own save wrapper: a DatasetError passes it unchanged (anything else it wraps, and the
     user gets a traceback), and `kedro run` (lora_pipeline.cli) prints our error as one `Error: ...` line."""
-    lora = {"state": trained["result"].lora_state}
+    lora = LoraFile(trained["result"].lora_state)
     if dataset == "kohya":
-        target, data = LoraWeightsDataset, export_kohya(lora, trained["summary"], {})
+        target, data = LoraWeightsDataset, export_kohya(lora, trained["summary"], ExportParams())
     else:
         target, data = DiffusersLoraDataset, export_diffusers(lora, trained["summary"])
     name = {"kohya": "t.safetensors", "diffusers": "t_diffusers"}[dataset]

@@ -13,7 +13,15 @@ from train_helpers import make_params, summary_for
 
 from lora_pipeline.core import trainer
 from lora_pipeline.core.cache import DiskCache
-from lora_pipeline.core.config import PromptSpec
+from lora_pipeline.core.config import (
+    EvaluationParams,
+    ExportParams,
+    GenerationParams,
+    MergeParams,
+    PromptSpec,
+    TrainingParams,
+)
+from lora_pipeline.core.spec import DatasetInfo, LoraFile
 from lora_pipeline.core.trainer import cpu_runs_natively, throughput, warn_slow_cpu_precision
 from lora_pipeline.diffusion import training
 from lora_pipeline.diffusion.generation import render
@@ -100,8 +108,19 @@ def run_summary(run, **overrides):
 
 
 def export_to_library(run, library) -> dict:
-    return export_kohya({"state": run["result"].lora_state}, run_summary(run),
-                        {"precision": "fp16", "webui_lora_dir": str(library)})
+    return export_kohya(LoraFile(run["result"].lora_state), run_summary(run),
+                        ExportParams(precision="fp16", webui_lora_dir=str(library)))
+
+
+def merge_into(folder, merge: dict, generation: dict) -> str:
+    """The merge node's two outputs, saved as the catalog saves them; the diffusers folder's path."""
+    from lora_pipeline.datasets import CheckpointDataset, PretrainedFolderDataset
+    from lora_pipeline.pipelines.merge.nodes import merge_loras
+
+    model, checkpoint = merge_loras(MergeParams(**merge), GenerationParams(**generation))
+    PretrainedFolderDataset(str(folder)).save(model)
+    CheckpointDataset(f"{folder}.safetensors").save(checkpoint)
+    return str(folder)
 
 
 def test_generation_and_merge_work_on_bases_saved_in_reduced_precision(reduced_run, tiny_models, tmp_path,
@@ -110,22 +129,21 @@ def test_generation_and_merge_work_on_bases_saved_in_reduced_precision(reduced_r
     generation stage failed on such a base ("mat1 and mat2 must have the same dtype"), which includes the merge
     stage's own fp16 output."""
     from lora_pipeline.pipelines.generation.nodes import generate_images
-    from lora_pipeline.pipelines.merge.nodes import merge_loras
 
-    monkeypatch.chdir(tmp_path)  # the merge stage writes under data/06_models/merged
     name = reduced_run["params"].output_name
     export_to_library(reduced_run, tmp_path / "Lora")
     base = save_base(tiny_models, reduced_run["model"], DTYPES[reduced_run["mixed"]], tmp_path / "base")
     generation = {"base_model": str(base), "lora_dirs": [str(tmp_path / "Lora")], "device": "cpu",
                   "prompt": f"sks, red circle <lora:{name}:1.0>", "comparison_weights": [1.0], "thumbnail": 32,
                   "defaults": {"prompt": "-", "steps": 2, "width": 64, "height": 64}}
-    images, _, _ = generate_images(generation, {"metadata": {}})
+    images, _, _ = generate_images(GenerationParams(**generation), LoraFile({}))
     assert_picture(next(iter(images.values())))
 
-    merged = merge_loras({"loras": [{"name": name, "weight": 1.0}], "output_name": "m", "precision": "fp16"},
-                         generation)
-    images, _, _ = generate_images({**generation, "base_model": merged, "prompt": "sks, red circle"},
-                                   {"metadata": {}})
+    merged = merge_into(tmp_path / "merged" / "m", {"loras": [{"name": name, "weight": 1.0}], "output_name": "m",
+                                                    "precision": "fp16"}, generation)
+    assert (tmp_path / "merged" / "m.safetensors").is_file()
+    images, _, _ = generate_images(
+        GenerationParams(**{**generation, "base_model": merged, "prompt": "sks, red circle"}), LoraFile({}))
     assert_picture(next(iter(images.values())))
 
 
@@ -134,15 +152,14 @@ def test_an_fp32_merge_of_a_reduced_precision_base_adds_the_lora_in_fp32(reduced
     """The text encoder of a bf16/fp16 base arrives in that dtype; W + delta rounded there would lose most of
     a small LoRA's change before the fp32 file is written."""
     from lora_pipeline.diffusion.stack import merge_into_base
-    from lora_pipeline.pipelines.merge.nodes import merge_loras
 
-    monkeypatch.chdir(tmp_path)
     name = reduced_run["params"].output_name
     export_to_library(reduced_run, tmp_path / "Lora")
     base = save_base(tiny_models, reduced_run["model"], DTYPES[reduced_run["mixed"]], tmp_path / "base")
     generation = {"base_model": str(base), "lora_dirs": [str(tmp_path / "Lora")]}
-    merged = load_diffusion_model(merge_loras({"loras": [{"name": name, "weight": 1.0}], "output_name": "m",
-                                               "precision": "fp32"}, generation))
+    merged = load_diffusion_model(merge_into(tmp_path / "merged" / "m", {"loras": [{"name": name, "weight": 1.0}],
+                                                                         "output_name": "m", "precision": "fp32"},
+                                             generation))
     expected = load_diffusion_model(str(base))
     for module in expected.modules().values():
         module.float()
@@ -164,11 +181,11 @@ def test_evaluation_scores_a_lora_on_a_base_saved_in_reduced_precision(reduced_r
     base = save_base(tiny_models, reduced_run["model"], DTYPES[reduced_run["mixed"]], tmp_path / "base")
     lora = export_to_library(reduced_run, tmp_path / "Lora")
     metadata = metadata_of(examples)
-    params = {"clip_model": str(tiny_models["tiny-clip"]), "eval_prompts": ["sks, red circle"], "eval_steps": 2,
-              "eval_size": 64, "timesteps": [500], "device": "cpu"}
+    params = EvaluationParams(clip_model=str(tiny_models["tiny-clip"]), eval_prompts=["sks, red circle"],
+                              eval_steps=2, eval_size=64, timesteps=[500], device="cpu")
     _, _, figures = evaluate_lora(ImageFolder(examples[0].path.parent, [ex.path.name for ex in examples]), metadata,
                                   DiskCache(tmp_path / "cache"), lora, run_summary(reduced_run, base_model=str(base)),
-                                  params, {"base_model": str(base)})
+                                  params, TrainingParams(base_model=str(base)))
     assert {"loss_train_base", "loss_train_lora", "clip_score_lora", "style_similarity_lora"} <= figures.keys()
     assert np.isfinite(list(figures.values())).all()
     assert figures["loss_train_lora"] != figures["loss_train_base"]
@@ -212,20 +229,20 @@ def test_the_training_node_outputs_and_exports_the_lora_when_sampling_fails(tiny
     monkeypatch.setattr(training, "render_samples", failing_samples)
     folder = tiny_examples[0].path.parent
     metadata = metadata_of(tiny_examples)
-    params = make_params(tiny_models, tmp_path, max_steps=2, sample_prompts=["sks"]).model_dump()
+    params = make_params(tiny_models, tmp_path, max_steps=2, sample_prompts=["sks"])
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         with mlflow.start_run() as run:
             weights, summary = train_lora(ImageFolder(folder, [ex.path.name for ex in tiny_examples]), metadata,
-                                          {"trigger": "sks"}, DiskCache(tmp_path / "cache"), params)
-            exported = export_kohya(weights, summary, {"precision": "fp16",
-                                                       "webui_lora_dir": str(tmp_path / "Lora")})
+                                          DatasetInfo(trigger="sks"), DiskCache(tmp_path / "cache"), params)
+            exported = export_kohya(weights, summary, ExportParams(precision="fp16",
+                                                                   webui_lora_dir=str(tmp_path / "Lora")))
         tags = mlflow.get_run(run.info.run_id).data.tags
     finally:
         mlflow.set_tracking_uri(previous)
-    assert weights["state"] and summary.steps == 2
-    assert (tmp_path / "Lora" / "test_lora.safetensors").is_file() and exported["state"]
+    assert weights.state and summary.steps == 2
+    assert (tmp_path / "Lora" / "test_lora.safetensors").is_file() and exported.state
     assert "bias type (float)" in tags["lora.test_lora.sample_error"]
 
 

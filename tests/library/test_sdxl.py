@@ -289,6 +289,8 @@ def test_generation_stage_renders_sdxl_with_a_stacked_lora(tiny_models, sdxl_tra
     """The generation node on an SDXL base: the LoRA tag resolves, changes the image, and PNG info is written."""
     import numpy as np
 
+    from lora_pipeline.core.config import GenerationParams
+    from lora_pipeline.core.spec import LoraFile
     from lora_pipeline.pipelines.generation import nodes
 
     library = tmp_path / "Lora"
@@ -297,10 +299,10 @@ def test_generation_stage_renders_sdxl_with_a_stacked_lora(tiny_models, sdxl_tra
     params = {"base_model": str(tiny_models["tiny-sdxl"]), "lora_dirs": [str(library)], "device": "cpu",
               "prompt": "sks, red circle <lora:xl:1.0>", "comparison_weights": [0.0, 1.0], "thumbnail": 32,
               "defaults": {"prompt": "-", "steps": 2, "width": 64, "height": 64, "seed": 3}}
-    images, sheet, grid = nodes.generate_images(params, {"metadata": {}})
+    images, sheet, grid = nodes.generate_images(GenerationParams(**params), LoraFile({}))
     [(name, image)] = images.items()
     assert image.size == (64, 64) and "<lora:xl:1>" in image.info["parameters"]
-    without = nodes.generate_images({**params, "prompt": "sks, red circle"}, {"metadata": {}})[0]
+    without = nodes.generate_images(GenerationParams(**{**params, "prompt": "sks, red circle"}), LoraFile({}))[0]
     assert np.abs(np.asarray(image, float) - np.asarray(next(iter(without.values())), float)).max() > 0
     assert grid.size[0] == 2 * 32
 

@@ -2,7 +2,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from lora_pipeline.core.config import ExportParams
 from lora_pipeline.core.errors import DataError
+from lora_pipeline.core.spec import LoraFile
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.diffusion.dataset import build_examples, dataset_hash
 from lora_pipeline.pipelines.export.nodes import export_kohya, write_model_card
@@ -36,9 +38,10 @@ def test_build_examples_errors_name_the_next_step(tmp_path):
 
 def test_export_nodes_write_webui_copy_and_card(trained, tmp_path):
     summary = trained["summary"]
-    out = export_kohya({"state": trained["result"].lora_state}, summary,
-                       {"precision": "fp32", "webui_lora_dir": str(tmp_path / "webui")})
+    out = export_kohya(LoraFile(trained["result"].lora_state), summary,
+                       ExportParams(precision="fp32", webui_lora_dir=str(tmp_path / "webui")))
     assert (tmp_path / "webui" / "test_lora.safetensors").is_file()
-    assert out["metadata"]["ss_network_alpha"] == "8.0"
-    card = write_model_card(summary, {})
+    assert isinstance(out, LoraFile) and out.metadata["ss_network_alpha"] == "8.0"
+    assert all(isinstance(value, str) for value in out.metadata.values())  # as the file's header holds it
+    card = write_model_card(summary, ExportParams())
     assert "<lora:test_lora:0.8>" in card and "load_lora_weights" in card and "| sks | 8 |" in card

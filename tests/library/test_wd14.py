@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.config import CaptioningParams
 from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
 from lora_pipeline.pipelines.captioning import nodes
@@ -87,7 +88,7 @@ def test_captioning_node_tags_new_images_once_and_keeps_the_trigger_first(tagger
     _solid((0, 0, 255)).save(raw / "blue.png")
     (raw / "blue.txt").write_text("human caption", encoding="utf-8")  # a sidecar is never overwritten
     folder = ImageFolderDataset(str(raw)).load()
-    params = {"backend": "wd14", "model": str(tagger_dir), "trigger": "sks", "wd14": {"exclude_tags": ["^_^"]}}
+    params = CaptioningParams(backend="wd14", model=str(tagger_dir), trigger="sks", wd14={"exclude_tags": ["^_^"]})
     cache = DiskCache(tmp_path / "cache")
     manifest = nodes.scan_images(folder, cache, params)
     captions, _ = nodes.caption_images(manifest, pd.DataFrame(columns=["file_name", "text"]), cache, folder, params)

@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.config import CaptioningParams
 from lora_pipeline.core.errors import ModelNotFoundError
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
 from lora_pipeline.pipelines.captioning import nodes
@@ -31,7 +32,7 @@ def spy(monkeypatch):
 
 
 def _params(model, **overrides):
-    return {"backend": "blip", "model": str(model), "trigger": "sks", **overrides}
+    return CaptioningParams(**{"backend": "blip", "model": str(model), "trigger": "sks", **overrides})
 
 
 def _run(folder, cache_dir, params, reviewed=NO_REVIEW):
@@ -93,7 +94,7 @@ def test_changed_captioner_settings_recaption_everything(demo_images, tmp_path, 
 
 def test_sidecar_backend_never_loads_a_model(demo_images, tmp_path, monkeypatch):
     monkeypatch.setattr(nodes, "load_captioner", lambda p: pytest.fail("no model for backend: sidecar"))
-    table, _ = _run(demo_images, tmp_path / "cache", {"backend": "sidecar", "trigger": "sks"})
+    table, _ = _run(demo_images, tmp_path / "cache", CaptioningParams(backend="sidecar", trigger="sks"))
     assert set(table.source) == {"sidecar", "none"}
 
 
@@ -117,6 +118,7 @@ def test_caption_extension_reads_kohya_caption_files(tmp_path):
     (tmp_path / "a.caption").write_text("aki, red jacket\n", encoding="utf-8")
     (tmp_path / "a.txt").write_text("not this one\n", encoding="utf-8")
     raw = ImageFolderDataset(str(tmp_path)).load()
-    assert nodes.scan_images(raw, None, {"backend": "sidecar", "caption_extension": ".caption"}).sidecar[0] == \
+    caption = CaptioningParams(backend="sidecar", caption_extension=".caption")
+    assert nodes.scan_images(raw, None, caption).sidecar[0] == \
         "aki, red jacket"
     assert nodes.scan_images(raw).sidecar[0] == "not this one"  # .txt by default

@@ -13,14 +13,15 @@ import pytest
 from PIL import Image
 
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.config import CaptioningParams, NormalizationParams
 from lora_pipeline.core.files import atomic_path, atomic_write_text
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
 from lora_pipeline.pipelines.captioning import nodes as captioning
 from lora_pipeline.pipelines.normalization import nodes as normalization
 from lora_pipeline.prep.images import load_rgb
 
-PARAMS = {"min_size": 32, "resolution": 64, "bucket_step": 32, "bucket_min": 64, "bucket_max": 128,
-          "near_duplicates": True, "prompt": {"trigger": "sks"}}
+PARAMS = NormalizationParams(min_size=32, resolution=64, bucket_step=32, bucket_min=64, bucket_max=128,
+                             near_duplicates=True, prompt={"trigger": "sks"})
 
 
 def _photo(path, seed=0, size=(96, 96), fmt=None, quality=None):
@@ -69,7 +70,7 @@ def test_a_gbk_sidecar_is_read_and_flagged_not_replaced(tmp_path, tiny_models):
     _photo(folder / "a.png", seed=3)
     (folder / "a.txt").write_bytes("红色头发，微笑，户外，长发".encode("gbk"))
     raw = ImageFolderDataset(str(folder)).load()
-    params = {"backend": "sidecar", "trigger": "sks"}
+    params = CaptioningParams(backend="sidecar", trigger="sks")
     cache = DiskCache(tmp_path / "cache")
     manifest = captioning.scan_images(raw, cache, params)
     captions, _ = captioning.caption_images(manifest, pd.DataFrame(columns=["file_name", "text"]), cache, raw, params)

@@ -3,12 +3,13 @@ import pytest
 from PIL import Image
 
 from lora_pipeline.core.cache import DiskCache
+from lora_pipeline.core.config import NormalizationParams
 from lora_pipeline.core.errors import DataError
 from lora_pipeline.core.files import sha256_file
 from lora_pipeline.datasets.image_folder import ImageFolderDataset
 from lora_pipeline.pipelines.normalization import nodes
 
-PARAMS = {"min_size": 512, "resolution": 128, "bucket_min": 64, "bucket_max": 256, "bucket_step": 32}
+PARAMS = NormalizationParams(min_size=512, resolution=128, bucket_min=64, bucket_max=256, bucket_step=32)
 
 
 def _captions(checks: pd.DataFrame, text: str = "sks, circle") -> pd.DataFrame:
@@ -36,7 +37,7 @@ def test_near_duplicates_are_optional(demo_images):
     image.resize((image.width + 4, image.height + 4)).save(demo_images / "blue_square_0_resized.png")
     raw = ImageFolderDataset(str(demo_images)).load()
     assert nodes.inspect_images(raw, PARAMS).set_index("file_name").loc["blue_square_0_resized.png"].status == "kept"
-    near = nodes.inspect_images(raw, {**PARAMS, "near_duplicates": True}).set_index("file_name")
+    near = nodes.inspect_images(raw, PARAMS.model_copy(update={"near_duplicates": True})).set_index("file_name")
     # the better copy stays: both lossless, the larger one wins, and the smaller one's reason names it
     assert near.loc["blue_square_0_resized.png"].status == "kept"
     assert near.loc["blue_square_0.png"].reason_code == "near_duplicate"
@@ -47,7 +48,7 @@ def test_crop_mode_never_upscales(tmp_path):
     Image.new("RGB", (600, 600)).save(tmp_path / "a.png")
     Image.new("RGB", (1000, 800)).save(tmp_path / "b.png")
     raw = ImageFolderDataset(str(tmp_path)).load()
-    checks = nodes.inspect_images(raw, {"mode": "crop", "resolution": 768, "bucket_max": 1024, "min_size": 512})
+    checks = nodes.inspect_images(raw, NormalizationParams(mode="crop", resolution=768, bucket_max=1024, min_size=512))
     by_name = checks.set_index("file_name")
     assert by_name.loc["a.png"].reason_code == "needs_upscale"
     assert (by_name.loc["b.png"].bucket_width, by_name.loc["b.png"].bucket_height) == (768, 768)
@@ -85,7 +86,8 @@ def test_build_training_metadata_normalizes_prompts_and_flags_captions(demo_imag
     captions.loc[captions.file_name == "blue_circle_1.png", "text"] = "sks"
     captions.loc[captions.file_name == "blue_square_0.png", "sha256"] = "changed"
     captions = captions[captions.file_name != "palette.png"]
-    params = {**PARAMS, "prompt": {"trigger": "sks", "front_keywords": ["simple background"], "keep_tokens": 2}}
+    prompt = {"trigger": "sks", "front_keywords": ["simple background"], "keep_tokens": 2}
+    params = NormalizationParams(**{**PARAMS.model_dump(), "prompt": prompt})
     metadata, snapshot, report, info, metrics = nodes.build_training_metadata(checks, captions, params)
     assert snapshot is metadata
     kept = checks[checks.status == "kept"]
@@ -106,8 +108,8 @@ def test_build_training_metadata_normalizes_prompts_and_flags_captions(demo_imag
     assert flags["palette.png"].startswith("no caption")
     assert flags["red_circle_1.png"] == ""
     assert len(report) == len(checks)
-    assert info["keep_tokens"] == 2 and info["num_images"] == len(kept)
-    assert info["tag_frequency"]["sks"] == len(kept) - 1  # palette.png has no caption at all
+    assert info.keep_tokens == 2 and info.num_images == len(kept)
+    assert info.tag_frequency["sks"] == len(kept) - 1  # palette.png has no caption at all
     assert metrics["images_rejected"]["value"] == 3 and metrics["rejected_duplicate"]["value"] == 1
 
 

@@ -80,12 +80,14 @@ def run_subjects(env: str | None, run_all: bool, runner: str | None) -> None:
         context = session.load_context()
         subjects = list(context.config_loader.subjects())
         changed = []
+        parameters = context.config_loader["parameters"]  # as written: context.params holds the models built from them
         for name in subjects:
-            previous = recorded_fingerprint(name)
-            if run_all or previous.get("fingerprint") != subject_fingerprint(context.catalog, context.params, name):
+            previous = recorded_fingerprint(context.catalog, name)
+            if run_all or previous is None or \
+                    previous.fingerprint != subject_fingerprint(context.catalog, parameters, name):
                 changed.append(name)
             else:
-                click.echo(f"Subject {name}: unchanged since it was trained at {previous.get('trained_at')} "
+                click.echo(f"Subject {name}: unchanged since it was trained at {previous.trained_at} "
                            f"(same images, captions and parameters); not retrained.")
     if not changed:
         click.echo("No subject changed: nothing to do. `lora-pipeline run --all` runs every subject anyway.")

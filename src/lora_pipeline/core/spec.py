@@ -1,18 +1,23 @@
-"""The typed objects that travel between stages: what a LoRA *is* (:class:`LoraSpec`) and what a training run
-produced (:class:`TrainingSummary`).
+"""The typed objects that travel between stages: what a LoRA *is* (:class:`LoraSpec`), a LoRA file's tensors and
+header (:class:`LoraFile`), what normalization found (:class:`DatasetInfo`) and what a training run produced
+(:class:`ImageTrainingSummary`, :class:`LLMTrainingSummary`).
 
-Training writes both; export, generation, merge, evaluation and the LLM export only read them. Nothing after
-training re-derives rank, alpha or targets from the current parameters, so editing ``parameters_*.yml``
-between training and export cannot silently change an adapter.
+Training writes the summaries; export, generation, merge, evaluation and the LLM export and evaluation only read
+them. Nothing after training re-derives rank, alpha, targets or the base model from the current parameters, so
+editing ``parameters_*.yml`` between training and export cannot silently change an adapter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 Family = Literal["sd1", "sdxl", "causal_lm"]
 
@@ -24,6 +29,26 @@ def rescale_up(up, from_scale: float, to_scale: float):
     scale 1, which diffusers assumes for a state dict without metadata) and, through ``LoraModule.delta``, to
     merge."""
     return up if from_scale == to_scale else up * (from_scale / to_scale)
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA as one ``.safetensors`` file holds it: tensors by name and the header's string metadata.
+
+    What training hands export (its own layout, ``metadata["format"]``), what export writes (kohya names, the
+    ``ss_*`` / ``modelspec.*`` header) and what generation and evaluation read back."""
+
+    state: dict[str, Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DiffusersLora:
+    """diffusers' LoRA folder to write: training-layout weights and the summary whose spec says rank, alpha and
+    targets (the adapter metadata that lets alpha != rank survive ``load_lora_weights``)."""
+
+    weights: LoraFile
+    summary: ImageTrainingSummary
 
 
 @dataclass(frozen=True)
@@ -78,8 +103,49 @@ class LoraSpec(BaseModel):
                 "bias": "none", "target_modules": targets if isinstance(targets, str) else list(targets)}
 
 
+class FolderInfo(BaseModel):
+    """One source folder of a subject: its role (``instance`` or kohya's ``reg``), repeats, class tokens, counts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    folder: str
+    role: Literal["instance", "reg"]
+    repeats: int = 1
+    class_tokens: str = ""
+    kept: int = 0
+    rejected: int = 0
+
+
+class DatasetInfo(BaseModel):
+    """What normalization made of a subject's images (``dataset_info.json``), as training reads it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    trigger: str = ""
+    keep_tokens: int = 0
+    mode: str = "buckets"
+    resolution: list[int] = Field(default_factory=list)
+    num_images: int = 0
+    num_reg_images: int = 0
+    num_rejected: int = 0
+    buckets: dict[str, int] = Field(default_factory=dict, description="``WxH`` -> images in that bucket")
+    tag_frequency: dict[str, int] = Field(default_factory=dict)
+    folders: list[FolderInfo] = Field(default_factory=list)
+
+
+class SubjectInputs(BaseModel):
+    """What a subject was last trained and exported from (``<subject>.subject_inputs``): the fingerprint of its
+    raw files and parameters, so ``lora-pipeline run`` skips a subject with nothing new."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fingerprint: str
+    trained_at: str
+
+
 class TrainingSummary(BaseModel):
-    """What one training run produced, as export, evaluation, generation and lineage need it."""
+    """What every training run produced, image or LLM; :class:`ImageTrainingSummary` and
+    :class:`LLMTrainingSummary` add their track's figures. :func:`training_summary_from_json` reads either."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -98,7 +164,28 @@ class TrainingSummary(BaseModel):
     peak_memory_mb: float = 0.0
     resumed_from: str | None = None
     mlflow_run_id: str | None = None
-    # image track
+
+    # Summaries written before the split held both tracks' fields (the other track's at their defaults).
+    _OTHER_TRACK: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_the_other_tracks_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls._OTHER_TRACK & data.keys():
+            return {key: value for key, value in data.items() if key not in cls._OTHER_TRACK}
+        return data
+
+    @property
+    def family(self) -> Family:
+        return self.spec.family
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ImageTrainingSummary(TrainingSummary):
+    """A diffusion LoRA's training run, as export, evaluation, generation, reporting and lineage need it."""
+
     num_images: int = 0
     resolution: list[int] | None = None
     trigger: str = ""
@@ -115,7 +202,14 @@ class TrainingSummary(BaseModel):
                                           "or reg), kohya repeats, class tokens and image count")
     unet_layout: dict[str, Any] = Field(default_factory=dict, description="layers_per_block and up_block_types: "
                                         "what kohya's SGM-layout names need, so export never loads the base")
-    # LLM track
+
+    def unet_config(self) -> SimpleNamespace:
+        return SimpleNamespace(**self.unet_layout)
+
+
+class LLMTrainingSummary(TrainingSummary):
+    """An LLM adapter's training run, as the LLM export and evaluation need it."""
+
     train_samples: int = 0
     validation_samples: int = 0
     eval_loss_base: float | None = None
@@ -124,12 +218,14 @@ class TrainingSummary(BaseModel):
     init_from: str | None = Field(None, description="the adapter / LoRA this run started from (a retrain)")
     truncated_samples: int = 0
 
-    @property
-    def family(self) -> Family:
-        return self.spec.family
 
-    def unet_config(self) -> SimpleNamespace:
-        return SimpleNamespace(**self.unet_layout)
+_BASE_FIELDS = frozenset(TrainingSummary.model_fields)
+ImageTrainingSummary._OTHER_TRACK = frozenset(LLMTrainingSummary.model_fields) - _BASE_FIELDS
+LLMTrainingSummary._OTHER_TRACK = frozenset(ImageTrainingSummary.model_fields) - _BASE_FIELDS
 
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+
+def training_summary_from_json(text: str) -> ImageTrainingSummary | LLMTrainingSummary:
+    """A summary file of either track (the spec's family says which), old single-class files included."""
+    data = json.loads(text)
+    family = data.get("spec", {}).get("family") if isinstance(data, dict) else None
+    return (LLMTrainingSummary if family == "causal_lm" else ImageTrainingSummary).model_validate(data)

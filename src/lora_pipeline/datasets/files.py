@@ -1,10 +1,12 @@
-"""Small path-level datasets: a raw input file handed to a node as a path, and a save_pretrained folder."""
+"""Small path-level datasets: a raw input file handed to a node as a path, a save_pretrained folder, a
+single-file checkpoint; and :class:`TrackedArtifact`, how a dataset says what belongs in MLflow."""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 
@@ -25,6 +27,17 @@ def disk_full_is_one_message() -> Iterator[None]:
         yield
     except NoSpaceError as exc:
         raise DiskFullError(exc.strerror) from None
+
+
+@dataclass(frozen=True)
+class TrackedArtifact:
+    """What a save wrote that belongs in the run's record: a file or folder, the artifact folder it goes to, and
+    tags. Datasets only set it (``dataset.tracked``); the project's tracking hook logs it into the active run, so
+    no dataset talks to MLflow."""
+
+    path: Path
+    artifact_path: str
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class RawFileDataset(AbstractDataset[None, Path]):
@@ -48,11 +61,13 @@ class RawFileDataset(AbstractDataset[None, Path]):
 
 
 class VersionedPathDataset(AbstractVersionedDataset[Any, Any]):
-    """Shared plumbing of the project's versioned file/folder datasets."""
+    """Shared plumbing of the project's versioned file/folder datasets (``versioned: false`` in the catalog: one
+    file or folder, replaced by each save)."""
 
     def __init__(self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None):
         super().__init__(filepath=PurePosixPath(filepath), version=version)
         self.metadata = metadata
+        self.tracked: TrackedArtifact | None = None  # set by a save whose output MLflow should keep
 
     def _exists(self) -> bool:
         try:
@@ -67,6 +82,9 @@ class VersionedPathDataset(AbstractVersionedDataset[Any, Any]):
 class PretrainedFolderDataset(VersionedPathDataset):
     """Save: a :class:`PretrainedFolder` (parts with ``save_pretrained`` and our README.md), atomically; also a
     bare model or ``(model, tokenizer)``. Load returns the folder, which ``from_pretrained`` takes.
+
+    ``log_to_mlflow: <artifact folder>`` keeps the saved folder in the run (and the adapter weights' sha256 as
+    the tag ``<artifact folder>.sha256``, what ``lora-pipeline lineage <adapter folder>`` looks up).
     """
 
     def __init__(self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None,
@@ -87,12 +105,25 @@ class PretrainedFolderDataset(VersionedPathDataset):
             if folder.model_card is not None:
                 (Path(tmp) / "README.md").write_text(folder.model_card, encoding="utf-8")
         if self._log_to_mlflow:
-            import mlflow
-
             from lora_pipeline.core.files import sha256_file
 
-            if mlflow.active_run():
-                mlflow.log_artifacts(str(target), artifact_path=self._log_to_mlflow)
-                weights = target / "adapter_model.safetensors"
-                if weights.is_file():  # what `lora-pipeline lineage <adapter folder>` looks up
-                    mlflow.set_tag(f"{self._log_to_mlflow}.sha256", sha256_file(weights))
+            weights = target / "adapter_model.safetensors"
+            tags = {f"{self._log_to_mlflow}.sha256": sha256_file(weights)} if weights.is_file() else {}
+            self.tracked = TrackedArtifact(target, self._log_to_mlflow, tags)
+
+
+class CheckpointDataset(VersionedPathDataset):
+    """A single-file model checkpoint: save a state dict as one ``.safetensors`` file (atomic); load returns its
+    path, which the single-file loaders (and WebUI) take."""
+
+    def load(self) -> Path:
+        return Path(self._get_load_path())
+
+    def save(self, data: Mapping[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        from lora_pipeline.core.files import atomic_path
+
+        # clone: tensors that share storage (tied weights) cannot be written as they are
+        with disk_full_is_one_message(), atomic_path(self._get_save_path()) as tmp:
+            save_file({key: value.contiguous().clone() for key, value in data.items()}, str(tmp))

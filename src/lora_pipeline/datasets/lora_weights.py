@@ -7,14 +7,16 @@ from typing import Any
 
 from kedro.io import Version
 
-from lora_pipeline.datasets.files import VersionedPathDataset, disk_full_is_one_message
+from lora_pipeline.core.spec import DiffusersLora, LoraFile
+from lora_pipeline.datasets.files import TrackedArtifact, VersionedPathDataset, disk_full_is_one_message
 from lora_pipeline.diffusion.lora_files import load_lora_file, save_diffusers_lora, save_lora_file
 
 
 class LoraWeightsDataset(VersionedPathDataset):
-    """A ``.safetensors`` file <-> ``{"state": {name: tensor}, "metadata": {key: value}}``.
+    """A ``.safetensors`` file <-> :class:`LoraFile` (tensors and header metadata).
 
-    kedro-datasets has no safetensors dataset with header metadata; writes are atomic.
+    kedro-datasets has no safetensors dataset with header metadata; writes are atomic. ``log_to_mlflow: true``
+    keeps each saved file in the run, under ``lora/``.
     """
 
     def __init__(self, filepath: str, version: Version | None = None, log_to_mlflow: bool = False,
@@ -22,31 +24,28 @@ class LoraWeightsDataset(VersionedPathDataset):
         super().__init__(filepath, version, metadata)
         self._log_to_mlflow = log_to_mlflow
 
-    def load(self) -> dict:
+    def load(self) -> LoraFile:
         state, header = load_lora_file(self._get_load_path())
-        return {"state": state, "metadata": header}
+        return LoraFile(state, header)
 
-    def save(self, data: dict) -> None:
-        path = self._get_save_path()
+    def save(self, data: LoraFile) -> None:
+        path = Path(self._get_save_path())
         with disk_full_is_one_message():
-            save_lora_file(path, data["state"], data.get("metadata", {}))
+            save_lora_file(path, data.state, data.metadata)
         if self._log_to_mlflow:
-            import mlflow
-
-            if mlflow.active_run():
-                mlflow.log_artifact(str(path), artifact_path="lora")
+            self.tracked = TrackedArtifact(path, "lora")
 
 
 class DiffusersLoraDataset(VersionedPathDataset):
     """A diffusers LoRA folder (``pytorch_lora_weights.safetensors`` + adapter metadata).
 
-    Save takes ``{"state": training-layout weights, "summary": training summary}``; load returns the folder
-    path, which is what ``pipe.load_lora_weights`` wants.
+    Save takes a :class:`DiffusersLora` (training-layout weights and the training summary); load returns the
+    folder path, which is what ``pipe.load_lora_weights`` wants.
     """
 
     def load(self) -> Path:
         return Path(self._get_load_path())
 
-    def save(self, data: dict) -> None:
+    def save(self, data: DiffusersLora) -> None:
         with disk_full_is_one_message():
-            save_diffusers_lora(self._get_save_path(), data["state"], data["summary"])
+            save_diffusers_lora(self._get_save_path(), data.weights.state, data.summary)

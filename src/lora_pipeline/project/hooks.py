@@ -10,6 +10,7 @@ from kedro.framework.hooks import hook_impl
 
 from lora_pipeline.core.config import validate_all
 from lora_pipeline.core.errors import ConfigError
+from lora_pipeline.pipelines import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,11 @@ class ValidateParametersHook:
     """Everything that can stop a run is checked before its first node, so a typo or a busy subject costs seconds,
     not a GPU hour: every parameter group is validated when the context is created; before the pipeline runs, the
     files and folders its groups name are checked (base models, captioning models, init LoRAs, LoRA folders) and
-    the training lock of every subject it trains is taken, held until the run ends."""
+    the training lock of every subject it trains is taken, held until the run ends.
+
+    Nodes never parse parameters: each node function annotates its ``params:<group>`` argument with the group's
+    model (``p: TrainingParams``), and Kedro (1.7's parameter validation, when the session builds its catalog)
+    hands it that model. The raw files are validated here first, for errors that name the file and key."""
 
     def __init__(self):
         self._validated: dict = {}
@@ -39,7 +44,9 @@ class ValidateParametersHook:
         install()  # again: Kedro's logging setup resets child loggers' levels after settings.py ran
         subjects = context.config_loader.subjects() if hasattr(context.config_loader, "subjects") else {}
         try:
-            self._validated = validate_all(context.params, subjects)
+            # The raw parameters (runtime --params included), not context.params: that property would build the
+            # models first and fail with Kedro's message, which names neither the file nor the known keys.
+            self._validated = validate_all(context.config_loader["parameters"], subjects)
         except ConfigError as exc:
             runtime = getattr(context.config_loader, "runtime_params", None) or {}
             if not runtime:
@@ -60,7 +67,7 @@ class ValidateParametersHook:
             self._take_locks({node.name for node in pipeline.nodes})
         except Exception:
             self._release()
-            _fail_tracking_run()
+            tracking.end_run("FAILED")  # a run stopped before its first node is FAILED (kedro-mlflow opened it)
             raise
 
     def _take_locks(self, node_names: set[str]) -> None:
@@ -107,19 +114,11 @@ def _images_needing_a_captioner(catalog, subject: str, validated: dict) -> list[
     return [name for name in images.names if not has_human_caption(name in reviewed, has_sidecar(name), p)]
 
 
-def _fail_tracking_run() -> None:
-    """A run stopped before its first node is FAILED in MLflow (kedro-mlflow opened it already)."""
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.end_run(status="FAILED")
-
-
 class SubjectFingerprintHook:
     """Remembers what each subject was trained on, so ``lora-pipeline run`` can skip unchanged subjects.
 
-    The fingerprint is taken before the run starts and written only when the run finishes without error and
-    trained and exported that subject.
+    The fingerprint is taken before the run starts and written (catalog entry ``<subject>.subject_inputs``) only
+    when the run finishes without error and trained and exported that subject.
     """
 
     def __init__(self):
@@ -138,7 +137,8 @@ class SubjectFingerprintHook:
         if loader is None or not hasattr(loader, "subjects"):
             return
         names = {node.name for node in pipeline.nodes}
-        self._pending = {subject: subject_fingerprint(catalog, self._context.params, subject)
+        parameters = loader["parameters"]  # as written (context.params holds the models built from them)
+        self._pending = {subject: subject_fingerprint(catalog, parameters, subject)
                          for subject in loader.subjects()
                          if {f"{subject}.train_lora", f"{subject}.export_kohya"} <= names}
 
@@ -147,7 +147,7 @@ class SubjectFingerprintHook:
         from lora_pipeline.project.subjects import record_fingerprint
 
         for subject, fingerprint in self._pending.items():
-            record_fingerprint(subject, fingerprint)
+            record_fingerprint(catalog, subject, fingerprint)
         self._pending = {}
 
 
@@ -167,10 +167,14 @@ class SubjectStageRunsHook:
 
     A stage's run is opened before its first node and closed when the node's last output is saved (Kedro calls
     ``after_node_run`` before saving). ParallelRunner workers find a stage run another worker opened by its tags.
+
+    It also logs what datasets mark for the record (:class:`~lora_pipeline.datasets.files.TrackedArtifact`: the
+    exported LoRA, the LLM adapter folder) into the run that is active when they are saved, before that run closes.
     """
 
     def __init__(self):
         self._open: dict[str, set[str]] = {}  # node name -> outputs not saved yet
+        self._catalog = None  # the catalog the nodes save through (in this process: ParallelRunner workers too)
 
     @staticmethod
     def _stage_of(node) -> tuple[str, str] | None:
@@ -187,52 +191,43 @@ class SubjectStageRunsHook:
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs, is_async, run_id) -> None:
-        import mlflow
-
+        self._catalog = catalog
+        if getattr(self, "_runner", None) and not getattr(self, "_runner_tagged", False):
+            closed = tracking.tag_kedro_run(self._runner)
+            if closed is not None:
+                self._runner_tagged = True
+                for run in closed:
+                    logger.warning("MLflow run %s was left RUNNING by a process that no longer exists (killed?); "
+                                   "marked KILLED.", run)
+        tracking.log_parameter_groups(inputs)  # into the `kedro run`'s run, beside kedro-mlflow's (so before:)
         where = self._stage_of(node)
-        parent = mlflow.active_run()
-        if parent is not None and getattr(self, "_runner", None) and not getattr(self, "_runner_tagged", False) \
-                and "mlflow.parentRunId" not in parent.data.tags:
-            from lora_pipeline.pipelines.metrics import close_abandoned_runs, process_tags
-
-            # kedro-mlflow tags the run with the runner object's repr; a name is what people filter on
-            mlflow.set_tags({"runner": self._runner, **process_tags()})
-            self._runner_tagged = True
-            for run_id in close_abandoned_runs([parent.info.experiment_id]):
-                logger.warning("MLflow run %s was left RUNNING by a process that no longer exists (killed?); "
-                               "marked KILLED.", run_id)
-        if where is None or parent is None:
-            return
-        subject, stage = where
-        client = mlflow.tracking.MlflowClient()
-        found = client.search_runs(
-            [parent.info.experiment_id], max_results=1,
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.subject = '{subject}' "
-                          f"and tags.stage = '{stage}'")
-        if found:
-            mlflow.start_run(run_id=found[0].info.run_id, nested=True)
-        else:
-            from lora_pipeline.pipelines.metrics import process_tags
-
-            mlflow.start_run(run_name=f"{subject}.{stage}", nested=True,
-                             tags={"subject": subject, "stage": stage, **process_tags()})
-        self._open[node.name] = set(node.outputs)
+        if where is not None and tracking.start_stage_run(*where):
+            self._open[node.name] = set(node.outputs)
 
     @hook_impl
     def after_dataset_saved(self, dataset_name, data, node) -> None:
-        import mlflow
-
+        self._log_tracked(dataset_name)
         pending = self._open.get(node.name)
         if pending is None:
             return
         pending.discard(dataset_name)
         if not pending:
             del self._open[node.name]
-            mlflow.end_run()
+            tracking.end_run()
+
+    def _log_tracked(self, dataset_name: str) -> None:
+        dataset = self._catalog.get(dataset_name) if self._catalog is not None else None
+        artifact = getattr(dataset, "tracked", None)
+        if artifact is None:
+            return
+        dataset.tracked = None
+        if artifact.path.is_dir():
+            tracking.log_artifacts(artifact.path, artifact.artifact_path)
+        else:
+            tracking.log_artifact(artifact.path, artifact.artifact_path)
+        tracking.set_tags(artifact.tags)
 
     @hook_impl
     def on_node_error(self, error, node, catalog, inputs, is_async, run_id) -> None:
-        import mlflow
-
         if self._open.pop(node.name, None) is not None:
-            mlflow.end_run(status="FAILED")
+            tracking.end_run("FAILED")

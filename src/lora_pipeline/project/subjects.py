@@ -126,9 +126,6 @@ def project_subjects(conf_source: str | Path = "conf", env: str | None = None) -
 
 # ----------------------------------------------------------------------------- which subjects changed
 
-FINGERPRINT_DIR = Path("data/06_models/subject_inputs")
-
-
 def _raw_paths(catalog, name: str) -> list[Path]:
     """The files a subject's run reads from raw data: its image folder (sidecars included) and reviewed captions."""
     paths = []
@@ -158,20 +155,28 @@ def subject_fingerprint(catalog, parameters: Mapping[str, Any], name: str) -> st
     return sha256_hex(lines())
 
 
-def recorded_fingerprint(name: str) -> dict[str, Any]:
-    import json
+def inputs_dataset(name: str) -> str:
+    """The catalog entry that remembers what subject ``name`` was last trained on (``{subject}.subject_inputs``)."""
+    return f"{name}.subject_inputs"
+
+
+def recorded_fingerprint(catalog, name: str):
+    """The :class:`~lora_pipeline.core.spec.SubjectInputs` recorded after the subject's last full run, or None
+    (never trained here, or a file this version cannot read: the subject counts as changed)."""
+    from kedro.io import DatasetError
+
+    from lora_pipeline.core.errors import DataError
 
     try:
-        return json.loads((FINGERPRINT_DIR / f"{name}.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+        return catalog.load(inputs_dataset(name)) if catalog.exists(inputs_dataset(name)) else None
+    except (DatasetError, DataError):
+        return None
 
 
-def record_fingerprint(name: str, fingerprint: str) -> None:
-    import json
+def record_fingerprint(catalog, name: str, fingerprint: str) -> None:
     from datetime import datetime, timezone
 
-    from lora_pipeline.core.files import atomic_write_text
+    from lora_pipeline.core.spec import SubjectInputs
 
-    atomic_write_text(FINGERPRINT_DIR / f"{name}.json", json.dumps(
-        {"fingerprint": fingerprint, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    catalog.save(inputs_dataset(name), SubjectInputs(
+        fingerprint=fingerprint, trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds")))

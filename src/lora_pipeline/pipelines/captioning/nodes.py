@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pandas as pd
 
 from lora_pipeline.core.cache import DiskCache, FileMemo
-from lora_pipeline.core.config import CaptioningParams, parse_params
+from lora_pipeline.core.config import CaptioningParams
 from lora_pipeline.core.files import sha256_file
 from lora_pipeline.datasets.image_folder import ImageFolder
-from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+from lora_pipeline.pipelines.tracking import as_mlflow_metrics
 from lora_pipeline.prep.captions import (
     auto_caption_key,
     caption_in_batches,
@@ -28,13 +27,13 @@ CAPTION_COLUMNS = ["file_name", "sha256", "text", "source", "reviewed", "auto_ca
 
 
 def scan_images(raw_images: ImageFolder, caption_cache: DiskCache | None = None,
-                params: dict[str, Any] | None = None) -> pd.DataFrame:
+                p: CaptioningParams | None = None) -> pd.DataFrame:
     """One row per raw image: ``file_name``, content ``sha256``, ``has_sidecar`` and the kohya ``sidecar`` text
     (``captioning.caption_extension``, ``.txt`` by default; without such a file, the image's row of
     ``captioning.metadata_csv``, which ranks the same).
 
     Hashes are remembered by (path, size, mtime), so a re-run hashes only new or changed files."""
-    p = parse_params(CaptioningParams, params, "captioning") if params else CaptioningParams(backend="sidecar")
+    p = p or CaptioningParams(backend="sidecar")
     listed = metadata_captions(p.metadata_csv, raw_images.root) if p.metadata_csv else {}
     unknown = sorted(set(listed) - set(raw_images.names))
     if unknown:
@@ -64,7 +63,7 @@ def caption_images(
     reviewed: pd.DataFrame,
     caption_cache: DiskCache,
     raw_images: ImageFolder,
-    params: dict[str, Any],
+    p: CaptioningParams,
 ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """Caption every image; human text always wins and only uncached images reach the captioner.
 
@@ -72,7 +71,6 @@ def caption_images(
     Auto captions are cached by image hash + captioner settings, so a re-run captions only new or
     changed images, and a settings change (other model, other tags) re-captions all.
     """
-    p = parse_params(CaptioningParams, params, "captioning")
     # The model is loaded only for images no person captioned (the pre-run check already found it, if needed).
     reviewed_text = dict(zip(reviewed.file_name, reviewed.text))
     unknown = sorted(set(reviewed_text) - set(manifest.file_name))

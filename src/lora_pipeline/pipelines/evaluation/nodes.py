@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import mlflow
 import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
 from lora_pipeline.core.cache import DiskCache
-from lora_pipeline.core.config import EvaluationParams, PromptSpec, TrainingParams, parse_params
+from lora_pipeline.core.config import EvaluationParams, PromptSpec, TrainingParams
 from lora_pipeline.core.models import pick_device
-from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.core.spec import ImageTrainingSummary, LoraFile
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.diffusion.dataset import build_examples
 from lora_pipeline.diffusion.evaluation import ClipScorer, holdout_examples
@@ -24,7 +22,8 @@ from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.lora_files import lora_modules_from_state
 from lora_pipeline.diffusion.stack import merge_modules
 from lora_pipeline.diffusion.training import denoising_loss, encode_latents
-from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+from lora_pipeline.pipelines import tracking
+from lora_pipeline.pipelines.tracking import as_mlflow_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +32,16 @@ def evaluate_lora(
     normalized_images: ImageFolder,
     train_metadata: pd.DataFrame,
     latent_cache: DiskCache,
-    lora_kohya: dict[str, Any],
-    training_summary: TrainingSummary,
-    params: dict[str, Any],
-    training_params: dict[str, Any],
+    lora_kohya: LoraFile,
+    training_summary: ImageTrainingSummary,
+    p: EvaluationParams,
+    t: TrainingParams,
 ) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
     """Denoising loss (train and held-out images) and optional CLIP figures, base vs LoRA: a markdown report,
-    the figures for MLflow, and the same figures as plain numbers for the subjects report."""
-    p = parse_params(EvaluationParams, params, "evaluation")
-    t = parse_params(TrainingParams, training_params, "training")  # how to load the base: download, single file
+    the figures for MLflow, and the same figures as plain numbers for the subjects report.
+
+    The base model is the summary's; ``t`` (the training parameters) says only how to load it (download,
+    single-file config)."""
     sd = load_diffusion_model(training_summary.base_model, training_summary.family, t.allow_download,
                               t.single_file_config)
     sd.clip_skip = training_summary.clip_skip  # condition as the LoRA was trained
@@ -51,7 +51,7 @@ def evaluate_lora(
 
 
 def _evaluate(sd, p: EvaluationParams, normalized_images: ImageFolder, train_metadata: pd.DataFrame,
-              latent_cache: DiskCache, lora_kohya: dict[str, Any], training_summary: TrainingSummary,
+              latent_cache: DiskCache, lora_kohya: LoraFile, training_summary: ImageTrainingSummary,
               scratch: Path) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
     device = pick_device(p.device)
     for module in (sd.unet, *sd.text_encoders):
@@ -75,7 +75,7 @@ def _evaluate(sd, p: EvaluationParams, normalized_images: ImageFolder, train_met
     figures: dict[str, float] = {}
     for label in ("base", "lora"):  # one base model, evaluated, then merged with the LoRA and evaluated again
         if label == "lora":
-            lora = lora_modules_from_state(lora_kohya["state"], lora_kohya["metadata"], sd.family, sd.modules(),
+            lora = lora_modules_from_state(lora_kohya.state, lora_kohya.metadata, sd.family, sd.modules(),
                                            training_summary.output_name)
             merge_modules(sd.modules(), lora, 1.0, training_summary.output_name)
         for name, examples in sets.items():
@@ -85,10 +85,8 @@ def _evaluate(sd, p: EvaluationParams, normalized_images: ImageFolder, train_met
     for name in sets:
         figures[f"loss_{name}_change_pct"] = 100 * (figures[f"loss_{name}_lora"] / figures[f"loss_{name}_base"] - 1)
     report = _report(training_summary, figures, {k: len(v) for k, v in sets.items()})
-    if mlflow.active_run():
-        if training_summary.mlflow_run_id:
-            mlflow.set_tag(f"{training_summary.output_name}.training_run_id", training_summary.mlflow_run_id)
-        mlflow.log_text(report, f"evaluation/{training_summary.output_name}/report.md")
+    tracking.set_tags({f"{training_summary.output_name}.training_run_id": training_summary.mlflow_run_id})
+    tracking.log_text(report, f"evaluation/{training_summary.output_name}/report.md")
     logger.info("Evaluation: %s", ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
     return report, as_mlflow_metrics({f"{k}": v for k, v in figures.items()}), figures
 
@@ -103,7 +101,7 @@ def _clip_figures(p: EvaluationParams, sd, scorer: ClipScorer, references, label
             f"style_similarity_{label}": scorer.similarity(images, references)}
 
 
-def _report(summary: TrainingSummary, figures: dict[str, float], sizes: dict[str, int]) -> str:
+def _report(summary: ImageTrainingSummary, figures: dict[str, float], sizes: dict[str, int]) -> str:
     rows = "\n".join(f"| {name} | {value:.5f} |" for name, value in figures.items())
     return f"""# Evaluation of {summary.output_name}
 

@@ -4,30 +4,32 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
-import mlflow
-
-from lora_pipeline.core.config import ExportParams, parse_params
-from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.core.config import ExportParams
+from lora_pipeline.core.spec import DiffusersLora, ImageTrainingSummary, LoraFile
 from lora_pipeline.datasets.files import disk_full_is_one_message
-from lora_pipeline.diffusion.lora_files import build_kohya_file, project_identity, save_lora_file, webui_copy_path
+from lora_pipeline.diffusion.lora_files import (
+    build_kohya_file,
+    project_identity,
+    save_lora_file,
+    stringify_metadata,
+    webui_copy_path,
+)
 from lora_pipeline.diffusion.model_card import model_card
-from lora_pipeline.pipelines.metrics import log_lineage_tags
+from lora_pipeline.pipelines import tracking
+from lora_pipeline.pipelines.tracking import log_lineage_tags
 
 logger = logging.getLogger(__name__)
 
 
-def _base_name(summary: TrainingSummary, p: ExportParams) -> str:
+def _base_name(summary: ImageTrainingSummary, p: ExportParams) -> str:
     return p.base_model_name or Path(summary.base_model).name
 
 
-def export_kohya(lora_weights: dict[str, Any], training_summary: TrainingSummary, params: dict[str, Any]
-                 ) -> dict[str, Any]:
+def export_kohya(lora_weights: LoraFile, training_summary: ImageTrainingSummary, p: ExportParams) -> LoraFile:
     """The WebUI/ComfyUI file: the family's kohya names, training alpha, ``ss_*``/``modelspec.*`` header."""
-    p = parse_params(ExportParams, params, "export")
     title = training_summary.output_name
-    state, metadata = build_kohya_file(lora_weights["state"], training_summary, training_summary.unet_config(),
+    state, metadata = build_kohya_file(lora_weights.state, training_summary, training_summary.unet_config(),
                                        p.precision, title, _base_name(training_summary, p))
     metadata["lora_pipeline.training_run_id"] = training_summary.mlflow_run_id
     metadata["lora_pipeline.subject"] = title  # with the project: this checkout's export of this subject
@@ -46,19 +48,17 @@ def export_kohya(lora_weights: dict[str, Any], training_summary: TrainingSummary
     size_mb = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
     logger.info("kohya LoRA %s (%s): %d modules, %.2f MB (%s), hash %s", title, training_summary.family,
                 len(state) // 3, size_mb, p.precision, metadata["sshs_model_hash"][:12])
-    return {"state": state, "metadata": metadata}
+    return LoraFile(state, stringify_metadata(metadata))  # the header as the file holds it: strings
 
 
-def export_diffusers(lora_weights: dict[str, Any], training_summary: TrainingSummary) -> dict[str, Any]:
+def export_diffusers(lora_weights: LoraFile, training_summary: ImageTrainingSummary) -> DiffusersLora:
     """diffusers' ``pytorch_lora_weights.safetensors`` with adapter metadata (alpha survives a reload)."""
-    return {"state": lora_weights["state"], "summary": training_summary}
+    return DiffusersLora(lora_weights, training_summary)
 
 
-def write_model_card(training_summary: TrainingSummary, params: dict[str, Any]) -> str:
+def write_model_card(training_summary: ImageTrainingSummary, p: ExportParams) -> str:
     """README.md for the LoRA: base model, trigger, tags, parameters, usage in WebUI, ComfyUI, diffusers."""
-    p = parse_params(ExportParams, params, "export")
     title = training_summary.output_name
     card = model_card(training_summary, title, f"{title}.safetensors", _base_name(training_summary, p), [])
-    if mlflow.active_run():
-        mlflow.log_text(card, f"lora/{title}_README.md")
+    tracking.log_text(card, f"lora/{title}_README.md")
     return card

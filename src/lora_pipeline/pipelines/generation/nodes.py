@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
-import mlflow
 from PIL import Image
 
-from lora_pipeline.core.config import GenerationParams, PromptSpec, parse_params
+from lora_pipeline.core.config import GenerationParams, PromptSpec
 from lora_pipeline.core.models import pick_device
+from lora_pipeline.core.spec import LoraFile
 from lora_pipeline.diffusion.generation import (
     LoraSource,
     comparison_grid,
@@ -22,6 +21,7 @@ from lora_pipeline.diffusion.generation import (
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.prompts import parse_prompt, resolve_loras
 from lora_pipeline.diffusion.stack import load_stack
+from lora_pipeline.pipelines import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +35,16 @@ def load_generation_pipeline(p: GenerationParams, files: dict[str, Path]):
 
 
 def generate_images(
-    params: dict[str, Any], *latest_exports: dict[str, Any]
+    p: GenerationParams, *latest_exports: LoraFile
 ) -> tuple[dict[str, Image.Image], Image.Image, Image.Image]:
     """Render the prompts file (or ``generation.prompt``); every LoRA name is resolved before any model loads.
 
     ``latest_exports`` are the subjects' newest exported LoRAs: names resolve in ``lora_dirs`` (which hold
     them), and taking them as inputs orders this stage after every export and shows the links in ``kedro viz``.
     """
-    p = parse_params(GenerationParams, params, "generation")
     for export in latest_exports:
-        logger.info("Newest export: %s (hash %s)", export["metadata"].get("ss_output_name"),
-                    export["metadata"].get("sshs_model_hash", "")[:12])
+        logger.info("Newest export: %s (hash %s)", export.metadata.get("ss_output_name"),
+                    export.metadata.get("sshs_model_hash", "")[:12])
     if p.prompt:
         specs = [PromptSpec.model_validate({**p.defaults.model_dump(), "prompt": p.prompt})]
     else:
@@ -58,7 +57,6 @@ def generate_images(
     sheet = contact_sheet([image for _, image in named], p.thumbnail)
     with_loras = next((spec for spec in specs if parse_prompt(spec.prompt)[1]), specs[0])
     grid = comparison_grid(pipe, with_loras, parse_prompt(with_loras.prompt)[1], p.comparison_weights, p.thumbnail)
-    if mlflow.active_run():
-        mlflow.log_image(sheet, "generation/contact_sheet.png")
-        mlflow.log_image(grid, "generation/comparison_grid.png")
+    tracking.log_image(sheet, "generation/contact_sheet.png")
+    tracking.log_image(grid, "generation/comparison_grid.png")
     return dict(named), sheet, grid

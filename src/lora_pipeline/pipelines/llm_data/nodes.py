@@ -10,10 +10,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from lora_pipeline.core.config import LLMDataParams, parse_params
+from lora_pipeline.core.config import LLMDataParams
 from lora_pipeline.core.errors import DataError
 from lora_pipeline.core.models import load_pretrained
-from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+from lora_pipeline.pipelines.tracking import as_mlflow_metrics
 from lora_pipeline.prep.llm_data import Conversation, Reject, dedupe, read_jsonl, split, tokenize
 
 logger = logging.getLogger(__name__)
@@ -23,9 +23,8 @@ def _as_records(conversations: list[Conversation]) -> list[dict[str, Any]]:
     return [{"line": c.line, "messages": [{"role": r, "content": t} for r, t in c.messages]} for c in conversations]
 
 
-def prepare_llm_data(path: Path, params: dict[str, Any]):
+def prepare_llm_data(path: Path, p: LLMDataParams):
     """Validate every line (bad ones become report rows with their line number), dedupe, token-check, split."""
-    p = parse_params(LLMDataParams, params, "llm_data")
     tokenizer = load_pretrained(AutoTokenizer, p.tokenizer, p.allow_download)
     good, rejects = read_jsonl(path)
     good, duplicates = dedupe(good)

@@ -6,28 +6,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import mlflow
-
-from lora_pipeline.core.config import LLMDataParams, LLMEvalParams, LLMTrainingParams, parse_params
+from lora_pipeline.core.config import LLMDataParams, LLMEvalParams, LLMTrainingParams
+from lora_pipeline.core.spec import LLMTrainingSummary
 from lora_pipeline.llm.constrained import JsonConstraint, check_schema, parses, schema_errors
 from lora_pipeline.llm.training import eval_loss, generate_answers, load_causal_lm, token_f1
+from lora_pipeline.pipelines import tracking
 from lora_pipeline.pipelines.llm_training.nodes import tokenized
-from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+from lora_pipeline.pipelines.tracking import as_mlflow_metrics
 from lora_pipeline.prep.llm_data import parse_record
 
 logger = logging.getLogger(__name__)
 
 
-def evaluate_llm(validation: list[dict[str, Any]], adapter_dir: Path, data_params: dict[str, Any],
-                 train_params: dict[str, Any], params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def evaluate_llm(validation: list[dict[str, Any]], adapter_dir: Path, summary: LLMTrainingSummary,
+                 data: LLMDataParams, t: LLMTrainingParams, p: LLMEvalParams) -> tuple[str, dict[str, Any]]:
     """Base vs adapter on the validation split: loss, exact match, token F1, and the JSON-valid rate
     (``jsonschema``) of free and constrained answers to ``json_prompts``; a markdown report pairs each output
-    with the prompt that produced it."""
+    with the prompt that produced it.
+
+    The base model, rank and alpha are the training summary's; ``t`` says only how to load the base
+    (``allow_download``), so parameters edited after training do not change what is evaluated."""
     from peft import PeftModel
 
-    data = parse_params(LLMDataParams, data_params, "llm_data")
-    t = parse_params(LLMTrainingParams, train_params, "llm_training")
-    p = parse_params(LLMEvalParams, params, "llm_eval")
     check_schema(p.json_schema)
     conversations = [parse_record(r, r["line"]) for r in validation][: p.max_prompts]
     prompts = [conv.prompt_messages for conv in conversations]
@@ -36,7 +36,7 @@ def evaluate_llm(validation: list[dict[str, Any]], adapter_dir: Path, data_param
     figures: dict[str, float] = {}
     answers: dict[str, list[str]] = {}
     for label in ("base", "adapter"):
-        model, tokenizer = load_causal_lm(t.base_model, t.allow_download)
+        model, tokenizer = load_causal_lm(summary.base_model, t.allow_download)
         if label == "adapter":
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         items = tokenized(validation, tokenizer, data)
@@ -53,10 +53,9 @@ def evaluate_llm(validation: list[dict[str, Any]], adapter_dir: Path, data_param
         for mode, outputs in (("unconstrained", free), ("constrained", constrained)):
             figures[f"json_valid_rate_{mode}_{label}"] = sum(parses(a, p.json_schema) for a in outputs) / len(outputs)
             answers[f"json_{mode}_{label}"] = outputs
-    report = _report(t, p, figures, [conv.messages[-2][1] for conv in conversations], references, answers,
+    report = _report(summary, p, figures, [conv.messages[-2][1] for conv in conversations], references, answers,
                      json_prompts)
-    if mlflow.active_run():
-        mlflow.log_text(report, "llm_eval/report.md")
+    tracking.log_text(report, "llm_eval/report.md")
     logger.info("LLM eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
     return report, as_mlflow_metrics(figures)
 
@@ -65,7 +64,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:200]
 
 
-def _report(t: LLMTrainingParams, p: LLMEvalParams, figures: dict[str, float], prompts, references, answers,
+def _report(summary: LLMTrainingSummary, p: LLMEvalParams, figures: dict[str, float], prompts, references, answers,
             json_prompts) -> str:
     table = "\n".join(f"| {k} | {v:.4f} |" for k, v in figures.items())
     rows = "\n".join(f"| {_cell(q)} | {_cell(r)} | {_cell(b)} | {_cell(a)} |"
@@ -80,10 +79,10 @@ def _report(t: LLMTrainingParams, p: LLMEvalParams, figures: dict[str, float], p
         for q, free, constrained in zip(json_prompts, answers["json_unconstrained_adapter"],
                                         answers["json_constrained_adapter"]))
     schema = "the JSON Schema in llm_eval.json_schema" if p.json_schema else "any JSON object"
-    return f"""# LLM adapter evaluation: {t.output_name}
+    return f"""# LLM adapter evaluation: {summary.output_name}
 
-Base `{t.base_model}`; LoRA rank {t.lora_rank}, alpha {t.alpha}. Greedy decoding, at most {p.max_new_tokens}
-new tokens, prompts formatted as in training.
+Base `{summary.base_model}`; LoRA rank {summary.spec.rank}, alpha {summary.spec.alpha} (as trained). Greedy decoding,
+at most {p.max_new_tokens} new tokens, prompts formatted as in training.
 
 | figure | value |
 | --- | --- |

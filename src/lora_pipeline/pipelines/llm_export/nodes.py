@@ -7,10 +7,9 @@ edited after training must not change what was trained.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from lora_pipeline.core.config import LLMTrainingParams, parse_params
-from lora_pipeline.core.spec import PretrainedFolder, TrainingSummary
+from lora_pipeline.core.config import LLMTrainingParams
+from lora_pipeline.core.spec import LLMTrainingSummary, LoraFile, PretrainedFolder
 from lora_pipeline.llm.training import load_causal_lm, portable_base, with_adapter
 
 logger = logging.getLogger(__name__)
@@ -20,20 +19,20 @@ logger = logging.getLogger(__name__)
 LOADER_FLAGS = ("local_files_only", "is_local", "_commit_hash", "cache_dir", "force_download", "token")
 
 
-def _trained_model(weights: dict[str, Any], summary: TrainingSummary, params: dict[str, Any]):
-    p = parse_params(LLMTrainingParams, params, "llm_training")  # only how to load: allow_download
+def _trained_model(weights: LoraFile, summary: LLMTrainingSummary, p: LLMTrainingParams):
+    # the summary says what was trained; the parameters only how to load the base (allow_download)
     model, tokenizer = load_causal_lm(summary.base_model, p.allow_download)
     for flag in LOADER_FLAGS:
         tokenizer.init_kwargs.pop(flag, None)
-    peft_model = with_adapter(model, summary.spec, weights["state"])
+    peft_model = with_adapter(model, summary.spec, weights.state)
     # An absolute path (or the hub id), so AutoPeftModelForCausalLM finds the base from any folder.
     peft_model.peft_config["default"].base_model_name_or_path = portable_base(summary.base_model)
     return peft_model, tokenizer
 
 
-def export_llm_adapter(weights: dict[str, Any], summary: TrainingSummary, params: dict[str, Any]):
+def export_llm_adapter(weights: LoraFile, summary: LLMTrainingSummary, p: LLMTrainingParams):
     """``adapter_model.safetensors`` + ``adapter_config.json`` (+ tokenizer) and a model card."""
-    peft_model, tokenizer = _trained_model(weights, summary, params)
+    peft_model, tokenizer = _trained_model(weights, summary, p)
     spec = summary.spec
     card = f"""# {summary.output_name}
 
@@ -62,7 +61,7 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
     return PretrainedFolder((peft_model, tokenizer), card), card
 
 
-def export_llm_merged(weights: dict[str, Any], summary: TrainingSummary, params: dict[str, Any]):
+def export_llm_merged(weights: LoraFile, summary: LLMTrainingSummary, p: LLMTrainingParams):
     """``merge_and_unload`` into a plain model folder (safetensors) that needs no PEFT to load."""
-    peft_model, tokenizer = _trained_model(weights, summary, params)
+    peft_model, tokenizer = _trained_model(weights, summary, p)
     return peft_model.merge_and_unload(), tokenizer

@@ -15,6 +15,6 @@ def create_pipeline(**kwargs) -> Pipeline:
 def create_merge_pipeline(**kwargs) -> Pipeline:
     """``llm_merge``: base + adapter fused into one model folder (as large as the base model)."""
     return pipeline(
-        [node(export_llm_merged, ["llm_adapter_weights", "llm_training_summary", "params:llm_training"], "llm_merged_model",
-              name="export_llm_merged")]
+        [node(export_llm_merged, ["llm_adapter_weights", "llm_training_summary", "params:llm_training"],
+              "llm_merged_model", name="export_llm_merged")]
     )

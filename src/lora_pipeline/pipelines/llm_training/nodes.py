@@ -6,12 +6,11 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-import mlflow
 from tqdm.auto import tqdm
 
-from lora_pipeline.core.config import LLMDataParams, LLMTrainingParams, parse_params
+from lora_pipeline.core.config import LLMDataParams, LLMTrainingParams
 from lora_pipeline.core.files import json_sha256
-from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.core.spec import LLMTrainingSummary, LoraFile
 from lora_pipeline.llm.training import (
     llm_lora_spec,
     load_causal_lm,
@@ -19,7 +18,8 @@ from lora_pipeline.llm.training import (
     resolve_init_adapter,
     train_causal_lm,
 )
-from lora_pipeline.pipelines.metrics import StepMetricsLogger, log_lineage_tags
+from lora_pipeline.pipelines import tracking
+from lora_pipeline.pipelines.tracking import StepMetricsLogger, log_lineage_tags
 from lora_pipeline.prep.llm_data import parse_record, tokenize
 
 logger = logging.getLogger(__name__)
@@ -34,12 +34,10 @@ def records_hash(records: list[dict[str, Any]]) -> str:
     return json_sha256(records, ensure_ascii=False)
 
 
-def train_llm_lora(train: list[dict[str, Any]], validation: list[dict[str, Any]], data_params: dict[str, Any],
-                   params: dict[str, Any]) -> tuple[dict[str, Any], TrainingSummary]:
+def train_llm_lora(train: list[dict[str, Any]], validation: list[dict[str, Any]], data: LLMDataParams,
+                   p: LLMTrainingParams) -> tuple[LoraFile, LLMTrainingSummary]:
     """Fine-tune; returns the adapter weights and the typed summary (LoRA spec, losses, tokens/s)."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    data = parse_params(LLMDataParams, data_params, "llm_data")
-    p = parse_params(LLMTrainingParams, params, "llm_training")
     model, tokenizer = load_causal_lm(p.base_model, p.allow_download, p.quantize_4bit)
     train_items, val_items = tokenized(train, tokenizer, data), tokenized(validation, tokenizer, data)
     data_hash = records_hash(train + validation)
@@ -50,12 +48,11 @@ def train_llm_lora(train: list[dict[str, Any]], validation: list[dict[str, Any]]
         logger.info("Continuing from adapter %s (%d tensors)", folder, len(init_state))
     truncated = sum(1 for item in train_items + val_items if item["truncated_from"])
     log_lineage_tags(**{"llm.dataset_hash": data_hash, "llm.init_from": init_from})
-    if mlflow.active_run():
-        mlflow.log_params({"llm.dataset_hash": data_hash, "llm.train_samples": len(train_items),
-                           "llm.validation_samples": len(val_items), "llm.truncated_samples": truncated})
-        # every effective setting, defaults included (kedro-mlflow logs only what the YAML lists)
-        mlflow.log_params({f"llm.effective.{k}": v for k, v in {**p.model_dump(), **{
-            f"data.{k}": v for k, v in data.model_dump().items()}}.items()})
+    tracking.log_params({"llm.dataset_hash": data_hash, "llm.train_samples": len(train_items),
+                         "llm.validation_samples": len(val_items), "llm.truncated_samples": truncated})
+    # every effective setting, defaults included (kedro-mlflow logs only what the YAML lists)
+    tracking.log_params({f"llm.effective.{k}": v for k, v in {**p.model_dump(), **{
+        f"data.{k}": v for k, v in data.model_dump().items()}}.items()})
     base_eval = None
     if val_items:
         from lora_pipeline.llm.training import eval_loss
@@ -64,21 +61,20 @@ def train_llm_lora(train: list[dict[str, Any]], validation: list[dict[str, Any]]
     with StepMetricsLogger("llm") as log_metrics:
         result = train_causal_lm(model, tokenizer, train_items, val_items, p, dataset_hash=data_hash,
                                  on_metrics=log_metrics, init_state=init_state, init_from=init_from)
-    summary = TrainingSummary(
+    summary = LLMTrainingSummary(
         spec=result.spec, base_model=p.base_model, output_name=p.output_name, steps=result.steps,
         epochs=round(result.steps * p.batch_size * p.gradient_accumulation_steps / max(len(train_items), 1), 3),
         seed=p.seed, learning_rate=p.learning_rate, dataset_hash=data_hash, started_at=started,
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), first_loss=result.losses[0],
         final_loss=result.losses[-1], peak_memory_mb=result.peak_memory_mb, resumed_from=result.resumed_from,
-        mlflow_run_id=mlflow.active_run().info.run_id if mlflow.active_run() else None,
+        mlflow_run_id=tracking.active_run_id(),
         train_samples=len(train_items), validation_samples=len(val_items), eval_loss_base=base_eval,
         eval_losses=result.eval_losses, tokens_per_second=result.tokens_per_second, init_from=init_from,
         truncated_samples=truncated,
     )
-    if mlflow.active_run():
-        mlflow.log_metrics({"llm.tokens_per_second_mean": result.tokens_per_second,
-                            "llm.peak_memory_mb": result.peak_memory_mb})
-        mlflow.log_dict(summary.to_json(), "llm_training_summary.json")
+    tracking.log_metrics({"llm.tokens_per_second_mean": result.tokens_per_second,
+                          "llm.peak_memory_mb": result.peak_memory_mb})
+    tracking.log_dict(summary.to_json(), "llm_training_summary.json")
     logger.info("LLM LoRA: eval loss %s -> %s, %.0f tokens/s", base_eval,
                 result.eval_losses[-1] if result.eval_losses else None, result.tokens_per_second)
-    return {"state": result.adapter, "metadata": {"format": "peft"}}, summary
+    return LoraFile(result.adapter, {"format": "peft"}), summary

@@ -5,5 +5,6 @@ from lora_pipeline.pipelines.merge.nodes import merge_loras
 
 def create_pipeline(**kwargs) -> Pipeline:
     return pipeline(
-        [node(merge_loras, ["params:merge", "params:generation"], "merged_model_path", name="merge_loras")]
+        [node(merge_loras, ["params:merge", "params:generation"], ["merged_model", "merged_checkpoint"],
+              name="merge_loras")]
     )

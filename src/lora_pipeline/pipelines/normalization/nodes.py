@@ -8,15 +8,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
 
 from lora_pipeline.core.cache import DiskCache, FileMemo, settings_key
-from lora_pipeline.core.config import NormalizationParams, parse_params
+from lora_pipeline.core.config import NormalizationParams
 from lora_pipeline.core.errors import DataError
+from lora_pipeline.core.spec import DatasetInfo, FolderInfo
 from lora_pipeline.datasets.image_folder import ImageFolder
 from lora_pipeline.diffusion.families import native_resolution
-from lora_pipeline.pipelines.metrics import as_mlflow_metrics
+from lora_pipeline.pipelines import tracking
+from lora_pipeline.pipelines.tracking import as_mlflow_metrics
 from lora_pipeline.prep.captions import normalize_prompt, tag_frequency
 from lora_pipeline.prep.concepts import Concept, regularization_prompt
 from lora_pipeline.prep.images import ImageCheck, check_image, read_sidecar
@@ -36,13 +37,12 @@ from lora_pipeline.prep.selection import (
 logger = logging.getLogger(__name__)
 
 
-def sized_params(params: dict[str, Any]) -> NormalizationParams:
-    """Validated parameters with concrete sizes (``resolution: auto`` -> the base model family's native size)."""
-    p = parse_params(NormalizationParams, params, "normalization")
+def sized_params(p: NormalizationParams) -> NormalizationParams:
+    """The parameters with concrete sizes (``resolution: auto`` -> the base model family's native size)."""
     return p.sized(native_resolution(p.base_model, p.base_model_family))
 
 
-def inspect_images(raw_images: ImageFolder, params: dict[str, Any], check_cache: DiskCache | None = None,
+def inspect_images(raw_images: ImageFolder, params: NormalizationParams, check_cache: DiskCache | None = None,
                    reg_images: ImageFolder | None = None) -> pd.DataFrame:
     """Decode every image once (in parallel) and decide kept/rejected with a reason and a target size.
 
@@ -119,7 +119,7 @@ def _reg_sidecar(path: Path, extension: str) -> str | None:
 
 
 def render_images(
-    raw_images: ImageFolder, quality_report: pd.DataFrame, params: dict[str, Any],
+    raw_images: ImageFolder, quality_report: pd.DataFrame, params: NormalizationParams,
     reg_images: ImageFolder | None = None, train_metadata: pd.DataFrame | None = None,
 ) -> dict[str, ImageRender]:
     """Lazy RGB renders of the kept images at their bucket size, keyed by output name.
@@ -149,8 +149,8 @@ def render_images(
 
 
 def build_training_metadata(
-    image_checks: pd.DataFrame, captions: pd.DataFrame, params: dict[str, Any]
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any], dict[str, dict[str, float]]]:
+    image_checks: pd.DataFrame, captions: pd.DataFrame, params: NormalizationParams
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, DatasetInfo, dict[str, dict[str, float]]]:
     """Normalize each kept image's prompt; return metadata.csv (twice: in the dataset folder and as a versioned
     snapshot), the quality report, dataset info and metrics.
 
@@ -200,25 +200,25 @@ def build_training_metadata(
     instance = kept[kept.role != "reg"]
     frequency = tag_frequency(instance.text)
     buckets = Counter(f"{w}x{h}" for w, h in zip(kept.bucket_width, kept.bucket_height))
-    info = {
-        "trigger": p.prompt.trigger, "keep_tokens": p.prompt.keep_tokens, "mode": p.mode,
-        "resolution": list(p.size), "num_images": len(instance), "num_reg_images": len(kept) - len(instance),
-        "num_rejected": int((report.status != "kept").sum()),
-        "buckets": dict(sorted(buckets.items())), "tag_frequency": frequency, "folders": folder_table(report),
-    }
-    for folder in info["folders"]:
+    info = DatasetInfo(
+        trigger=p.prompt.trigger, keep_tokens=p.prompt.keep_tokens, mode=p.mode, resolution=list(p.size),
+        num_images=len(instance), num_reg_images=len(kept) - len(instance),
+        num_rejected=int((report.status != "kept").sum()), buckets=dict(sorted(buckets.items())),
+        tag_frequency=frequency, folders=[FolderInfo(**folder) for folder in folder_table(report)],
+    )
+    for folder in info.folders:
         logger.info("Folder %-24s %-8s repeats %-3d class tokens %-16r %d kept, %d rejected",
-                    folder["folder"] or "(root)", folder["role"], folder["repeats"], folder["class_tokens"],
-                    folder["kept"], folder["rejected"])
+                    folder.folder or "(root)", folder.role, folder.repeats, folder.class_tokens, folder.kept,
+                    folder.rejected)
     metrics = {
-        "images_in": len(report), "images_kept": len(kept), "reg_images_kept": info["num_reg_images"], "images_rejected": info["num_rejected"],
+        "images_in": len(report), "images_kept": len(kept), "reg_images_kept": info.num_reg_images,
+        "images_rejected": info.num_rejected,
         "captions_flagged": int((kept.caption_flag != "").sum()), "distinct_tags": len(frequency),
         "buckets": len(buckets),
     }
     for code, count in Counter(code for code in report.reason_code if code).items():
         metrics[f"rejected_{code}"] = count
-    if mlflow.active_run():
-        mlflow.log_text(report.to_csv(index=False), f"{p.subject or 'dataset'}/quality_report.csv")
-        # Logged here rather than through kedro-mlflow's artifact dataset, which ParallelRunner cannot pickle.
-        mlflow.log_dict(info, f"{p.subject or 'dataset'}/dataset_info.json")
+    # Logged here rather than through kedro-mlflow's artifact dataset, which ParallelRunner cannot pickle.
+    tracking.log_text(report.to_csv(index=False), f"{p.subject or 'dataset'}/quality_report.csv")
+    tracking.log_dict(info.model_dump(mode="json"), f"{p.subject or 'dataset'}/dataset_info.json")
     return metadata, metadata, report, info, as_mlflow_metrics(metrics)

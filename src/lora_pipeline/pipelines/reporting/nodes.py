@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import mlflow
 import pandas as pd
 
-from lora_pipeline.core.spec import TrainingSummary
+from lora_pipeline.core.spec import ImageTrainingSummary
+from lora_pipeline.pipelines import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ def summarize_subjects(*summaries_and_figures: Any) -> tuple[pd.DataFrame, str]:
     pairs = zip(summaries_and_figures[::2], summaries_and_figures[1::2])
     rows = []
     for summary, figures in pairs:
-        summary: TrainingSummary
+        summary: ImageTrainingSummary
         rows.append({
             "subject": summary.output_name, "family": summary.family, "trained_at": summary.finished_at,
             "mlflow_run_id": summary.mlflow_run_id or "", "dataset_hash": summary.dataset_hash[:12],
@@ -33,7 +33,6 @@ def summarize_subjects(*summaries_and_figures: Any) -> tuple[pd.DataFrame, str]:
              "| " + " | ".join(table.columns) + " |", "|" + " --- |" * len(table.columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
     report = "\n".join(lines) + "\n"
-    if mlflow.active_run():
-        mlflow.log_text(report, "subjects_report.md")
+    tracking.log_text(report, "subjects_report.md")
     logger.info("Subjects report: %s", ", ".join(f"{r['subject']} ({r['steps']} steps)" for r in rows))
     return table, report
