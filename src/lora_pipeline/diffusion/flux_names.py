@@ -1,0 +1,83 @@
+"""Flux.1 LoRA module names: diffusers' ``FluxTransformer2DModel`` against the original (BFL) layout that kohya's
+``lora_flux.py``, ComfyUI and most downloaded Flux LoRAs use.
+
+The original model keeps q/k/v in one ``qkv`` Linear (and a single block's q/k/v plus its MLP input in one
+``linear1``); diffusers splits them. A LoRA trained on the split modules is written fused, the way kohya writes
+one: the parts' downs stacked (``n*r x in``), their ups block-diagonal (``sum(out) x n*r``) and alpha multiplied by
+``n``, so that ``alpha / rank`` -- the strength every reader applies -- stays the parts' ``alpha / r``. Reading
+goes the other way: each part takes the fused down and its rows of the up.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+KOHYA_PREFIX = "lora_unet_"
+
+
+@dataclass(frozen=True)
+class FusedModule:
+    """One original-layout module and the diffusers modules whose outputs it stacks, in row order."""
+
+    original: str  # e.g. double_blocks.0.img_attn.qkv
+    parts: tuple[str, ...]  # e.g. transformer_blocks.0.attn.to_q, ...to_k, ...to_v
+
+
+# diffusers module (within a block) -> original module (within the same block): the one-to-one ones.
+_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
+           "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+           "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"}
+_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                 "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+
+def original_name(module: str) -> tuple[str, int] | None:
+    """``(original module, row-part index)`` for a diffusers transformer module (index -1 when not fused), or None
+    for modules outside the double and single blocks (embedders, final layer), which kohya does not target."""
+    match = _BLOCK.match(module)
+    if not match:
+        return None
+    kind, index, rest = match.groups()
+    block = f"double_blocks.{index}" if kind == "transformer_blocks" else f"single_blocks.{index}"
+    plain, fused = (_DOUBLE, _DOUBLE_FUSED) if kind == "transformer_blocks" else (_SINGLE, _SINGLE_FUSED)
+    if rest in plain:
+        return f"{block}.{plain[rest]}", -1
+    for name, parts in fused.items():
+        if rest in parts:
+            return f"{block}.{name}", parts.index(rest)
+    return None
+
+
+def fused_modules(modules: list[str]) -> dict[str, FusedModule]:
+    """Group the trained diffusers modules by the original module each one becomes part of."""
+    groups: dict[str, dict[int, str]] = {}
+    for module in modules:
+        found = original_name(module)
+        if found is not None:
+            groups.setdefault(found[0], {})[found[1]] = module
+    return {original: FusedModule(original, tuple(parts[i] for i in sorted(parts))) for original, parts in groups.items()}
+
+
+def kohya_name(original: str) -> str:
+    """``double_blocks.0.img_attn.qkv`` -> ``lora_unet_double_blocks_0_img_attn_qkv`` (kohya's lora_flux naming)."""
+    return KOHYA_PREFIX + original.replace(".", "_")
+
+
+def fuse(downs: list[torch.Tensor], ups: list[torch.Tensor], alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One LoRA over the stacked outputs of ``len(downs)`` LoRAs of rank r on the same input: downs stacked, ups
+    block-diagonal, alpha times the part count (the fused rank), so the strength is unchanged."""
+    return torch.cat(downs, dim=0), torch.block_diag(*ups), alpha * len(downs)
+
+
+def split(down: torch.Tensor, up: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fused module's LoRA as one ``(down, up rows)`` per part, of the fused rank (its alpha and rank, hence its
+    strength, unchanged). ``sizes`` are the parts' output widths, in row order."""
+    if sum(sizes) != up.shape[0]:
+        raise ValueError(f"the fused module has {up.shape[0]} output rows, its parts {sizes} (sum {sum(sizes)})")
+    return [(down, rows) for rows in torch.split(up, sizes, dim=0)]
