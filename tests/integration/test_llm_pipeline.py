@@ -58,7 +58,6 @@ def test_llm_track_end_to_end(project):
     assert "llm_eval.json_valid_rate_unconstrained_adapter" in metrics
     assert metrics["llm.tokens_per_second_mean"] > 0 and metrics["llm_data.rejected"] == 2
     assert metrics["llm_data.truncated"] == len(cut) and last.data.params["llm.truncated_samples"] != "0"
-    assert len(last.data.params["llm.dataset_hash"]) == 64
     # lineage as on the image track: the adapter is an artifact, git commit and dataset hash are tags, every
     # effective parameter (defaults too) is a param, the runner tag is readable
     client = mlflow.tracking.MlflowClient()

@@ -47,7 +47,9 @@ def test_scan_images_hashes_and_reads_sidecars(demo_images):
     assert row.has_sidecar and row.sidecar == "circle, red background, simple background"
     assert not manifest.set_index("file_name").loc["red_circle_1.png"].has_sidecar
     copy = manifest.set_index("file_name").loc["red_circle_0_copy.jpg"]
-    assert copy.sha256 == row.sha256 and len(row.sha256) == 64
+    assert copy.sha256 == row.sha256  # same bytes, same hash
+    assert manifest.sha256.nunique() < len(manifest) and row.sha256 != manifest.set_index("file_name").loc[
+        "red_circle_1.png"].sha256  # other bytes, another hash
 
 
 def test_precedence_reviewed_then_sidecar_then_auto(demo_images, tmp_path, tiny_models, spy):

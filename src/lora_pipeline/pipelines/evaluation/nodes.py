@@ -42,21 +42,21 @@ def evaluate_lora(
 
     The base model is the summary's; ``t`` (the training parameters) says only how to load it (download,
     single-file config)."""
-    sd = load_diffusion_model(training_summary.base_model, training_summary.family, t.allow_download,
+    components = load_diffusion_model(training_summary.base_model, training_summary.family, t.allow_download,
                               t.single_file_config)
-    sd.clip_skip = training_summary.clip_skip  # condition as the LoRA was trained
+    components.clip_skip = training_summary.clip_skip  # condition as the LoRA was trained
     with tempfile.TemporaryDirectory(prefix="holdout-") as scratch:
-        return _evaluate(sd, p, normalized_images, train_metadata, latent_cache, lora_kohya, training_summary,
+        return _evaluate(components, p, normalized_images, train_metadata, latent_cache, lora_kohya, training_summary,
                          Path(scratch))
 
 
-def _evaluate(sd, p: EvaluationParams, normalized_images: ImageFolder, train_metadata: pd.DataFrame,
+def _evaluate(components, p: EvaluationParams, normalized_images: ImageFolder, train_metadata: pd.DataFrame,
               latent_cache: DiskCache, lora_kohya: LoraFile, training_summary: ImageTrainingSummary,
               scratch: Path) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
     device = pick_device(p.device)
-    for module in (sd.unet, *sd.text_encoders):
+    for module in (components.unet, *components.text_encoders):
         # One compute dtype, the UNet's: a base saved in fp16/bf16 loads its text encoders in that dtype.
-        module.to(device, sd.unet.dtype)
+        module.to(device, components.unet.dtype)
     train_examples = build_examples(normalized_images.root, train_metadata)
     sets = {"train": train_examples}
     if p.holdout_dir:
@@ -65,8 +65,8 @@ def _evaluate(sd, p: EvaluationParams, normalized_images: ImageFolder, train_met
         sets["holdout"] = holdout_examples(p.holdout_dir, buckets, 8, trigger, scratch)
     keys = {}
     for examples in sets.values():
-        keys.update(encode_latents(sd, examples, latent_cache, device)[0])
-    sd.vae.to("cpu")
+        keys.update(encode_latents(components, examples, latent_cache, device)[0])
+    components.vae.to("cpu")
 
     clip = None
     if p.clip_model and p.eval_prompts:
@@ -75,13 +75,14 @@ def _evaluate(sd, p: EvaluationParams, normalized_images: ImageFolder, train_met
     figures: dict[str, float] = {}
     for label in ("base", "lora"):  # one base model, evaluated, then merged with the LoRA and evaluated again
         if label == "lora":
-            lora = lora_modules_from_state(lora_kohya.state, lora_kohya.metadata, sd.family, sd.modules(),
-                                           training_summary.output_name)
-            merge_modules(sd.modules(), lora, 1.0, training_summary.output_name)
+            lora = lora_modules_from_state(lora_kohya.state, lora_kohya.metadata, components.family,
+                                           components.modules(), training_summary.output_name)
+            merge_modules(components.modules(), lora, 1.0, training_summary.output_name)
         for name, examples in sets.items():
-            figures[f"loss_{name}_{label}"] = denoising_loss(sd, examples, latent_cache, keys, p.seed, p.timesteps)
+            figures[f"loss_{name}_{label}"] = denoising_loss(components, examples, latent_cache, keys, p.seed,
+                                                             p.timesteps)
         if clip is not None:
-            figures.update(_clip_figures(p, sd, *clip, label))
+            figures.update(_clip_figures(p, components, *clip, label))
     for name in sets:
         figures[f"loss_{name}_change_pct"] = 100 * (figures[f"loss_{name}_lora"] / figures[f"loss_{name}_base"] - 1)
     report = _report(training_summary, figures, {k: len(v) for k, v in sets.items()})
@@ -91,10 +92,11 @@ def _evaluate(sd, p: EvaluationParams, normalized_images: ImageFolder, train_met
     return report, as_mlflow_metrics({f"{k}": v for k, v in figures.items()}), figures
 
 
-def _clip_figures(p: EvaluationParams, sd, scorer: ClipScorer, references, label: str) -> dict[str, float]:
+def _clip_figures(p: EvaluationParams, components, scorer: ClipScorer, references, label: str) -> dict[str, float]:
     """CLIP score of images generated with fixed seeds, and their similarity to the training images."""
-    pipe = inference_pipeline(sd.pipeline(), next(sd.unet.parameters()).device)
-    spec = PromptSpec(prompt="-", steps=p.eval_steps, width=p.eval_size, height=p.eval_size, clip_skip=sd.clip_skip)
+    pipe = inference_pipeline(components.pipeline(), next(components.unet.parameters()).device)
+    spec = PromptSpec(prompt="-", steps=p.eval_steps, width=p.eval_size, height=p.eval_size,
+                      clip_skip=components.clip_skip)
     images = [render(pipe, prompt, spec, p.seed + i)
               for i, prompt in enumerate(tqdm(p.eval_prompts, desc=f"CLIP prompts ({label})", unit="img"))]
     return {f"clip_score_{label}": scorer.clip_score(images, p.eval_prompts),

@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 
 def load_generation_pipeline(p: GenerationParams, files: dict[str, Path]):
     """The base model (one loader for every stage) with each referenced LoRA loaded as an adapter."""
-    sd = load_diffusion_model(p.base_model, p.base_model_family, p.allow_download, p.single_file_config)
-    pipe = inference_pipeline(sd.pipeline(), pick_device(p.device))
-    load_stack(pipe, sd.family, files)
+    components = load_diffusion_model(p.base_model, p.base_model_family, p.allow_download, p.single_file_config)
+    pipe = inference_pipeline(components.pipeline(), pick_device(p.device))
+    load_stack(pipe, components.family, files)
     return pipe
 
 

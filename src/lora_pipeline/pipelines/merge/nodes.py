@@ -22,12 +22,12 @@ def merge_loras(p: MergeParams, g: GenerationParams) -> tuple[PretrainedFolder, 
     a diffusers folder (``merged_model``) and the original-layout single file WebUI loads (``merged_checkpoint``).
     """
     files = resolve_loras([LoraRef(e.name, e.weight) for e in p.loras], g.lora_dirs)
-    sd = load_diffusion_model(g.base_model, g.base_model_family, g.allow_download, g.single_file_config)
-    for module in sd.modules().values():
+    components = load_diffusion_model(g.base_model, g.base_model_family, g.allow_download, g.single_file_config)
+    for module in components.modules().values():
         # Merge in fp32, save in p.precision: a base saved in fp16/bf16 loads its text encoders in that dtype.
         module.to(torch.float32)
-    merge_into_base(sd.modules(), sd.family, [(files[e.name], e.weight) for e in p.loras])
-    pipe = sd.pipeline().to(dtype=DTYPES[p.precision])
+    merge_into_base(components.modules(), components.family, [(files[e.name], e.weight) for e in p.loras])
+    pipe = components.pipeline().to(dtype=DTYPES[p.precision])
     logger.info("Merged %s into %s (%s)", ", ".join(f"{e.name}:{e.weight:g}" for e in p.loras), g.base_model,
                 p.precision)
-    return PretrainedFolder((pipe,)), pipeline_to_ldm(pipe, sd.family)
+    return PretrainedFolder((pipe,)), pipeline_to_ldm(pipe, components.family)

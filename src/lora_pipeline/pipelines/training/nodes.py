@@ -56,22 +56,23 @@ def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metad
     examples = build_examples(normalized_images.root, train_metadata)
     data_hash = dataset_hash(examples)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    sd = load_diffusion_model(p.base_model, p.base_model_family, p.allow_download, p.single_file_config)
+    components = load_diffusion_model(p.base_model, p.base_model_family, p.allow_download, p.single_file_config)
     init_state = None
     if p.init_lora:
         init_path = resolve_init_lora(p.init_lora, p.export_dir, p.output_name)
-        init_state = to_peft_state(read_lora_modules(init_path, sd.family, sd.modules()),
-                                   target_scale=lora_spec(p, sd.family).scale)
+        init_state = to_peft_state(read_lora_modules(init_path, components.family, components.modules()),
+                                   target_scale=lora_spec(p, components.family).scale)
         logger.info("Starting from LoRA %s (%d tensors)", init_path, len(init_state))
         tracking.set_tags({f"lora.{s}.init_from": str(init_path)})
     # One MLflow run holds every subject of a `kedro run`: each key carries the subject.
-    log_lineage_tags(**{f"lora.{s}.dataset_hash": data_hash, f"lora.{s}.family": sd.family.name})
+    log_lineage_tags(**{f"lora.{s}.dataset_hash": data_hash, f"lora.{s}.family": components.family.name})
     tracking.log_params({f"{s}.training.dataset_hash": data_hash, f"{s}.training.num_images": len(examples),
-                         f"{s}.training.family": sd.family.name, f"{s}.training.optimizer_effective": p.optimizer,
+                         f"{s}.training.family": components.family.name,
+                         f"{s}.training.optimizer_effective": p.optimizer,
                          f"{s}.training.clip_skip_effective": p.clip_skip})
     keep_tokens = p.keep_tokens if p.keep_tokens is not None else dataset_info.keep_tokens
     with StepMetricsLogger(f"{s}.train") as log_metrics:
-        result = train(sd, examples, p, latent_cache, dataset_hash=data_hash, keep_tokens=keep_tokens,
+        result = train(components, examples, p, latent_cache, dataset_hash=data_hash, keep_tokens=keep_tokens,
                        init_state=init_state, on_metrics=log_metrics, on_samples=_sample_logger(s))
     tracking.log_metrics({f"{s}.train.final_loss": result.losses[-1],
                           f"{s}.train.peak_memory_mb": result.peak_memory_mb,
@@ -94,8 +95,8 @@ def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metad
         latents_encoded=result.latents_encoded, clip_skip=p.clip_skip, optimizer=result.optimizer,
         flip_aug=p.flip_aug, prior_loss_weight=p.prior_loss_weight,
         num_reg_images=sum(1 for ex in examples if ex.is_reg), folders=[f.model_dump() for f in dataset_info.folders],
-        unet_layout={"layers_per_block": sd.unet.config.layers_per_block,
-                     "up_block_types": list(sd.unet.config.up_block_types)},
+        unet_layout={"layers_per_block": components.unet.config.layers_per_block,
+                     "up_block_types": list(components.unet.config.up_block_types)},
     )
     tracking.log_dict(summary.to_json(), f"{s}/training_summary.json")
     logger.info("Trained %d steps: loss %.4f -> %.4f, %s, peak memory %.0f MB", result.steps,
