@@ -85,7 +85,7 @@ def fp32_forward(model):
 
 
 @torch.no_grad()
-def unet_output(unet, family, seed: int = 0) -> torch.Tensor:
+def unet_output(unet, seed: int = 0) -> torch.Tensor:
     """The UNet's prediction on fixed inputs, fp32 on the GPU (SDXL gets its pooled text and time ids)."""
     unet = fp32_forward(unet)
     torch.backends.cuda.matmul.allow_tf32 = False  # training turns TF32 on; compare in true fp32
@@ -96,7 +96,7 @@ def unet_output(unet, family, seed: int = 0) -> torch.Tensor:
     sample = torch.randn(2, config.in_channels, 8, 8, generator=g)
     hidden = torch.randn(2, 77, config.cross_attention_dim, generator=g)
     kwargs = {}
-    if family.name == "sdxl":
+    if config.addition_embed_type == "text_time":  # SDXL
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g).to(DEVICE),
                                        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2).to(DEVICE)}
@@ -110,7 +110,6 @@ def diffusers_reads_the_export(base: Path, components, result, work: Path) -> fl
     The effect (output with the LoRA minus output without it) is compared, not the outputs: after fp16/bf16
     training the trained UNet's frozen weights are rounded to that dtype, while diffusers loads the fp32 base.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
     from lora_pipeline.diffusion.lora_files import to_kohya_state_dict
@@ -119,15 +118,14 @@ def diffusers_reads_the_export(base: Path, components, result, work: Path) -> fl
     path = work / f"{components.family.name}.safetensors"
     save_file(kohya, str(path))
     unet = fp32_forward(components.unet)
-    trained = unet_output(unet, components.family)
+    trained = unet_output(unet)
     unet.disable_adapters()
-    trained_base = unet_output(unet, components.family)
+    trained_base = unet_output(unet)
     unet.enable_adapters()
-    cls = StableDiffusionXLPipeline if components.family.name == "sdxl" else StableDiffusionPipeline
-    pipe = cls.from_pretrained(str(base), dtype=torch.float32).to(DEVICE)
-    base_out = unet_output(pipe.unet, components.family)
+    pipe = components.family.pipeline_class().from_pretrained(str(base), dtype=torch.float32).to(DEVICE)
+    base_out = unet_output(pipe.unet)
     pipe.load_lora_weights(str(path), adapter_name="gpu_check")
-    loaded = unet_output(pipe.unet, components.family)
+    loaded = unet_output(pipe.unet)
     effect = trained - trained_base
     size = effect.abs().max().item()
     check(size > 1e-3 * trained.abs().max().item(),

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from lora_pipeline.core.errors import DataError
 from lora_pipeline.diffusion.families import SDXL
 from lora_pipeline.diffusion.loading import load_diffusion_model
-from lora_pipeline.diffusion.lora_files import kohya_module_name, read_lora_modules
+from lora_pipeline.diffusion.lora_files import read_lora_modules
 from lora_pipeline.diffusion.stack import load_stack, merge_into_base, set_weights
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -24,7 +24,7 @@ def _weight(components, path: str) -> torch.Tensor:
 
 
 def _name(components, path: str) -> str:
-    return kohya_module_name(components.family, "unet", path, components.unet.config)
+    return components.family.kohya_name("unet", path, components.unet.config)
 
 
 def _g(*shape, seed=0) -> torch.Tensor:

@@ -10,12 +10,12 @@ from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.checkpoints import ResumeError, find_resume_checkpoint, list_checkpoints
 from lora_pipeline.core.errors import LoraPipelineError
 from lora_pipeline.core.trainer import NonFiniteLossError
+from lora_pipeline.diffusion.caches import encode_latents
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.lora_files import build_kohya_file, read_lora_modules, save_lora_file, to_peft_state
 from lora_pipeline.diffusion.training import (
     bucket_batches,
     denoising_loss,
-    encode_latents,
     inject_lora,
     load_lora_state,
     lora_spec,

@@ -1,9 +1,10 @@
-"""The training set as the trainer sees it: examples from ``metadata.csv``, the dataset's identity, and which
-earlier LoRA a retrain starts from."""
+"""The training set as the trainer sees it: :class:`Example`\\ s from ``metadata.csv``, the dataset's identity, and
+which earlier LoRA a retrain starts from."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,25 @@ import pandas as pd
 from lora_pipeline.core.errors import DataError
 from lora_pipeline.core.files import sha256_file, sha256_hex
 from lora_pipeline.diffusion.prompts import lora_index
-from lora_pipeline.diffusion.training import Example
 
 GEOMETRY = ("original_width", "original_height", "crop_top", "crop_left")
 IMAGE_STORE = "image_store"  # beside the dataset folder: every rendered image by its render key
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image: its file, caption, bucket size and content hash; for SDXL's size conditioning also
+    the size it had before resizing and where the center crop started (defaults: the bucket, no crop)."""
+
+    path: Path
+    text: str
+    width: int
+    height: int
+    sha256: str
+    original_size: tuple[int, int] | None = None  # (width, height)
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left), in SDXL's order
+    repeats: int = 1  # kohya's N of an N_concept folder
+    is_reg: bool = False  # a regularization (class) image: its loss is weighted by prior_loss_weight
 
 
 def build_examples(root: str | os.PathLike | Any, metadata: pd.DataFrame) -> list[Example]:

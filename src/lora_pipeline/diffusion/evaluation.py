@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from lora_pipeline.core.files import sha256_file
-from lora_pipeline.diffusion.training import Example
+from lora_pipeline.diffusion.dataset import Example
 from lora_pipeline.prep.images import choose_bucket, crop_geometry, fit_to, list_images, load_rgb
 
 logger = logging.getLogger(__name__)

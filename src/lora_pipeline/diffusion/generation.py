@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from lora_pipeline.core.config import PromptSpec
 from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.core.files import read_safetensors_header
-from lora_pipeline.diffusion.families import family_of
+from lora_pipeline.diffusion.families import detect_family
 from lora_pipeline.diffusion.prompts import LoraRef, export_version, parse_prompt
 from lora_pipeline.diffusion.stack import set_weights
 
@@ -123,13 +123,14 @@ def vae_decodes_in_own_dtype(vae) -> Iterator[None]:
 
 
 def match_text_encoders_to_unet(pipe) -> None:
-    """Put the text encoders in the UNet's dtype (the VAE keeps its own, see :func:`vae_decodes_in_own_dtype`).
+    """Put the text encoders in the denoiser's (UNet's) dtype (the VAE keeps its own, see :func:`vae_decodes_in_own_dtype`).
 
     A diffusers folder saved in fp16 or bf16 (the merge stage's default output, fp16 folders from the hub) loads
     with diffusers' UNet in fp32 but transformers 5's text encoder in the saved dtype; the UNet then refuses the
     prompt states ("mat1 and mat2 must have the same dtype"). (Single-file checkpoints load in fp32 throughout.)"""
-    dtype = pipe.unet.dtype
-    for name in family_of(pipe).text_encoders:
+    family = detect_family(pipe)
+    dtype = getattr(pipe, family.denoiser).dtype
+    for name in family.text_encoders:
         getattr(pipe, name).to(dtype=dtype)
 
 
@@ -144,7 +145,7 @@ def inference_pipeline(pipe, device: torch.device | str):
 @torch.no_grad()
 def render(pipe, text: str, spec: PromptSpec, seed: int) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
-    prompt = family_of(pipe).prompt_kwargs(pipe, text, spec.negative_prompt, spec.clip_skip)
+    prompt = detect_family(pipe).prompt_kwargs(pipe, text, spec.negative_prompt, spec.clip_skip)
     with vae_decodes_in_own_dtype(pipe.vae):
         return pipe(**prompt, num_inference_steps=spec.steps, guidance_scale=spec.guidance, width=spec.width,
                     height=spec.height, generator=generator).images[0]

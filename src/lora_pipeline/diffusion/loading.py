@@ -1,4 +1,4 @@
-"""Diffusion bases (SD1.x, SDXL) as one bundle of components, :class:`DiffusionComponents`, for every stage
+"""Diffusion bases (any family: SD1.x, SDXL) as one bundle of components, :class:`DiffusionComponents`, for every stage
 (training, generation, evaluation, merge).
 
 Who does what: :func:`lora_pipeline.core.models.resolve_model` finds the folder, file or hub id (downloads only
@@ -26,18 +26,27 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 @dataclass
 class DiffusionComponents:
-    """A base model's parts. ``text_encoders``/``tokenizers`` follow ``family.text_encoders`` in order."""
+    """A base model's parts. ``denoiser`` is the family's ``family.denoiser`` component (the UNet of SD1.x and
+    SDXL); ``text_encoders``/``tokenizers`` follow ``family.text_encoders`` in order."""
 
     family: ModelFamily
-    unet: Any
+    denoiser: Any
     vae: Any
     text_encoders: list[Any]
     tokenizers: list[Any]
-    scheduler: Any  # DDPM noise schedule for training
+    scheduler: Any  # the noise schedule training uses (DDPM for the UNet families)
     source: str
     inference_scheduler: Any = None  # the base model's own sampler, for images
     extra: dict[str, Any] = field(default_factory=dict)  # pipeline flags such as force_zeros_for_empty_prompt
     clip_skip: int = 1  # kohya/WebUI count: 2 conditions on the penultimate CLIP layer
+
+    @property
+    def unet(self) -> Any:
+        """The denoiser of a UNet family (there is no UNet in a transformer family: use ``denoiser``)."""
+        if self.family.denoiser != "unet":
+            raise AttributeError(f"a {self.family.display_name} base has no unet; its denoiser is "
+                                 f"{self.family.denoiser}")
+        return self.denoiser
 
     @property
     def text_encoder(self) -> Any:
@@ -48,9 +57,9 @@ class DiffusionComponents:
         return self.tokenizers[0]
 
     def component(self, name: str) -> Any:
-        """``unet``, ``text_encoder`` or ``text_encoder_2`` by name."""
-        if name == "unet":
-            return self.unet
+        """The denoiser (``unet``), ``text_encoder`` or ``text_encoder_2`` by name."""
+        if name == self.family.denoiser:
+            return self.denoiser
         return self.text_encoders[self.family.text_encoders.index(name)]
 
     def modules(self) -> dict[str, Any]:
@@ -63,13 +72,12 @@ class DiffusionComponents:
 
     def pipeline(self, **overrides: Any):
         """The family's diffusers pipeline over these very modules (LoRA layers included), for images."""
-        parts: dict[str, Any] = dict(unet=self.unet, vae=self.vae, scheduler=self.inference_scheduler or self.scheduler)
+        parts: dict[str, Any] = {self.family.denoiser: self.denoiser, "vae": self.vae,
+                                 "scheduler": self.inference_scheduler or self.scheduler}
         for index, name in enumerate(self.family.text_encoders):
-            suffix = name.removeprefix("text_encoder")
             parts[name] = self.text_encoders[index]
-            parts["tokenizer" + suffix] = self.tokenizers[index]
-        if self.family.name == "sd1":
-            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            parts[self.family.tokenizers[index]] = self.tokenizers[index]
+        parts.update(self.family.pipeline_init_kwargs())  # SD1.x: no safety checker
         parts.update(self.extra)
         parts.update(overrides)
         return self.family.pipeline_class()(**parts)
@@ -83,12 +91,10 @@ def load_diffusion_model(base_model: str, family: str = "auto", allow_download: 
     ``single_file_config`` folder (a diffusers folder of the same family holding model_index.json, the
     component configs and tokenizers), so nothing is fetched.
     """
-    from diffusers import DDPMScheduler
-
     source = resolve_model(base_model, allow_download)
     chosen = resolve_family(family, source, allow_download)
     pipeline_class = chosen.pipeline_class()
-    extra = {"safety_checker": None, "requires_safety_checker": False} if chosen.name == "sd1" else {}
+    extra = chosen.pipeline_load_kwargs()
     if source.endswith(SINGLE_FILE_SUFFIXES) and Path(source).is_file():
         if single_file_config is None:
             raise ValueError(
@@ -98,16 +104,12 @@ def load_diffusion_model(base_model: str, family: str = "auto", allow_download: 
         pipe = pipeline_class.from_single_file(source, config=config, local_files_only=True, **extra)
     else:
         pipe = pipeline_class.from_pretrained(source, local_files_only=not allow_download, **extra)
-    # Training always uses a DDPM noise schedule with the base model's betas.
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler = chosen.training_scheduler(pipe.scheduler)  # UNet families: DDPM with the base model's betas
     text_encoders = [getattr(pipe, name) for name in chosen.text_encoders]
-    tokenizers = [getattr(pipe, "tokenizer" + name.removeprefix("text_encoder")) for name in chosen.text_encoders]
-    flags = {}
-    if chosen.name == "sdxl":
-        flags["force_zeros_for_empty_prompt"] = pipe.config.force_zeros_for_empty_prompt
+    tokenizers = [getattr(pipe, name) for name in chosen.tokenizers]
     logger.info("Loaded %s base from %s", chosen.display_name, source)
-    return DiffusionComponents(chosen, pipe.unet, pipe.vae, text_encoders, tokenizers, scheduler, source,
-                               pipe.scheduler, flags)
+    return DiffusionComponents(chosen, getattr(pipe, chosen.denoiser), pipe.vae, text_encoders, tokenizers, scheduler,
+                               source, pipe.scheduler, chosen.pipeline_flags(pipe))
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:

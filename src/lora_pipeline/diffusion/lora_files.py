@@ -3,11 +3,11 @@
 Key conventions:
 
 * training layout (ours = diffusers' PEFT layout): ``<component>.<module path>.lora_A.weight`` / ``lora_B``
-  with ``component`` in ``unet``, ``text_encoder``, ``text_encoder_2``;
-* kohya: ``lora_unet_<module>`` (SD1: diffusers path; SDXL: original SGM path such as
-  ``input_blocks_4_1_transformer_blocks_0_attn1_to_q``), ``lora_te_text_model_<module>`` (SD1) or
-  ``lora_te1_`` / ``lora_te2_`` (SDXL), each with ``.lora_down.weight`` [r, in(, kh, kw)],
-  ``.lora_up.weight`` [out, r(, 1, 1)] and ``.alpha`` (0-dim).
+  with ``component`` one of the family's components (``unet``, ``text_encoder``, ``text_encoder_2``);
+* kohya: each family names its modules (:meth:`ModelFamily.kohya_name`): ``lora_unet_<module>`` (SD1: diffusers
+  path; SDXL: original SGM path such as ``input_blocks_4_1_transformer_blocks_0_attn1_to_q``),
+  ``lora_te_text_model_<module>`` (SD1) or ``lora_te1_`` / ``lora_te2_`` (SDXL), each with ``.lora_down.weight``
+  [r, in(, kh, kw)], ``.lora_up.weight`` [out, r(, 1, 1)] and ``.alpha`` (0-dim).
 
 WebUI and ComfyUI apply ``W += strength * alpha / r * up @ down``, so ``alpha`` must be the training alpha.
 diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank and names the SD1 text encoder ``lora_te1_``,
@@ -31,13 +31,15 @@ from lora_pipeline.core.errors import DataError
 from lora_pipeline.core.files import atomic_folder, atomic_path, read_safetensors_header, sha256_hex
 from lora_pipeline.core.models import DTYPES
 from lora_pipeline.core.spec import TrainingSummary, rescale_up
-from lora_pipeline.diffusion.families import ModelFamily, get_family, sgm_unet_path, unet_layout
+from lora_pipeline.diffusion.families import FAMILIES, ModelFamily, get_family, kohya_family_hint
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-_PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
-_KOHYA_KEY = re.compile(r"^(lora_unet_|lora_te[12]?_)([^.]+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|"
-                        r"hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t[12]|dora_scale)$")
+# Every family's kohya prefixes and component names (a file is read before its family is known).
+KOHYA_PREFIXES = tuple(sorted({p for f in FAMILIES.values() for p in (f.kohya_denoiser_prefix, *f.kohya_te_prefixes)}))
+COMPONENTS = tuple(sorted({c for f in FAMILIES.values() for c in f.components}))
+_PEFT_KEY = re.compile(rf"^({'|'.join(COMPONENTS)})\.(.+)\.lora_([AB])\.weight$")
+_KOHYA_KEY = re.compile(rf"^({'|'.join(KOHYA_PREFIXES)})([^.]+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|"
+                        r"alpha|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t[12]|dora_scale)$")
 # LyCORIS / kohya weights that are not merged here, by what they belong to (for the error message).
 UNSUPPORTED_KINDS = {"oft_blocks": "OFT", "oft_diag": "OFT", "rescale": "OFT", "diff": "full fine-tune (diff)",
                      "diff_b": "full fine-tune (diff)", "w_norm": "norm-layer", "b_norm": "norm-layer",
@@ -46,36 +48,6 @@ UNSUPPORTED_KINDS = {"oft_blocks": "OFT", "oft_diag": "OFT", "rescale": "OFT", "
 
 
 # ----------------------------------------------------------------------------- names
-
-def kohya_module_name(family: ModelFamily, component: str, module_path: str, unet_config: Any = None) -> str:
-    """One module's kohya name, e.g. SDXL ``unet`` + ``down_blocks.1.attentions.0.proj_in`` ->
-    ``lora_unet_input_blocks_4_1_proj_in``.
-
-    transformers 5's CLIPTextModel has no ``text_model.`` wrapper any more, but WebUI keys still carry it,
-    so it is added explicitly for the text encoders.
-    """
-    if component == "unet":
-        path = module_path
-        if family.sgm_unet_names:
-            path = sgm_unet_path(module_path, *unet_layout(unet_config)) or module_path
-        return "lora_unet_" + path.replace(".", "_")
-    prefix = family.kohya_te_prefixes[family.text_encoders.index(component)]
-    return prefix + "text_model_" + module_path.removeprefix("text_model.").replace(".", "_")
-
-
-def kohya_name_index(family: ModelFamily, modules: Mapping[str, torch.nn.Module]) -> dict[str, tuple[str, str]]:
-    """``{kohya name: (component, module path)}`` for every named module of a loaded model.
-
-    kohya names turn ``.`` into ``_``, which is ambiguous, so names are looked up, never parsed.
-    """
-    index = {}
-    for component, model in modules.items():
-        config = getattr(model, "config", None)
-        for path, _ in model.named_modules():
-            if path:
-                index[kohya_module_name(family, component, path, config)] = (component, path)
-    return index
-
 
 # CLIP's text-model parts: transformers 5's CLIPTextModel holds them at its top level, CLIPTextModelWithProjection
 # (SDXL's second encoder) and transformers 4 under ``text_model.``. (A T5 encoder's ``encoder.block.N`` is none.)
@@ -197,16 +169,21 @@ AnyLoraModule = LoraModule | LycorisModule
 def to_kohya_state_dict(peft_state: Mapping[str, torch.Tensor], family: ModelFamily, alpha: float,
                         unet_config: Any, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """Training (PEFT) keys -> kohya keys of ``family`` with the training ``alpha`` per module."""
-    out: dict[str, torch.Tensor] = {}
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in peft_state.items():
         match = _PEFT_KEY.match(key)
         if not match:
             raise ValueError(f"not a LoRA weight key: {key!r}")
         component, module_path, which = match.groups()
-        name = kohya_module_name(family, component, module_path, unet_config)
-        suffix = "lora_down.weight" if which == "A" else "lora_up.weight"
-        out[f"{name}.{suffix}"] = tensor.detach().to("cpu", dtype).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        pairs.setdefault((component, module_path), {})[which] = tensor
+    if incomplete := [f"{c}.{p}" for (c, p), pair in pairs.items() if len(pair) != 2]:
+        raise ValueError(f"LoRA weights without their lora_A or lora_B partner: {incomplete[:3]}")
+    out: dict[str, torch.Tensor] = {}
+    modules = family.to_kohya_modules({k: (pair["A"], pair["B"]) for k, pair in pairs.items()}, alpha, unet_config)
+    for name, (down, up, module_alpha) in modules.items():
+        out[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(module_alpha), dtype=dtype)
     return dict(sorted(out.items()))
 
 
@@ -323,8 +300,7 @@ def kohya_metadata(summary: TrainingSummary, state: Mapping[str, torch.Tensor], 
         "ss_network_dim": str(spec.rank),
         "ss_network_alpha": str(spec.alpha),
         "ss_network_dropout": str(spec.dropout),
-        "ss_base_model_version": family.base_model_version,
-        "ss_v2": "False",
+        **family.kohya_header(summary),  # ss_base_model_version, ss_v2, modelspec.architecture ...
         "ss_sd_model_name": base_model_name,
         "ss_num_train_images": str(summary.num_images),
         "ss_num_epochs": str(summary.epochs),
@@ -339,7 +315,7 @@ def kohya_metadata(summary: TrainingSummary, state: Mapping[str, torch.Tensor], 
         "ss_training_started_at": summary.started_at,
         "ss_training_finished_at": summary.finished_at,
         "ss_output_name": title,
-        "ss_network_args": {"conv_dim": None, "targets": spec.targets.get("unet")},
+        "ss_network_args": {"conv_dim": None, "targets": spec.targets.get(family.denoiser)},
         "ss_dataset_hash": summary.dataset_hash,
         "ss_clip_skip": str(summary.clip_skip),
         "ss_optimizer": summary.optimizer,
@@ -349,7 +325,6 @@ def kohya_metadata(summary: TrainingSummary, state: Mapping[str, torch.Tensor], 
         **kohya_dataset_dirs(summary.folders),
         "sshs_model_hash": tensor_hash(state),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.architecture,
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": title,
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
@@ -475,12 +450,11 @@ def lora_modules_from_state(state: Mapping[str, torch.Tensor], header: Mapping[s
     check_is_lora(state, source)
     out = []
     if is_kohya(state):
-        index = kohya_name_index(family, modules)
+        index = family.kohya_index(modules)
         for name, parts in kohya_modules(state).items():
             if name not in index:
-                other = "SDXL" if family.name == "sd1" else "SD1.x"
                 raise DataError(f"{source}: LoRA module {name!r} has no matching layer in this {family.display_name} "
-                                f"base (is it an {other} LoRA, or were other targets trained?)")
+                                f"base ({kohya_family_hint(name, family)})")
             kind = _lycoris_kind(parts)
             if kind is not None:
                 named = {{"down": "lora_down.weight", "up": "lora_up.weight"}.get(k, k): v for k, v in parts.items()}
@@ -495,7 +469,8 @@ def lora_modules_from_state(state: Mapping[str, torch.Tensor], header: Mapping[s
                 raise DataError(f"{source}: module {name} lacks its lora_down or lora_up weight; the file is damaged.")
             rank = parts["down"].shape[0]
             scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
-            out.append(LoraModule(*index[name], parts["down"], parts["up"], scale))
+            out.extend(LoraModule(component, own_path, down, up, scale) for component, own_path, down, up
+                       in family.from_kohya_module(name, parts["down"], parts["up"], index))
         return out
     adapter_meta = json.loads(header.get("lora_adapter_metadata", "{}") or "{}")
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}

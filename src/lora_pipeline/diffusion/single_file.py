@@ -1,4 +1,5 @@
-"""Write a diffusers SD1.x or SDXL pipeline as one original-layout (LDM/SGM) checkpoint, the file WebUI loads.
+"""Write a diffusers UNet-family pipeline (SD1.x, SDXL) as one original-layout (LDM/SGM) checkpoint, the file
+WebUI loads.
 
 diffusers reads such files (``from_single_file``) but has no writer in the library (only scripts in its
 repository), so the inverse of its key rules lives here. Used by ``merge`` and by the single-file tests.
@@ -17,11 +18,6 @@ from lora_pipeline.diffusion.families import ModelFamily, sgm_unet_path, unet_la
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-# Where each family's text encoders live in a single file (the second SDXL one is an OpenCLIP model).
-TEXT_ENCODER_PREFIXES = {
-    "sd1": ("cond_stage_model.transformer.",),
-    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
-}
 
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
@@ -103,13 +99,16 @@ def open_clip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
+TEXT_ENCODER_WRITERS = {"clip": clip_to_ldm, "open_clip": open_clip_to_ldm}
+
+
 def pipeline_to_ldm(pipe, family: ModelFamily) -> dict[str, torch.Tensor]:
-    state = unet_to_ldm(pipe.unet)
+    """The whole pipeline in the original layout; where each text encoder goes, and in which layout, the family's
+    ``single_file_text_encoders`` say (SDXL's second one is an OpenCLIP model)."""
+    state = unet_to_ldm(getattr(pipe, family.denoiser))
     state.update(vae_to_ldm(pipe.vae))
-    prefixes = TEXT_ENCODER_PREFIXES[family.name]
-    state.update(clip_to_ldm(pipe.text_encoder, prefixes[0]))
-    if family.name == "sdxl":
-        state.update(open_clip_to_ldm(pipe.text_encoder_2, prefixes[1]))
+    for name, (prefix, layout) in zip(family.text_encoders, family.single_file_text_encoders):
+        state.update(TEXT_ENCODER_WRITERS[layout](getattr(pipe, name), prefix))
     return state
 
 

@@ -1,9 +1,12 @@
-"""The LoRA training loop for SD1.x and SDXL: PEFT injection, cached latents and text embeddings, aspect
-buckets, SDXL size conditioning, checkpoints, exact resume.
+"""The diffusion LoRA training loop, for every family: PEFT injection, cached latents and text embeddings, aspect
+buckets, checkpoints, exact resume.
 
 Plain Python (no Kedro): call :func:`train` from a notebook, a Kedro node, or under ``accelerate launch``.
-The bookkeeping shared with the LLM loop (accelerate, seeds, resume, loss read-back, checkpoints) lives in
-:mod:`lora_pipeline.core.trainer`; what differs between families (prompt encoding, names) in :mod:`families`.
+:func:`train` runs four named steps: :func:`set_up` (accelerator, LoRA, caches, optimizer, schedule),
+:func:`step_data` (this run's batches and their loader), :func:`loss_step` (one micro-batch's loss) and the loop
+itself. The bookkeeping shared with the LLM loop (accelerate, seeds, resume, loss read-back, checkpoints) lives in
+:mod:`lora_pipeline.core.trainer`; the caches in :mod:`caches`; what differs between families (prompt encoding,
+latents, the objective, the denoiser call, names) behind :class:`~lora_pipeline.diffusion.families.ModelFamily`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lora_pipeline.core.cache import DiskCache, settings_key
+from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.checkpoints import run_signature
 from lora_pipeline.core.config import TrainingParams
 from lora_pipeline.core.errors import ConfigError, LoraPipelineError
@@ -34,34 +37,15 @@ from lora_pipeline.core.trainer import (
     optimizer_step,
     peak_memory_mb,
 )
-from lora_pipeline.diffusion.families import Conditioning, ModelFamily
+from lora_pipeline.diffusion.caches import FLIPPED, TextEncoderCache, encode_latents, latent_stats, pixels
+from lora_pipeline.diffusion.dataset import Example
+from lora_pipeline.diffusion.families import Conditioning, ModelFamily, Objective
 from lora_pipeline.diffusion.generation import vae_decodes_in_own_dtype
 from lora_pipeline.diffusion.loading import DiffusionComponents, module_fingerprint
 from lora_pipeline.prep.concepts import epoch_items
 from lora_pipeline.prep.images import load_rgb
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training image: its file, caption, bucket size and content hash; for SDXL's size conditioning also
-    the size it had before resizing and where the center crop started (defaults: the bucket, no crop)."""
-
-    path: Path
-    text: str
-    width: int
-    height: int
-    sha256: str
-    original_size: tuple[int, int] | None = None  # (width, height)
-    crop_top_left: tuple[int, int] = (0, 0)  # (top, left), in SDXL's order
-    repeats: int = 1  # kohya's N of an N_concept folder
-    is_reg: bool = False  # a regularization (class) image: its loss is weighted by prior_loss_weight
-
-    def time_ids(self) -> list[int]:
-        """SDXL ``add_time_ids``: original (h, w), crop (top, left), target (h, w)."""
-        width, height = self.original_size or (self.width, self.height)
-        return [height, width, *self.crop_top_left, self.height, self.width]
 
 
 @dataclass
@@ -83,8 +67,8 @@ class TrainResult:
 # ----------------------------------------------------------------------------- LoRA injection
 
 def lora_spec(params: TrainingParams, family: ModelFamily) -> LoraSpec:
-    """The LoRA this run trains: the UNet, plus every text encoder of the family when asked."""
-    targets: dict[str, list[str] | str] = {"unet": list(params.unet_targets)}
+    """The LoRA this run trains: the denoiser (``unet_targets``), plus every text encoder of the family when asked."""
+    targets: dict[str, list[str] | str] = {family.denoiser: list(params.unet_targets)}
     if params.train_text_encoder:
         targets.update({name: list(params.text_encoder_targets) for name in family.text_encoders})
     return LoraSpec(family=family.name, rank=params.lora_rank, alpha=params.alpha, dropout=params.dropout,
@@ -93,16 +77,19 @@ def lora_spec(params: TrainingParams, family: ModelFamily) -> LoraSpec:
 
 def inject_lora(components: DiffusionComponents, spec: LoraSpec) -> None:
     """Add LoRA adapters (PEFT) to each component the spec names; freeze everything else."""
-    for module in [components.unet, components.vae, *components.text_encoders]:
+    for module in [components.denoiser, components.vae, *components.text_encoders]:
         module.requires_grad_(False)
     for component in spec.components:
         try:
             components.component(component).add_adapter(spec.peft_config(component))
         except ValueError as exc:
+            defaults = components.family.default_targets
+            denoiser = components.family.denoiser
+            encoders = components.family.text_encoders
             raise LoraPipelineError(
                 f"LoRA targets matched no layer of the {component} ({exc}). Check training.unet_targets / "
-                f"text_encoder_targets; the kohya defaults are to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, "
-                f"proj_in, proj_out (UNet) and q_proj, k_proj, v_proj, out_proj, fc1, fc2 (text encoders).") from None
+                f"text_encoder_targets; the kohya defaults are {', '.join(defaults[denoiser])} ({denoiser})"
+                + (f" and {', '.join(defaults[encoders[0]])} (text encoders)" if encoders else "") + ".") from None
 
 
 def lora_state_dict(components: DiffusionComponents) -> dict[str, torch.Tensor]:
@@ -156,95 +143,6 @@ def _unwrap(module: Any) -> Any:
     return getattr(module, "module", module)
 
 
-# ----------------------------------------------------------------------------- caching
-
-FLIPPED = ":flip"  # suffix of a mirrored image's key in the latent-key map
-
-
-def encode_latents(components: DiffusionComponents, examples: Sequence[Example], cache: DiskCache, device: torch.device,
-                   batch_size: int = 8, flip: bool = False) -> tuple[dict[str, str], int]:
-    """Encode every image's VAE latent distribution once; returns ({sha256: cache key}, number encoded).
-
-    Keys are image hash + VAE fingerprint, so a retrain on the same base model re-encodes only new images,
-    and a changed image or another VAE can never hit a stale entry. With ``flip`` (kohya's flip_aug) the
-    mirrored image is encoded and cached too (``sha256 + ":flip"``): a mirrored latent is not the mirror
-    of the latent, so flipping cached latents would train on something the VAE never produced.
-    """
-    vae_id = module_fingerprint(components.vae)
-    todo = [(ex, False) for ex in examples] + ([(ex, True) for ex in examples] if flip else [])
-    keys = {}
-    for ex, flipped in todo:
-        keys[ex.sha256 + (FLIPPED if flipped else "")] = f"latent-{ex.sha256[:32]}{'-flip' if flipped else ''}-{vae_id}"
-    missing = [(ex, flipped) for ex, flipped in dict.fromkeys(todo)
-               if not cache.has(keys[ex.sha256 + (FLIPPED if flipped else "")], ".safetensors")]
-    if missing:
-        components.vae.to(device)
-        groups: dict[tuple[int, int], list[tuple[Example, bool]]] = {}
-        for ex, flipped in missing:
-            groups.setdefault((ex.width, ex.height), []).append((ex, flipped))
-        with tqdm(total=len(missing), desc="encoding latents", unit="img") as bar, torch.inference_mode():
-            for group in groups.values():
-                for start in range(0, len(group), batch_size):
-                    chunk = group[start:start + batch_size]
-                    pixels = torch.stack([_to_tensor(load_rgb(ex.path), flipped) for ex, flipped in chunk])
-                    dist = components.vae.encode(pixels.to(device, components.vae.dtype)).latent_dist
-                    for (ex, flipped), mean, std in zip(chunk, dist.mean, dist.std):
-                        cache.put_tensors(keys[ex.sha256 + (FLIPPED if flipped else "")],
-                                          {"mean": mean.float(), "std": std.float()})
-                    bar.update(len(chunk))
-    logger.info("Latents: %d cached, %d new", len(keys) - len(missing), len(missing))
-    return keys, len(missing)
-
-
-def _to_tensor(image, flipped: bool = False) -> torch.Tensor:
-    import numpy as np
-
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-    if flipped:
-        array = array.flip(-1)
-    return array / 127.5 - 1.0
-
-
-class TextEncoderCache:
-    """Frozen-text-encoder conditioning by exact prompt text (both SDXL encoders and the pooled embedding),
-    in memory and on disk."""
-
-    def __init__(self, components: DiffusionComponents, cache: DiskCache, device: torch.device):
-        self.components, self.cache, self.device = components, cache, device
-        identity: dict[str, Any] = {"te": [module_fingerprint(te) for te in components.text_encoders]}
-        if components.clip_skip > 1:
-            identity["clip_skip"] = components.clip_skip
-        self.te_id = settings_key(identity)
-        self.memory: dict[str, dict[str, torch.Tensor]] = {}
-
-    def __call__(self, texts: Sequence[str]) -> Conditioning:
-        for text in dict.fromkeys(texts):
-            if text in self.memory:
-                continue
-            key = f"text-{settings_key({'t': text})}-{self.te_id}"
-            hit = self.cache.get_tensors(key)
-            if hit is None:
-                with torch.inference_mode():
-                    cond = self.components.encode_prompt([text], self.device)
-                hit = {"hidden": cond.hidden[0].float().cpu()}
-                if cond.pooled is not None:
-                    hit["pooled"] = cond.pooled[0].float().cpu()
-                self.cache.put_tensors(key, hit)
-            self.memory[text] = hit
-        hidden = torch.stack([self.memory[t]["hidden"] for t in texts]).to(self.device)
-        pooled = None
-        if "pooled" in self.memory[texts[0]]:
-            pooled = torch.stack([self.memory[t]["pooled"] for t in texts]).to(self.device)
-        return Conditioning(hidden, pooled)
-
-
-def time_ids_for(components: DiffusionComponents, examples: Sequence[Example],
-                 device: torch.device) -> torch.Tensor | None:
-    if not components.family.uses_time_ids():
-        return None
-    return torch.tensor([ex.time_ids() for ex in examples], dtype=torch.float32, device=device)
-
-
 # ----------------------------------------------------------------------------- batches and captions
 
 class StepInputs(torch.utils.data.Dataset):
@@ -263,7 +161,7 @@ class StepInputs(torch.utils.data.Dataset):
         flipped, position = divmod(index, len(self.examples))
         example = self.examples[position]
         if not self.latent_keys:
-            return {"pixels": _to_tensor(load_rgb(example.path), bool(flipped))}
+            return {"pixels": pixels(load_rgb(example.path), bool(flipped))}
         stats = self.cache.get_tensors(self.latent_keys[example.sha256 + (FLIPPED if flipped else "")])
         if stats is None:
             raise LoraPipelineError(f"The cached latents of {example.path} disappeared during training "
@@ -329,6 +227,212 @@ SIGNATURE_ADDED_LATER = {"prior_loss_weight": 1.0, "clip_skip": 1, "flip_aug": F
 StepCallback = Callable[[int, DiffusionComponents], None]
 
 
+def check_training_set(examples: Sequence[Example], params: TrainingParams) -> None:
+    """Refuse a training set that cannot train: empty, class images only, fewer places than one batch."""
+    if not examples:
+        raise LoraPipelineError("No training images. Run the normalization pipeline first.")
+    if not any(not ex.is_reg for ex in examples):
+        raise LoraPipelineError("Only regularization images and no training images. Put your subject's images in "
+                                "the subject's images folder (kohya: train_data_dir), the class images in reg/.")
+    places = sum(ex.repeats for ex in examples if not ex.is_reg) * params.repeats
+    if params.batch_size > places:
+        raise ConfigError(f"training.batch_size ({params.batch_size}) is larger than the training set "
+                          f"({places} images x repeats); lower batch_size or raise repeats.")
+
+
+@dataclass
+class TrainingRun:
+    """Everything :func:`set_up` prepared for one run; the loop's steps read it.
+
+    ``models`` are the trained modules (the denoiser, then each trained text encoder) and ``optimizer`` /
+    ``scheduler`` their optimizer and learning-rate schedule, until :meth:`prepare` wraps them for accelerate."""
+
+    components: DiffusionComponents
+    examples: Sequence[Example]
+    params: TrainingParams
+    cache: DiskCache
+    keep_tokens: int
+    accelerator: Any
+    dtype: torch.dtype
+    spec: LoraSpec
+    trained_te: list[str]
+    signature: dict[str, Any]
+    latent_keys: dict[str, str]
+    latents_encoded: int
+    text_cache: TextEncoderCache | None
+    objective: Objective
+    models: list[Any]
+    optimizer: Any
+    scheduler: Any
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    encoders: list[Any] = field(default_factory=list)  # every text encoder, trained ones as accelerate wraps them
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.components.family
+
+    @property
+    def denoiser(self) -> Any:
+        """The denoiser as the loop calls it (accelerate's wrapper once prepared)."""
+        return self.models[0]
+
+    def prepare(self) -> None:
+        """Hand the trained modules, optimizer and schedule to accelerate (after a resume restored them)."""
+        prepared = self.accelerator.prepare(*self.models, self.optimizer, self.scheduler)
+        self.models, (self.optimizer, self.scheduler) = list(prepared[:-2]), prepared[-2:]
+        self.encoders = list(self.components.text_encoders)
+        for name, wrapped in zip(self.trained_te, self.models[1:]):
+            self.encoders[self.family.text_encoders.index(name)] = wrapped
+
+    def batch(self, micro: int, epoch_cache: dict[int, list[list[int]]]) -> list[int]:
+        """The example indices of micro-batch ``micro`` on this process."""
+        global_index = micro * self.accelerator.num_processes + self.accelerator.process_index
+        epoch, index = divmod(global_index, self.batches_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = bucket_batches(self.examples, self.params.batch_size, self.params.repeats,
+                                                self.params.seed, epoch, self.params.flip_aug)
+        return epoch_cache[epoch][index]
+
+
+def set_up(components: DiffusionComponents, examples: Sequence[Example], params: TrainingParams, cache: DiskCache,
+           dataset_hash: str, keep_tokens: int = 0, init_state: dict[str, torch.Tensor] | None = None) -> TrainingRun:
+    """The run before its first step: accelerator, LoRA injection (from ``init_state`` when given), the run's
+    signature, cached latents and text embeddings, modules on the device in their dtype, optimizer, schedule."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    family = components.family
+    check_training_set(examples, params)
+    family.check_clip_skip(params.clip_skip)
+    components.clip_skip = params.clip_skip
+    accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps,
+                                   params.allow_tf32, params.gpu, setting="training.mixed_precision")
+    device = accelerator.device
+    dtype = DTYPES[params.mixed_precision]
+    spec = lora_spec(params, family)
+    trained_te = [name for name in family.text_encoders if spec.trains(name)]
+
+    base_id = module_fingerprint(components.denoiser)[:16]  # before injection: the base weights alone
+    torch.manual_seed(params.seed)  # PEFT draws lora_A's initial values from the global RNG
+    inject_lora(components, spec)
+    if init_state is not None:
+        load_lora_state(components, init_state, f"init_lora {params.init_lora}")
+    signature = run_signature(base_id, dataset_hash, spec,
+                              {k: getattr(params, k) for k in (*SIGNATURE_SETTINGS, *SIGNATURE_ADDED_LATER)},
+                              SIGNATURE_ADDED_LATER)
+
+    family.check_precision(params.mixed_precision)  # the VAE keeps its own dtype in any case
+    if params.cache_latents:
+        latent_keys, latents_encoded = encode_latents(components, examples, cache, device, flip=params.flip_aug)
+        components.vae.to("cpu")
+    else:
+        latent_keys, latents_encoded = {}, 0
+        components.vae.to(device)
+    text_cache = TextEncoderCache(components, cache, device) if params.cache_latents and not trained_te else None
+
+    components.denoiser.to(device, dtype=dtype)
+    for encoder in components.text_encoders:
+        encoder.to(device, dtype=dtype)
+    models = [components.denoiser] + [components.component(name) for name in trained_te]
+    cast_training_params(models, dtype=torch.float32)  # LoRA weights train in fp32 under mixed precision
+    if params.gradient_checkpointing:
+        for model in models:
+            enable_activation_checkpointing(model)
+
+    groups = [{"params": [p for p in components.denoiser.parameters() if p.requires_grad],
+               "lr": params.learning_rate}]
+    for name in trained_te:
+        groups.append({"params": [p for p in components.component(name).parameters() if p.requires_grad],
+                       "lr": params.text_encoder_lr})
+    optimizer = make_optimizer(params.optimizer, groups, params.optimizer_args)
+
+    batches_per_epoch = len(bucket_batches(examples, params.batch_size, params.repeats, params.seed, 0))
+    micro_per_process = max(1, batches_per_epoch // accelerator.num_processes)
+    steps_per_epoch = max(1, micro_per_process // params.gradient_accumulation_steps)
+    total_steps = params.max_steps or params.epochs * steps_per_epoch
+    scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps,
+                              num_training_steps=total_steps, num_cycles=params.lr_scheduler_num_cycles)
+    objective = family.objective(components.scheduler, noise_offset=params.noise_offset,
+                                 min_snr_gamma=params.min_snr_gamma)
+    return TrainingRun(components, examples, params, cache, keep_tokens, accelerator, dtype, spec, trained_te,
+                       signature, latent_keys, latents_encoded, text_cache, objective, models, optimizer, scheduler,
+                       batches_per_epoch, steps_per_epoch, total_steps)
+
+
+def trainer_core(run: TrainingRun, on_metrics: Callable[[dict[str, float], int], None] | None) -> TrainerCore:
+    params = run.params
+    return TrainerCore(
+        accelerator=run.accelerator, seed=params.seed, subject=params.output_name,
+        subject_folder=Path(params.checkpoint_dir) / params.output_name,
+        signature=run.signature, total_steps=run.total_steps, save_steps=params.save_steps,
+        save_every_steps=params.save_every_n_epochs * run.steps_per_epoch,
+        keep_checkpoints=params.keep_checkpoints, log_every_steps=params.log_every_steps,
+        advice="mixed_precision: bf16 instead of fp16, a lower learning_rate, or an fp32 VAE",
+        desc=f"training {params.output_name}", unit="img", lora_state=lambda: lora_state_dict(run.components),
+        on_metrics=on_metrics)
+
+
+def step_data(run: TrainingRun, start_step: int) -> tuple[list[list[int]], Iterator[dict[str, torch.Tensor]]]:
+    """The micro-batches from ``start_step`` to the end (example indices; which ones depends on seed and epoch
+    only, so a resumed run sees the same) and the loader that reads their cached latents or pixels."""
+    ga = run.params.gradient_accumulation_steps
+    epoch_cache: dict[int, list[list[int]]] = {}
+    micro_batches = [run.batch(micro, epoch_cache) for micro in range(start_step * ga, run.total_steps * ga)]
+    workers = data_workers(run.params.data_workers, run.device)
+    loader = iter(torch.utils.data.DataLoader(
+        StepInputs(run.examples, run.cache, run.latent_keys), batch_sampler=micro_batches, num_workers=workers,
+        pin_memory=run.device.type == "cuda", prefetch_factor=2 if workers else None))
+    return micro_batches, loader
+
+
+def conditioning(run: TrainingRun, texts: Sequence[str]) -> Conditioning:
+    """The prompts' conditioning: from the text cache, from frozen encoders, or through the trained ones."""
+    if run.text_cache is not None:
+        return run.text_cache(texts)
+    if not run.trained_te:
+        with torch.no_grad():
+            return run.components.encode_prompt(texts, run.device)
+    return run.components.encode_prompt(texts, run.device, run.encoders)
+
+
+def loss_step(run: TrainingRun, inputs: dict[str, torch.Tensor], indices: Sequence[int], generator: torch.Generator,
+              rng: random.Random) -> torch.Tensor:
+    """One micro-batch's loss: latents (cached, or VAE-encoded now), the family's objective (noise, timesteps,
+    input, target, weight), captions augmented, the denoiser's prediction, prior-preservation weights.
+
+    Every random draw comes from ``generator`` (noise) and ``rng`` (captions), in a fixed order."""
+    family, params, device = run.family, run.params, run.device
+    if params.cache_latents:
+        mean, std = inputs["mean"], inputs["std"]
+    else:  # the textbook loop: VAE-encode the batch every step
+        with torch.no_grad():
+            vae = run.components.vae
+            mean, std = latent_stats(vae, inputs["pixels"].to(device, vae.dtype, non_blocking=True), device)
+            mean, std = mean.float().cpu(), std.float().cpu()
+    latents = family.sample_latents(mean, std, generator, run.components.vae.config)
+    noise, timesteps = run.objective.draw(latents.shape, generator)
+    chosen = [run.examples[i % len(run.examples)] for i in indices]
+    texts = [prepare_caption(ex.text, rng, params.caption_dropout, params.shuffle_tags, run.keep_tokens)
+             for ex in chosen]
+    batch = run.objective.noised(latents.to(device, non_blocking=True), noise.to(device, non_blocking=True),
+                                 timesteps.to(device, non_blocking=True))
+    with run.accelerator.autocast():
+        cond = conditioning(run, texts)
+        pred = family.predict(run.denoiser, batch, cond, family.micro_conditioning(chosen, device), run.dtype)
+    loss = run.objective.per_sample_loss(pred, batch)
+    if any(ex.is_reg for ex in chosen):  # DreamBooth prior preservation, as kohya weights it
+        loss = loss * torch.tensor([params.prior_loss_weight if ex.is_reg else 1.0 for ex in chosen],
+                                   device=loss.device)
+    return loss.mean()
+
+
 def train(
     components: DiffusionComponents,
     examples: Sequence[Example],
@@ -343,202 +447,66 @@ def train(
     step_callback: StepCallback | None = None,
 ) -> TrainResult:
     """Train a LoRA on ``examples``. Resumable, deterministic on CPU, accelerate-aware (1 CPU, 1 or N GPUs)."""
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
-
-    if not examples:
-        raise LoraPipelineError("No training images. Run the normalization pipeline first.")
-    if not any(not ex.is_reg for ex in examples):
-        raise LoraPipelineError("Only regularization images and no training images. Put your subject's images in "
-                                "the subject's images folder (kohya: train_data_dir), the class images in reg/.")
-    places = sum(ex.repeats for ex in examples if not ex.is_reg) * params.repeats
-    if params.batch_size > places:
-        raise ConfigError(f"training.batch_size ({params.batch_size}) is larger than the training set "
-                          f"({places} images x repeats); lower batch_size or raise repeats.")
-    components.family.check_clip_skip(params.clip_skip)
-    components.clip_skip = params.clip_skip
-    accelerator = make_accelerator(params.device, params.mixed_precision, params.gradient_accumulation_steps,
-                                   params.allow_tf32, params.gpu, setting="training.mixed_precision")
-    device = accelerator.device
-    dtype = DTYPES[params.mixed_precision]
-    spec = lora_spec(params, components.family)
-    trained_te = [name for name in components.family.text_encoders if spec.trains(name)]
-
-    base_id = module_fingerprint(components.unet)[:16]  # before injection: the base weights alone
-    torch.manual_seed(params.seed)  # PEFT draws lora_A's initial values from the global RNG
-    inject_lora(components, spec)
-    if init_state is not None:
-        load_lora_state(components, init_state, f"init_lora {params.init_lora}")
-    signature = run_signature(base_id, dataset_hash, spec,
-                              {k: getattr(params, k) for k in (*SIGNATURE_SETTINGS, *SIGNATURE_ADDED_LATER)},
-                              SIGNATURE_ADDED_LATER)
-
-    if components.family.name == "sdxl" and params.mixed_precision == "fp16":
-        # SDXL's original VAE overflows to NaN in fp16; it is kept in fp32 here (only the UNet and the text
-        # encoders are cast), so latents stay finite. A fp16-fixed VAE saves memory if you need it.
-        logger.warning("SDXL with fp16: the VAE stays fp32 (its fp16 version produces NaN latents); "
-                       "bf16 is the safer choice for the UNet on GPUs that support it.")
-    if params.cache_latents:
-        latent_keys, latents_encoded = encode_latents(components, examples, cache, device, flip=params.flip_aug)
-        components.vae.to("cpu")
-    else:
-        latent_keys, latents_encoded = {}, 0
-        components.vae.to(device)
-    scaling = components.vae.config.scaling_factor
-    text_cache = TextEncoderCache(components, cache, device) if params.cache_latents and not trained_te else None
-
-    components.unet.to(device, dtype=dtype)
-    for encoder in components.text_encoders:
-        encoder.to(device, dtype=dtype)
-    models = [components.unet] + [components.component(name) for name in trained_te]
-    cast_training_params(models, dtype=torch.float32)  # LoRA weights train in fp32 under mixed precision
-    if params.gradient_checkpointing:
-        for model in models:
-            enable_activation_checkpointing(model)
-
-    groups = [{"params": [p for p in components.unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
-    for name in trained_te:
-        groups.append({"params": [p for p in components.component(name).parameters() if p.requires_grad],
-                       "lr": params.text_encoder_lr})
-    optimizer = make_optimizer(params.optimizer, groups, params.optimizer_args)
-
-    batches_per_epoch = len(bucket_batches(examples, params.batch_size, params.repeats, params.seed, 0))
-    micro_per_process = max(1, batches_per_epoch // accelerator.num_processes)
-    steps_per_epoch = max(1, micro_per_process // params.gradient_accumulation_steps)
-    total_steps = params.max_steps or params.epochs * steps_per_epoch
-    scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps,
-                              num_training_steps=total_steps, num_cycles=params.lr_scheduler_num_cycles)
-
-    core = TrainerCore(
-        accelerator=accelerator, seed=params.seed, subject=params.output_name,
-        subject_folder=Path(params.checkpoint_dir) / params.output_name,
-        signature=signature, total_steps=total_steps, save_steps=params.save_steps,
-        save_every_steps=params.save_every_n_epochs * steps_per_epoch,
-        keep_checkpoints=params.keep_checkpoints, log_every_steps=params.log_every_steps,
-        advice="mixed_precision: bf16 instead of fp16, a lower learning_rate, or an fp32 VAE",
-        desc=f"training {params.output_name}", unit="img", lora_state=lambda: lora_state_dict(components),
-        on_metrics=on_metrics)
+    run = set_up(components, examples, params, cache, dataset_hash, keep_tokens, init_state)
+    core = trainer_core(run, on_metrics)
     with core.locked():  # one run per subject; checkpoints are read and written under the lock
-        restored = core.resume(params.resume, optimizer, scheduler)
+        restored = core.resume(params.resume, run.optimizer, run.scheduler)
         if restored is not None:
             load_lora_state(components, restored, f"checkpoint {core.resumed_from}")
-        start_step = core.start_step
-
-        prepared = accelerator.prepare(*models, optimizer, scheduler)
-        unet = prepared[0]
-        encoders = list(components.text_encoders)
-        for name, wrapped in zip(trained_te, prepared[1:1 + len(trained_te)]):
-            encoders[components.family.text_encoders.index(name)] = wrapped
-        trained_modules = [unet] + [encoders[components.family.text_encoders.index(n)] for n in trained_te]
-        optimizer, scheduler = prepared[-2], prepared[-1]
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
-
-        noise_scheduler = components.scheduler
-        prediction_type = noise_scheduler.config.prediction_type
-        epoch_cache: dict[int, list[list[int]]] = {}
-
-        def batch_for(micro: int) -> list[int]:
-            global_index = micro * accelerator.num_processes + accelerator.process_index
-            epoch, index = divmod(global_index, batches_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache.clear()
-                epoch_cache[epoch] = bucket_batches(examples, params.batch_size, params.repeats, params.seed, epoch,
-                                                    params.flip_aug)
-            return epoch_cache[epoch][index]
-
-        ga = params.gradient_accumulation_steps
-        micro_batches = [batch_for(micro) for micro in range(start_step * ga, total_steps * ga)]
-        workers = data_workers(params.data_workers, device)
-        loader = iter(torch.utils.data.DataLoader(
-            StepInputs(examples, cache, latent_keys), batch_sampler=micro_batches, num_workers=workers,
-            pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None))
-
-        unet.train()
-        for name in trained_te:
-            encoders[components.family.text_encoders.index(name)].train()
-        core.start()
-        sample_error = None
-        for step in range(start_step, total_steps):
-            step_loss = torch.zeros((), device=device)
-            seen = 0
-            for accum in range(ga):
-                micro = step * ga + accum
-                generator, rng = core.micro_seeds(micro)
-                indices = micro_batches[micro - start_step * ga]
-                inputs = next(loader)
-                with accelerator.accumulate(*trained_modules):
-                    if params.cache_latents:
-                        mean, std = inputs["mean"], inputs["std"]
-                    else:  # the textbook loop: VAE-encode the batch every step
-                        with torch.no_grad():
-                            pixels = inputs["pixels"].to(device, components.vae.dtype, non_blocking=True)
-                            dist = components.vae.encode(pixels).latent_dist
-                            mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-                    latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
-                    noise = torch.randn(latents.shape, generator=generator)
-                    if params.noise_offset:
-                        noise = noise + params.noise_offset * torch.randn(
-                            (latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                              generator=generator)
-                    chosen = [examples[i % len(examples)] for i in indices]
-                    texts = [prepare_caption(ex.text, rng, params.caption_dropout, params.shuffle_tags,
-                                             keep_tokens) for ex in chosen]
-                    latents = latents.to(device, non_blocking=True)
-                    noise = noise.to(device, non_blocking=True)
-                    timesteps = timesteps.to(device, non_blocking=True)
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    with accelerator.autocast():
-                        if text_cache is not None:
-                            cond = text_cache(texts)
-                        elif not trained_te:
-                            with torch.no_grad():
-                                cond = components.encode_prompt(texts, device)
-                        else:
-                            cond = components.encode_prompt(texts, device, encoders)
-                        hidden = cond.hidden.to(dtype)
-                        if cond.pooled is not None:
-                            cond = Conditioning(hidden, cond.pooled.to(dtype))
-                        time_ids = time_ids_for(components, chosen, device)
-                        pred = unet(noisy.to(dtype), timesteps, hidden,
-                                    **cond.unet_kwargs(time_ids.to(dtype) if time_ids is not None else None)).sample
-                    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(
-                        latents, noise, timesteps)
-                    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    if params.min_snr_gamma:
-                        snr = compute_snr(noise_scheduler, timesteps)
-                        weight = snr.clamp(max=params.min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
-                        loss = loss * weight
-                    if any(ex.is_reg for ex in chosen):  # DreamBooth prior preservation, as kohya weights it
-                        loss = loss * torch.tensor([params.prior_loss_weight if ex.is_reg else 1.0 for ex in chosen],
-                                                   device=loss.device)
-                    loss = loss.mean()
-                    optimizer_step(accelerator, loss, trainable, optimizer, scheduler, params.max_grad_norm)
-                step_loss += loss.detach() / ga
-                seen += len(indices)
-            core.end_step(step, step_loss, seen, optimizer, scheduler)
-            done = step + 1
-            if (on_samples and params.sample_prompts and params.sample_every_steps and sample_error is None
-                    and done % params.sample_every_steps == 0):
-                images, sample_error = samples_or_error(components, params, done)
-                if images:
-                    on_samples(images, done)
-            if step_callback is not None:
-                step_callback(done, components)
-        images_per_second = core.finish(optimizer, scheduler)  # the final checkpoint is on disk from here on
+        run.prepare()
+        micro_batches, loader = step_data(run, core.start_step)
+        sample_error = loop(run, core, micro_batches, loader, on_samples, step_callback)
+        images_per_second = core.finish(run.optimizer, run.scheduler)  # the final checkpoint is on disk from here
         samples: list[Any] = []
-        if params.sample_prompts and accelerator.is_main_process and sample_error is None:
-            samples, sample_error = samples_or_error(components, params, total_steps)
+        if params.sample_prompts and run.accelerator.is_main_process and sample_error is None:
+            samples, sample_error = samples_or_error(components, params, run.total_steps)
         if on_samples and samples:
-            on_samples(samples, total_steps)
+            on_samples(samples, run.total_steps)
         return TrainResult(
-            lora_state=lora_state_dict(components), spec=spec, losses=core.losses.values, steps=total_steps,
-            epochs_done=total_steps * params.gradient_accumulation_steps / batches_per_epoch,
-            images_per_second=images_per_second, peak_memory_mb=peak_memory_mb(device),
-            samples=samples, resumed_from=core.resumed_from, latents_encoded=latents_encoded,
-            optimizer=_class_path(getattr(optimizer, "optimizer", optimizer)),  # inside accelerate's wrapper
+            lora_state=lora_state_dict(components), spec=run.spec, losses=core.losses.values, steps=run.total_steps,
+            epochs_done=run.total_steps * params.gradient_accumulation_steps / run.batches_per_epoch,
+            images_per_second=images_per_second, peak_memory_mb=peak_memory_mb(run.device),
+            samples=samples, resumed_from=core.resumed_from, latents_encoded=run.latents_encoded,
+            optimizer=_class_path(getattr(run.optimizer, "optimizer", run.optimizer)),  # inside accelerate's wrapper
             sample_error=sample_error,
         )
+
+
+def loop(run: TrainingRun, core: TrainerCore, micro_batches: list[list[int]],
+         loader: Iterator[dict[str, torch.Tensor]], on_samples: Callable[[list[Any], int], None] | None,
+         step_callback: StepCallback | None) -> str | None:
+    """The optimizer steps from ``core.start_step`` on, with samples and callbacks between them; returns why
+    sample images failed, if they did."""
+    params = run.params
+    ga, start_step = params.gradient_accumulation_steps, core.start_step
+    trainable = [p for g in run.optimizer.param_groups for p in g["params"]]
+    for model in run.models:
+        model.train()
+    core.start()
+    sample_error = None
+    for step in range(start_step, run.total_steps):
+        step_loss = torch.zeros((), device=run.device)
+        seen = 0
+        for accum in range(ga):
+            micro = step * ga + accum
+            generator, rng = core.micro_seeds(micro)
+            indices = micro_batches[micro - start_step * ga]
+            inputs = next(loader)
+            with run.accelerator.accumulate(*run.models):
+                loss = loss_step(run, inputs, indices, generator, rng)
+                optimizer_step(run.accelerator, loss, trainable, run.optimizer, run.scheduler, params.max_grad_norm)
+            step_loss += loss.detach() / ga
+            seen += len(indices)
+        core.end_step(step, step_loss, seen, run.optimizer, run.scheduler)
+        done = step + 1
+        if (on_samples and params.sample_prompts and params.sample_every_steps and sample_error is None
+                and done % params.sample_every_steps == 0):
+            images, sample_error = samples_or_error(run.components, params, done)
+            if images:
+                on_samples(images, done)
+        if step_callback is not None:
+            step_callback(done, run.components)
+    return sample_error
 
 
 def _class_path(obj: Any) -> str:
@@ -563,28 +531,29 @@ def samples_or_error(components: DiffusionComponents, params: TrainingParams,
 def render_samples(components: DiffusionComponents, params: TrainingParams) -> list[Any]:
     """Sample images with the LoRA as it is now (fixed seeds, so samples across steps are comparable).
 
-    The UNet and text encoders sample in the dtype they train in; the VAE decodes in its own (fp32 under
+    The denoiser and text encoders sample in the dtype they train in; the VAE decodes in its own (fp32 under
     fp16/bf16 training)."""
-    pipe = components.pipeline(unet=_unwrap(components.unet), **{name: _unwrap(te) for name, te in
-                                                  zip(components.family.text_encoders, components.text_encoders)})
+    family, denoiser = components.family, _unwrap(components.denoiser)
+    pipe = components.pipeline(**{family.denoiser: denoiser}, **{name: _unwrap(te) for name, te in
+                                                                 zip(family.text_encoders, components.text_encoders)})
     pipe.set_progress_bar_config(disable=True)
-    device = next(_unwrap(components.unet).parameters()).device
+    device = next(denoiser.parameters()).device
     vae_device = next(pipe.vae.parameters()).device  # on the GPU already when latents are not cached
-    was_training = _unwrap(components.unet).training
+    was_training = denoiser.training
     pipe.vae.to(device)
-    _unwrap(components.unet).eval()
+    denoiser.eval()
     size = params.sample_size
     images = []
     try:
         with vae_decodes_in_own_dtype(pipe.vae):
             for index, prompt in enumerate(tqdm(params.sample_prompts, desc="samples", unit="img", leave=False)):
                 generator = torch.Generator().manual_seed(params.seed + index)
-                images.extend(pipe(**components.family.prompt_kwargs(pipe, prompt, None, components.clip_skip),
+                images.extend(pipe(**family.prompt_kwargs(pipe, prompt, None, components.clip_skip),
                                    num_inference_steps=params.sample_inference_steps, generator=generator,
                                    height=size, width=size).images)
     finally:  # also after a failure: training may go on
         pipe.vae.to(vae_device)
-        _unwrap(components.unet).train(was_training)
+        denoiser.train(was_training)
     return images
 
 
@@ -594,26 +563,24 @@ def denoising_loss(components: DiffusionComponents, examples: Sequence[Example],
                    timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> float:
     """Mean denoising MSE at fixed timesteps, noise and latents: a reproducible quality figure.
 
-    Lower is better; comparing base vs base+LoRA on held-out images shows what the LoRA learned.
+    Lower is better; comparing base vs base+LoRA on held-out images shows what the LoRA learned. The family's
+    objective (without noise offset or loss weights) says what the denoiser gets and must predict.
     """
-    unet = _unwrap(components.unet)
-    device = next(unet.parameters()).device
-    scaling, scheduler = components.vae.config.scaling_factor, components.scheduler
+    family, denoiser = components.family, _unwrap(components.denoiser)
+    device = next(denoiser.parameters()).device
+    objective = family.objective(components.scheduler)
     total, count = 0.0, 0
     for index, ex in enumerate(tqdm(examples, desc="denoising loss", unit="img", leave=False)):
         stats = cache.get_tensors(latent_keys[ex.sha256])
         cond = components.encode_prompt([ex.text], device)
-        time_ids = time_ids_for(components, [ex], device)
+        micro = family.micro_conditioning([ex], device)
         for t in timesteps:
             generator = torch.Generator().manual_seed(derive_seed(seed, index, t))
-            latents = (stats["mean"] + stats["std"] * torch.randn(stats["mean"].shape, generator=generator))
-            latents = (latents * scaling).unsqueeze(0).to(device)
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            step = torch.tensor([t], device=device)
-            noisy = scheduler.add_noise(latents, noise, step)
-            pred = unet(noisy.to(unet.dtype), step, cond.hidden.to(unet.dtype), **cond.unet_kwargs(time_ids)).sample
-            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(
-                latents, noise, step)
-            total += F.mse_loss(pred.float(), target.float()).item()
+            latents = family.sample_latents(stats["mean"], stats["std"], generator, components.vae.config)
+            latents = latents.unsqueeze(0).to(device)
+            noise = objective.noise(latents.shape, generator).to(device)
+            batch = objective.noised(latents, noise, torch.tensor([t], device=device))
+            pred = family.predict(denoiser, batch, cond, micro, denoiser.dtype)
+            total += F.mse_loss(pred.float(), batch.target.float()).item()
             count += 1
     return total / max(count, 1)
