@@ -92,7 +92,7 @@ class PromptParams(_Strict):
     keep_tokens: int = Field(1, ge=0, le=32, description="Leading tags training never shuffles (kohya).")
 
 
-FamilyName = Literal["auto", "sd1", "sdxl"]
+FamilyName = Literal["auto", "sd1", "sdxl", "flux"]
 
 
 class NormalizationParams(_Strict):
@@ -223,6 +223,12 @@ class TrainingParams(_Strict):
     gradient_checkpointing: bool = False
     min_snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)
+    # flow matching (Flux.1): how the noise level of each image is drawn; kohya's recommended preset is the default
+    timestep_sampling: Literal["sigmoid", "shift", "logit_normal", "uniform"] = Field(
+        "shift", description="flow-matching families: sigma = sigmoid(sigmoid_scale * N(0, 1)), then shifted by "
+                             "discrete_flow_shift for 'shift'; logit_normal as SD3; uniform")
+    discrete_flow_shift: float = Field(3.1582, gt=0, le=100)
+    sigmoid_scale: float = Field(1.0, gt=0, le=100)
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     shuffle_tags: bool = False
     keep_tokens: int | None = Field(None, ge=0, description="None: the value normalization recorded")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 if TYPE_CHECKING:
     from torch import Tensor
 
-Family = Literal["sd1", "sdxl", "causal_lm"]
+Family = Literal["sd1", "sdxl", "flux", "causal_lm"]
 
 
 def rescale_up(up, from_scale: float, to_scale: float):
@@ -200,8 +200,11 @@ class ImageTrainingSummary(TrainingSummary):
     num_reg_images: int = 0
     folders: list[dict[str, Any]] = Field(default_factory=list, description="each source folder's role (instance "
                                           "or reg), kohya repeats, class tokens and image count")
-    unet_layout: dict[str, Any] = Field(default_factory=dict, description="layers_per_block and up_block_types: "
-                                        "what kohya's SGM-layout names need, so export never loads the base")
+    unet_layout: dict[str, Any] = Field(default_factory=dict, description="what the family's kohya names need of "
+                                        "the denoiser's config (SDXL: layers_per_block, up_block_types; Flux: "
+                                        "guidance_embeds), so export never loads the base")
+    recipe: dict[str, str] = Field(default_factory=dict, description="header keys of the family's objective "
+                                   "settings (Flux: ss_timestep_sampling, ss_discrete_flow_shift ...)")
 
     def unet_config(self) -> SimpleNamespace:
         return SimpleNamespace(**self.unet_layout)

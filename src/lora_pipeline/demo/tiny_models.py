@@ -303,8 +303,8 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
 def build_all(models_dir: str | Path) -> dict[str, Path]:
     """Build every tiny model under ``models_dir`` (skipping those already there)."""
     models_dir = Path(models_dir)
-    builders = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip,
-                "tiny-llm": build_tiny_llm}
+    builders = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux,
+                "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip, "tiny-llm": build_tiny_llm}
     built = {}
     for name, builder in builders.items():
         target = models_dir / name

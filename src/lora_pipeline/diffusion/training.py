@@ -68,9 +68,8 @@ class TrainResult:
 
 def lora_spec(params: TrainingParams, family: ModelFamily) -> LoraSpec:
     """The LoRA this run trains: the denoiser (``unet_targets``), plus every text encoder of the family when asked."""
-    targets: dict[str, list[str] | str] = {family.denoiser: list(params.unet_targets)}
-    if params.train_text_encoder:
-        targets.update({name: list(params.text_encoder_targets) for name in family.text_encoders})
+    targets = family.lora_targets(params.unet_targets,
+                                  params.text_encoder_targets if params.train_text_encoder else None)
     return LoraSpec(family=family.name, rank=params.lora_rank, alpha=params.alpha, dropout=params.dropout,
                     targets=targets)
 
@@ -221,7 +220,8 @@ SIGNATURE_SETTINGS = ("batch_size", "gradient_accumulation_steps", "seed", "repe
                       "text_encoder_lr", "lr_scheduler", "lr_warmup_steps", "caption_dropout", "shuffle_tags",
                       "noise_offset", "min_snr_gamma", "init_lora")
 SIGNATURE_ADDED_LATER = {"prior_loss_weight": 1.0, "clip_skip": 1, "flip_aug": False, "optimizer": "adamw",
-                         "optimizer_args": {}, "lr_scheduler_num_cycles": 1}
+                         "optimizer_args": {}, "lr_scheduler_num_cycles": 1, "timestep_sampling": "shift",
+                         "discrete_flow_shift": 3.1582, "sigmoid_scale": 1.0}
 
 
 StepCallback = Callable[[int, DiffusionComponents], None]
@@ -360,7 +360,8 @@ def set_up(components: DiffusionComponents, examples: Sequence[Example], params:
     scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps,
                               num_training_steps=total_steps, num_cycles=params.lr_scheduler_num_cycles)
     objective = family.objective(components.scheduler, noise_offset=params.noise_offset,
-                                 min_snr_gamma=params.min_snr_gamma)
+                                 min_snr_gamma=params.min_snr_gamma, timestep_sampling=params.timestep_sampling,
+                                 discrete_flow_shift=params.discrete_flow_shift, sigmoid_scale=params.sigmoid_scale)
     return TrainingRun(components, examples, params, cache, keep_tokens, accelerator, dtype, spec, trained_te,
                        signature, latent_keys, latents_encoded, text_cache, objective, models, optimizer, scheduler,
                        batches_per_epoch, steps_per_epoch, total_steps)

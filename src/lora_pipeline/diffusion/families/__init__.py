@@ -19,20 +19,21 @@ import torch
 from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.core.files import read_safetensors_header
 from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch, Objective
+from lora_pipeline.diffusion.families.flux import FLUX, FlowMatchObjective, FluxFamily
 from lora_pipeline.diffusion.families.sd1 import SD1, SD1Family
 from lora_pipeline.diffusion.families.sdxl import SDXL, SDXLFamily
 from lora_pipeline.diffusion.families.unet import DDPMObjective, UNetFamily, sgm_unet_path, unet_layout
 
-__all__ = ["FAMILIES", "PLANNED", "SD1", "SDXL", "Conditioning", "DDPMObjective", "ModelFamily", "NoisedBatch",
+__all__ = ["FAMILIES", "FLUX", "PLANNED", "SD1", "SDXL", "Conditioning", "DDPMObjective", "FlowMatchObjective",
+           "FluxFamily", "ModelFamily", "NoisedBatch",
            "Objective", "SD1Family", "SDXLFamily", "UNetFamily", "detect_family", "get_family", "kohya_family_hint",
            "native_resolution", "resolve_family", "sgm_unet_path", "unet_layout"]
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL, FLUX)}
 # Where the next families plug in (kept here so the error below can name them).
-PLANNED = {"flux": "Flux.1 (FluxPipeline, T5 + CLIP-L, a DiT instead of a UNet)",
-           "sd3": "Stable Diffusion 3 (SD3Transformer2DModel, three text encoders)"}
+PLANNED = {"sd3": "Stable Diffusion 3 (SD3Transformer2DModel, three text encoders)"}
 FALLBACK = SD1  # a hub id whose model_index.json is not at hand
 
 

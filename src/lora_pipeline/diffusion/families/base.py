@@ -212,8 +212,23 @@ class ModelFamily(ABC):
         return latents * vae_config.scaling_factor
 
     @abstractmethod
-    def objective(self, scheduler: Any, noise_offset: float = 0.0, min_snr_gamma: float | None = None) -> Objective:
-        """The training objective over ``scheduler`` (see :class:`Objective`)."""
+    def objective(self, scheduler: Any, noise_offset: float = 0.0, min_snr_gamma: float | None = None,
+                  **recipe: Any) -> Objective:
+        """The training objective over ``scheduler`` (see :class:`Objective`); ``recipe`` holds the settings of
+        objectives other than DDPM (flow matching: ``timestep_sampling``, ``discrete_flow_shift``, ...)."""
+
+    def recipe(self, params: Any, denoiser_config: Any) -> dict[str, str]:
+        """Header keys (``ss_*``) that record this run's objective settings, beyond the common ones."""
+        return {}
+
+    def lora_targets(self, denoiser_targets: Sequence[str], text_encoder_targets: Sequence[str] | None
+                     ) -> dict[str, Any]:
+        """LoRA targets per component from ``training.unet_targets`` and, when the text encoders are trained,
+        ``text_encoder_targets`` (every text encoder)."""
+        targets: dict[str, Any] = {self.denoiser: list(denoiser_targets)}
+        if text_encoder_targets is not None:
+            targets.update({name: list(text_encoder_targets) for name in self.text_encoders})
+        return targets
 
     def micro_conditioning(self, examples: Sequence[Any], device: torch.device) -> torch.Tensor | None:
         """Per-image conditioning besides the prompt (SDXL's size and crop), or None."""

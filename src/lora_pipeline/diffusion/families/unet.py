@@ -66,8 +66,9 @@ class UNetFamily(ModelFamily):
 
         return DDPMScheduler.from_config(scheduler.config)
 
-    def objective(self, scheduler: Any, noise_offset: float = 0.0, min_snr_gamma: float | None = None) -> Objective:
-        return DDPMObjective(scheduler, noise_offset, min_snr_gamma)
+    def objective(self, scheduler: Any, noise_offset: float = 0.0, min_snr_gamma: float | None = None,
+                  **recipe: Any) -> Objective:
+        return DDPMObjective(scheduler, noise_offset, min_snr_gamma)  # flow-matching settings do not apply
 
     def added_conditions(self, cond: Conditioning, micro: torch.Tensor | None, dtype: torch.dtype) -> dict[str, Any]:
         """Keyword arguments of the UNet call besides sample, timestep and token states."""

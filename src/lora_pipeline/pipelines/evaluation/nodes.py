@@ -54,9 +54,9 @@ def _evaluate(components, p: EvaluationParams, normalized_images: ImageFolder, t
               latent_cache: DiskCache, lora_kohya: LoraFile, training_summary: ImageTrainingSummary,
               scratch: Path) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
     device = pick_device(p.device)
-    for module in (components.unet, *components.text_encoders):
+    for module in (components.denoiser, *components.text_encoders):
         # One compute dtype, the UNet's: a base saved in fp16/bf16 loads its text encoders in that dtype.
-        module.to(device, components.unet.dtype)
+        module.to(device, components.denoiser.dtype)
     train_examples = build_examples(normalized_images.root, train_metadata)
     sets = {"train": train_examples}
     if p.holdout_dir:
@@ -94,7 +94,7 @@ def _evaluate(components, p: EvaluationParams, normalized_images: ImageFolder, t
 
 def _clip_figures(p: EvaluationParams, components, scorer: ClipScorer, references, label: str) -> dict[str, float]:
     """CLIP score of images generated with fixed seeds, and their similarity to the training images."""
-    pipe = inference_pipeline(components.pipeline(), next(components.unet.parameters()).device)
+    pipe = inference_pipeline(components.pipeline(), next(components.denoiser.parameters()).device)
     spec = PromptSpec(prompt="-", steps=p.eval_steps, width=p.eval_size, height=p.eval_size,
                       clip_skip=components.clip_skip)
     images = [render(pipe, prompt, spec, p.seed + i)

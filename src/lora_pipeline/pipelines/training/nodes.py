@@ -95,8 +95,8 @@ def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metad
         latents_encoded=result.latents_encoded, clip_skip=p.clip_skip, optimizer=result.optimizer,
         flip_aug=p.flip_aug, prior_loss_weight=p.prior_loss_weight,
         num_reg_images=sum(1 for ex in examples if ex.is_reg), folders=[f.model_dump() for f in dataset_info.folders],
-        unet_layout={"layers_per_block": components.unet.config.layers_per_block,
-                     "up_block_types": list(components.unet.config.up_block_types)},
+        unet_layout=components.family.naming_layout(components.denoiser.config),
+        recipe=components.family.recipe(p, components.denoiser.config),
     )
     tracking.log_dict(summary.to_json(), f"{s}/training_summary.json")
     logger.info("Trained %d steps: loss %.4f -> %.4f, %s, peak memory %.0f MB", result.steps,

@@ -1,0 +1,216 @@
+"""Flux.1 (dev and schnell): a diffusion transformer (``FluxTransformer2DModel``) trained with flow matching, CLIP-L
+(its pooled output) and T5 (its token sequence) as text encoders, a 16-channel VAE with a shift, latents packed
+2x2 into a token sequence with image position ids, and -- dev only -- a guidance embedding.
+
+kohya's names are those of the original (BFL) model, where q/k/v are one ``qkv`` Linear and a single block's
+q/k/v and MLP input one ``linear1``: :mod:`lora_pipeline.diffusion.flux_names` fuses and splits them. CLIP-L is
+``lora_te1_``, T5 ``lora_te3_`` (kohya's ``lora_flux.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import torch
+
+from lora_pipeline.core.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
+from lora_pipeline.core.errors import ConfigError, DataError
+from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch, Objective
+from lora_pipeline.diffusion.flow_matching import noisy_and_target, sample_sigmas
+from lora_pipeline.diffusion.flux_names import fuse, fused_modules, original_name, split
+
+# kohya's default Flux targets: every Linear of the double and single blocks (as one regex: the transformer's own
+# top-level ``proj_out`` and ``norm_out.linear`` are not blocks and stay frozen).
+BLOCK_LINEARS = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+                 r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|norm1\.linear|norm1_context\.linear)"
+                 r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out|norm\.linear))")
+GUIDANCE_FOR_TRAINING = 1.0  # what kohya's docs and diffusers' example train dev at
+
+
+class Fused(NamedTuple):
+    """A kohya index entry of a fused module: its component, its parts' paths and their output widths."""
+
+    component: str
+    parts: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+
+class FlowMatchObjective(Objective):
+    """Rectified flow: a sigma per image by ``timestep_sampling``, input ``(1 - sigma) x + sigma noise``, target the
+    velocity ``noise - x``; the timesteps handed to the transformer are the sigmas (it scales them by 1000)."""
+
+    def __init__(self, sampling: str = "shift", discrete_flow_shift: float = 3.1582, sigmoid_scale: float = 1.0):
+        self.sampling, self.shift, self.sigmoid_scale = sampling, discrete_flow_shift, sigmoid_scale
+
+    def noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=generator)
+
+    def timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return sample_sigmas(self.sampling, batch_size, generator, sigmoid_scale=self.sigmoid_scale,  # type: ignore[arg-type]
+                             discrete_flow_shift=self.shift)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedBatch:
+        if timesteps.is_floating_point() is False:  # evaluation's fixed integer timesteps (of 1000)
+            timesteps = timesteps.float() / 1000
+        noisy, target = noisy_and_target(latents, noise, timesteps)
+        return NoisedBatch(noisy, timesteps, target)
+
+
+class FluxFamily(ModelFamily):
+    name = "flux"
+    display_name = "Flux.1"
+    short_name = "Flux.1"
+    pipeline_class_name = "FluxPipeline"
+    pipeline_class_prefix = "Flux"
+    denoiser = "transformer"
+    text_encoders = ("text_encoder", "text_encoder_2")  # CLIP-L, T5
+    tokenizers = ("tokenizer", "tokenizer_2")
+    kohya_te_prefixes = ("lora_te1_", "lora_te3_")
+    default_resolution = 1024
+    checkpoint_marker = "double_blocks."
+    single_file_text_encoders = ()
+
+    @property
+    def default_targets(self) -> dict[str, Any]:  # type: ignore[override]
+        return {self.denoiser: BLOCK_LINEARS, "text_encoder": tuple(KOHYA_TE_TARGETS)}
+
+    def lora_targets(self, denoiser_targets: Sequence[str], text_encoder_targets: Sequence[str] | None
+                     ) -> dict[str, Any]:
+        """The UNet default (``training.unet_targets`` left as is) means kohya's Flux default; the text encoder
+        trained is CLIP-L (kohya trains T5 only on request, which this does not offer yet)."""
+        targets: dict[str, Any] = {self.denoiser: BLOCK_LINEARS if list(denoiser_targets) == KOHYA_UNET_TARGETS
+                                   else list(denoiser_targets)}
+        if text_encoder_targets is not None:
+            targets["text_encoder"] = list(text_encoder_targets)
+        return targets
+
+    def recognises_kohya_name(self, name: str) -> bool:
+        return name.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_"))
+
+    def training_scheduler(self, scheduler: Any) -> Any:
+        return scheduler  # flow matching draws its own sigmas; the scheduler only samples
+
+    def check_clip_skip(self, clip_skip: int) -> None:
+        if clip_skip > 1:
+            raise ConfigError(f"clip_skip {clip_skip} with a Flux.1 base: Flux uses CLIP-L's pooled output, which has "
+                              f"no layers to skip (kohya's Flux scripts ignore clip_skip). Set clip_skip: 1.")
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode_prompt(self, text_encoders: Sequence[Any], tokenizers: Sequence[Any], texts: Sequence[str],
+                      device: torch.device, clip_skip: int = 1) -> Conditioning:
+        """As ``FluxPipeline.encode_prompt``: CLIP-L's pooled output (77 tokens) and T5's last hidden states over
+        the tokenizer's length, padded (kohya's ``apply_t5_attn_mask`` off, as Flux was trained)."""
+        self.check_clip_skip(clip_skip)
+        clip_ids = tokenizers[0](list(texts), padding="max_length", max_length=tokenizers[0].model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(device)
+        pooled = text_encoders[0](clip_ids, output_hidden_states=False).pooler_output
+        t5_ids = tokenizers[1](list(texts), padding="max_length", max_length=tokenizers[1].model_max_length,
+                               truncation=True, return_tensors="pt").input_ids.to(device)
+        return Conditioning(text_encoders[1](t5_ids, output_hidden_states=False)[0], pooled)
+
+    def prompt_kwargs(self, pipe, prompt: str, negative: str | None, clip_skip: int | None) -> dict[str, Any]:
+        """Flux.1 is guidance-distilled: a negative prompt has no place (``guidance_scale`` is the embedded one)."""
+        if clip_skip and clip_skip > 1:
+            self.check_clip_skip(clip_skip)
+        return {"prompt": prompt}
+
+    # ------------------------------------------------------------------ the objective and the denoiser call
+
+    def objective(self, scheduler: Any, noise_offset: float = 0.0, min_snr_gamma: float | None = None,
+                  **recipe: Any) -> Objective:
+        if noise_offset or min_snr_gamma:
+            raise ConfigError("noise_offset and min_snr_gamma are DDPM settings; a Flux.1 run uses "
+                              "timestep_sampling and discrete_flow_shift instead. Remove them for this subject.")
+        return FlowMatchObjective(recipe.get("timestep_sampling", "shift"), recipe.get("discrete_flow_shift", 3.1582),
+                                  recipe.get("sigmoid_scale", 1.0))
+
+    def predict(self, denoiser: Any, batch: NoisedBatch, cond: Conditioning, micro: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+        """Latents packed into 2x2 patches with their position ids, text ids at zero, the guidance embedding at 1
+        (dev), the sigmas as timesteps; the velocity comes back unpacked to the latents' layout."""
+        from diffusers import FluxPipeline
+
+        latents = batch.model_input
+        b, c, h, w = latents.shape
+        if h % 2 or w % 2:
+            raise DataError(f"Flux.1 packs latents in 2x2 patches: a {w * 8}x{h * 8} px bucket gives odd latent "
+                            f"sides; use buckets that are multiples of 16 px (normalization.bucket_step: 64).")
+        packed = FluxPipeline._pack_latents(latents.to(dtype), b, c, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, dtype)
+        text_ids = torch.zeros(cond.hidden.shape[1], 3, device=latents.device, dtype=dtype)
+        guidance = (torch.full((b,), GUIDANCE_FOR_TRAINING, device=latents.device, dtype=dtype)
+                    if denoiser.config.guidance_embeds else None)
+        out = denoiser(hidden_states=packed, timestep=batch.timesteps.to(dtype), guidance=guidance,
+                       pooled_projections=cond.pooled.to(dtype), encoder_hidden_states=cond.hidden.to(dtype),
+                       txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
+
+    # ------------------------------------------------------------------ LoRA files
+
+    def kohya_name(self, component: str, module_path: str, denoiser_config: Any = None) -> str:
+        if component == self.denoiser:
+            found = original_name(module_path)
+            return self.kohya_denoiser_prefix + (found[0] if found else module_path).replace(".", "_")
+        prefix = self.kohya_te_prefixes[self.text_encoders.index(component)]
+        if component == "text_encoder":  # CLIP: WebUI's keys keep transformers 4's text_model. wrapper
+            return prefix + "text_model_" + module_path.removeprefix("text_model.").replace(".", "_")
+        return prefix + module_path.replace(".", "_")
+
+    def kohya_index(self, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
+        """As the base, but a fused name (``..._img_attn_qkv``) lists all its parts and their widths."""
+        index: dict[str, Any] = super().kohya_index(modules)
+        denoiser = modules.get(self.denoiser)
+        if denoiser is not None:
+            linears = {path: m for path, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
+            for original, group in fused_modules(list(linears)).items():
+                if len(group.parts) > 1:
+                    index[self.kohya_denoiser_prefix + original.replace(".", "_")] = Fused(
+                        self.denoiser, group.parts, tuple(linears[p].out_features for p in group.parts))
+        return index
+
+    def from_kohya_module(self, name: str, down: torch.Tensor, up: torch.Tensor,
+                          index: Mapping[str, Any]) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+        entry = index[name]
+        if isinstance(entry, Fused):
+            return [(entry.component, path, part_down, part_up)
+                    for path, (part_down, part_up) in zip(entry.parts, split(down, up, list(entry.sizes)))]
+        return [(*entry, down, up)]
+
+    def to_kohya_modules(self, pairs: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], alpha: float,
+                         denoiser_config: Any = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Text-encoder and one-to-one transformer modules as they are; q/k/v (and linear1's four parts) fused."""
+        modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        denoiser = {path: pair for (component, path), pair in pairs.items() if component == self.denoiser}
+        for (component, path), (down, up) in pairs.items():
+            if component != self.denoiser:
+                modules[self.kohya_name(component, path)] = (down, up, alpha)
+        for original, group in fused_modules(list(denoiser)).items():
+            if len(group.parts) == 1:
+                modules[self.kohya_name(self.denoiser, group.parts[0])] = (*denoiser[group.parts[0]], alpha)
+                continue
+            expected = 4 if original.endswith("linear1") else 3
+            if len(group.parts) != expected:
+                raise ConfigError(f"{original} is one module in kohya's Flux layout, but only {len(group.parts)} of "
+                                  f"its {expected} parts were trained ({', '.join(group.parts)}): train all of them "
+                                  f"(the default unet_targets) so the file loads in WebUI and ComfyUI.")
+            modules[self.kohya_denoiser_prefix + original.replace(".", "_")] = fuse(
+                [denoiser[p][0] for p in group.parts], [denoiser[p][1] for p in group.parts], alpha)
+        return modules
+
+    def naming_layout(self, denoiser_config: Any) -> dict[str, Any]:
+        return {"guidance_embeds": bool(denoiser_config.guidance_embeds)}
+
+    def recipe(self, params: Any, denoiser_config: Any) -> dict[str, str]:
+        """What kohya's flux_train_network.py records of the objective, for the header."""
+        return {"ss_guidance_scale": str(GUIDANCE_FOR_TRAINING), "ss_timestep_sampling": params.timestep_sampling,
+                "ss_discrete_flow_shift": str(params.discrete_flow_shift), "ss_sigmoid_scale": str(params.sigmoid_scale),
+                "ss_model_prediction_type": "raw", "ss_apply_t5_attn_mask": "False"}
+
+    def kohya_header(self, summary: Any) -> dict[str, str]:
+        dev = summary.unet_layout.get("guidance_embeds", True)
+        return {"ss_base_model_version": "flux1", "ss_v2": "False",
+                "modelspec.architecture": "flux-1-dev/lora" if dev else "flux-1-schnell/lora", **summary.recipe}
+
+
+FLUX = FluxFamily()
