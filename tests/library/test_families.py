@@ -119,13 +119,13 @@ def test_one_detector_for_pipelines_folders_and_single_files(tiny_models, tmp_pa
     # ... but a folder to train from must name the family's own pipeline, and an unknown pipeline is refused
     assert not SD1.recognises_pipeline_class("StableDiffusionInpaintPipeline")
 
-    class FluxPipeline:
+    class StableDiffusion3Pipeline:
         pass
 
     with pytest.raises(ConfigError, match="not the pipeline of a supported family"):
-        detect_family(FluxPipeline())
+        detect_family(StableDiffusion3Pipeline())
     with pytest.raises(ConfigError, match="planned"):
-        get_family("flux")
+        get_family("sd3")
 
 
 def test_kohya_names_go_both_ways(tiny_models):
