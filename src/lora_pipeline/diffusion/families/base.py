@@ -141,7 +141,9 @@ class ModelFamily(ABC):
         a ``model_index.json`` to train from must name the family's own pipeline."""
         if class_name == self.pipeline_class_name:
             return len(class_name)
-        if variants and class_name.startswith(self.pipeline_class_prefix):
+        # a version number right after the prefix names another family (StableDiffusion3Pipeline is not SD1.x)
+        if variants and class_name.startswith(self.pipeline_class_prefix) \
+                and not class_name[len(self.pipeline_class_prefix):][:1].isdigit():
             return len(self.pipeline_class_prefix)
         return 0
 
