@@ -23,7 +23,7 @@ demo: setup
 	$(KEDRO) run --env demo
 	$(KEDRO) run --env demo --pipelines llm
 	@echo
-	@echo "Subjects (conf/demo/subjects.yml): demo_lora, demo_stripes (SD1.x), demo_sdxl_lora (SDXL)"
+	@echo "Subjects (conf/demo/subjects.yml): demo_lora, demo_stripes (SD1.x), demo_sdxl_lora (SDXL), demo_flux (Flux.1)"
 	@echo "Normalized dataset:   data/03_primary/demo_lora/dataset/ (metadata.csv + images)"
 	@echo "Data-quality report:  $$(ls -td data/08_reporting/demo_lora/quality_report.csv/*/quality_report.csv | head -1)"
 	@echo "LoRA for WebUI/ComfyUI: $$(ls -t data/07_model_output/demo_lora.safetensors/*/demo_lora.safetensors | head -1)"
@@ -31,6 +31,8 @@ demo: setup
 	@echo "Second subject:         $$(ls -t data/07_model_output/demo_stripes.safetensors/*/demo_stripes.safetensors | head -1)"
 	@echo "SDXL LoRA (WebUI):      $$(ls -t data/07_model_output/demo_sdxl_lora.safetensors/*/demo_sdxl_lora.safetensors | head -1)"
 	@echo "SDXL LoRA (diffusers):  $$(ls -td data/07_model_output/demo_sdxl_lora_diffusers/*/demo_sdxl_lora_diffusers | head -1)"
+	@echo "Flux.1 LoRA (WebUI):    $$(ls -t data/07_model_output/demo_flux.safetensors/*/demo_flux.safetensors | head -1)"
+	@echo "Flux.1 LoRA (diffusers): $$(ls -td data/07_model_output/demo_flux_diffusers/*/demo_flux_diffusers | head -1)"
 	@echo "LLM adapter (PEFT):     $$(ls -td data/07_model_output/demo_llm_lora_adapter/*/demo_llm_lora_adapter | head -1)"
 	@echo "Both subjects stacked:  $$(ls -td data/07_model_output/generated/*/generated | head -1)/000_00_seed3.png"
 	@echo "Reports:              data/08_reporting/<subject>/ (quality, evaluation), llm_data_report, llm_eval_report"
