@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
 from kedro.framework.session import KedroSession
+
+from lora_pipeline.demo import (
+    build_demo_holdout,
+    build_demo_stripes,
+    write_demo_llm_data,
+    write_demo_prompts,
+    write_demo_review,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_project(root: Path, tiny_models, images_template) -> Path:
+    """A copy of the project at ``root``: its conf (no conf/local), the tiny models and the demo data."""
+    root.mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "pyproject.toml", root)
+    shutil.copytree(REPO_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    (root / "src").mkdir()  # Kedro checks it exists; the package itself is installed
+    for name, path in tiny_models.items():
+        shutil.copytree(path, root / "data" / "06_models" / name)
+    shutil.copytree(images_template, root / "data" / "01_raw" / "demo_lora" / "images")
+    write_demo_review(root / "data" / "01_raw" / "demo_lora" / "reviewed_captions.csv")
+    build_demo_stripes(root / "data" / "01_raw" / "demo_stripes" / "images")
+    write_demo_prompts(root / "data" / "01_raw" / "prompts.yml")
+    build_demo_holdout(root / "data" / "01_raw" / "holdout")
+    write_demo_llm_data(root / "data" / "01_raw" / "llm" / "conversations.jsonl")
+    return root
 
 
 def run(root: Path, *pipelines: str, namespaces: list[str] | None = None, **kwargs) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,20 +23,13 @@ import pandas as pd
 import pytest
 import torch
 from kedro.framework.startup import bootstrap_project
-from kedro_helpers import kedro_runs, run, stage_run
+from kedro_helpers import build_project, kedro_runs, run, stage_run
 from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 from PIL import Image
 
 from lora_pipeline.cli import main as lora_pipeline_cli
 from lora_pipeline.core.files import sha256_file
-from lora_pipeline.demo import (
-    build_demo_holdout,
-    build_demo_stripes,
-    write_demo_llm_data,
-    write_demo_prompts,
-    write_demo_review,
-)
 from lora_pipeline.diffusion.dataset import build_examples, dataset_hash
 from lora_pipeline.diffusion.lora_files import load_lora_file
 from lora_pipeline.diffusion.training import Example
@@ -54,28 +46,11 @@ def _holdout_temp_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("holdout-*"))
 
 
-def _build_project(root: Path, tiny_models, images_template) -> None:
-    """The same project as the `project` fixture (tests/integration/conftest.py) builds, at ``root``."""
-    root.mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "pyproject.toml", root)
-    shutil.copytree(REPO_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    (root / "src").mkdir()
-    for name, path in tiny_models.items():
-        shutil.copytree(path, root / "data" / "06_models" / name)
-    shutil.copytree(images_template, root / "data" / "01_raw" / "demo_lora" / "images")
-    write_demo_review(root / "data" / "01_raw" / "demo_lora" / "reviewed_captions.csv")
-    build_demo_stripes(root / "data" / "01_raw" / "demo_stripes" / "images")
-    write_demo_prompts(root / "data" / "01_raw" / "prompts.yml")
-    build_demo_holdout(root / "data" / "01_raw" / "holdout")
-    write_demo_llm_data(root / "data" / "01_raw" / "llm" / "conversations.jsonl")
-
-
 @pytest.fixture(scope="module")
 def _default_run(tmp_path_factory, tiny_models, _demo_images_template):
     """One run of the default pipeline, and what the tests read from right after it."""
     root = tmp_path_factory.mktemp("default_run") / "project"
-    _build_project(root, tiny_models, _demo_images_template)
+    build_project(root, tiny_models, _demo_images_template)
     with pytest.MonkeyPatch.context() as mp:  # monkeypatch is function-scoped; this undoes the same at module end
         mp.chdir(root)  # the sqlite tracking URI and model paths are project-relative
         mp.setenv("KEDRO_ENV", "demo")
