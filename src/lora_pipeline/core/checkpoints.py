@@ -66,7 +66,7 @@ def save_checkpoint(folder: Path, step: int, lora_state: dict[str, torch.Tensor]
     with atomic_folder(target) as tmp:
         save_file(lora_state, str(tmp / "lora.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+                    "torch_rng": torch.get_rng_state(), **_device_rng()}, tmp / "state.pt")
         meta = {"step": step, "signature": signature,
                 "sha256": {name: sha256_file(tmp / name) for name in ("lora.safetensors", "state.pt")}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -157,4 +157,13 @@ def load_checkpoint(checkpoint: Path, optimizer, scheduler) -> tuple[dict[str, t
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return load_file(str(checkpoint / "lora.safetensors")), int(state["step"])
+
+
+def _device_rng() -> dict[str, Any]:
+    """The CUDA generators' states (LoRA dropout draws from them on a GPU), which accelerate's save_state would
+    also keep. accelerate's save_state itself is not used: it writes every prepared model's full weights (the whole
+    UNet or transformer, GBs per checkpoint) unless hooks strip them, and it has no checksums or run signature."""
+    return {"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
