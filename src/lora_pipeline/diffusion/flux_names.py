@@ -6,6 +6,12 @@ The original model keeps q/k/v in one ``qkv`` Linear (and a single block's q/k/v
 one: the parts' downs stacked (``n*r x in``), their ups block-diagonal (``sum(out) x n*r``) and alpha multiplied by
 ``n``, so that ``alpha / rank`` -- the strength every reader applies -- stays the parts' ``alpha / r``. Reading
 goes the other way: each part takes the fused down and its rows of the up.
+
+Downloaded Flux LoRAs name the same modules in several layouts besides kohya's (:data:`FILE_LAYOUTS`): the BFL
+names under ``diffusion_model.`` (ComfyUI; BFL's own and ai-toolkit's files), OneTrainer's ``lora_transformer_``
++ diffusers path, the OMI layout OneTrainer writes now (BFL names with a fused module's parts numbered:
+``transformer.double_blocks.0.img_attn.qkv.0`` is ``to_q``) and SimpleTuner's ``lycoris_`` + diffusers path
+(ComfyUI's ``model_lora_keys_unet`` and ``model_lora_keys_clip`` map the same set).
 """
 
 from __future__ import annotations
@@ -16,6 +22,38 @@ from dataclasses import dataclass
 import torch
 
 KOHYA_PREFIX = "lora_unet_"
+BFL_PREFIX = "diffusion_model."  # BFL / ComfyUI: the original module path
+ONETRAINER_PREFIX = "lora_transformer_"  # OneTrainer (legacy): the diffusers path with . -> _
+OMI_PREFIX = "transformer."  # OMI (OneTrainer now): BFL names, fused parts numbered
+LYCORIS_PREFIX = "lycoris_"  # SimpleTuner's LyCORIS files: the diffusers path with . -> _
+# The text encoders in the same layouts: (prefix, flattened: . -> _), CLIP-L (with transformers 4's text_model.)
+# and T5 (transformers' T5EncoderModel paths, encoder.block.0.layer.0.SelfAttention.q ...).
+CLIP_PREFIXES = (("text_encoders.clip_l.transformer.", False), ("clip_l.", False))
+T5_PREFIXES = (("lora_te3_", True), ("lora_te2_", True), ("text_encoders.t5xxl.transformer.", False), ("t5.", False))
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """One way LoRA files name Flux modules: what to call it in messages, an example key, and the key prefixes
+    it uses with the component each one names."""
+
+    name: str
+    example: str
+    prefixes: tuple[tuple[str, str], ...]
+
+
+FILE_LAYOUTS = (
+    FileLayout("BFL / ComfyUI", "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight (or .lora_down.weight), "
+               "text_encoders.clip_l.transformer.*, text_encoders.t5xxl.transformer.*",
+               ((BFL_PREFIX, "transformer"), ("text_encoders.clip_l.", "text_encoder"),
+                ("text_encoders.t5xxl.", "text_encoder_2"))),
+    FileLayout("OneTrainer", "lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight, lora_te1_* (CLIP-L), "
+               "lora_te2_* (T5)", ((ONETRAINER_PREFIX, "transformer"), ("lora_te2_", "text_encoder_2"))),
+    FileLayout("OMI (OneTrainer)", "transformer.double_blocks.0.img_attn.qkv.0.lora_down.weight, clip_l.*, t5.*",
+               (("transformer.double_blocks.", "transformer"), ("transformer.single_blocks.", "transformer"),
+                ("clip_l.", "text_encoder"), ("t5.", "text_encoder_2"))),
+    FileLayout("SimpleTuner LyCORIS", "lycoris_transformer_blocks_0_attn_to_q.lokr_w1", ((LYCORIS_PREFIX, "transformer"),)),
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +73,14 @@ _DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
 _SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
 _SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``{path: layer}`` of a model's Linear layers, a PEFT-wrapped one (a LoRA adapter already loaded) under its own
+    path and never its insides (``.base_layer``, ``.lora_A.default`` ...)."""
+    wrapped = tuple(path + "." for path, m in model.named_modules() if path and hasattr(m, "base_layer"))
+    return {path: m for path, m in model.named_modules()
+            if isinstance(getattr(m, "base_layer", m), torch.nn.Linear) and not path.startswith(wrapped)}
 
 
 def original_name(module: str) -> tuple[str, int] | None:

@@ -13,6 +13,13 @@ WebUI and ComfyUI apply ``W += strength * alpha / r * up @ down``, so ``alpha`` 
 diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank and names the SD1 text encoder ``lora_te1_``,
 so kohya files are written and read here; diffusers' own format is written with diffusers' ``save_lora_weights``,
 its text-encoder keys in the canonical ``text_encoder(_2).text_model.`` spelling.
+
+Reading takes downloaded files of every layout the family knows (:func:`lora_name_index`): kohya, diffusers/PEFT
+(with or without the component prefix) and, for Flux, BFL/ComfyUI (``diffusion_model.``), OneTrainer
+(``lora_transformer_``), OMI and SimpleTuner LyCORIS names; each module's tensors may be ``lora_down``/``lora_up``
+or ``lora_A``/``lora_B`` (``.alpha`` optional: without it the scale is 1, or diffusers' adapter metadata), LoHa,
+LoKr, LoCon with a Tucker core, or DoRA. A file in none of them is refused with its first keys and the layouts
+accepted.
 """
 
 from __future__ import annotations
@@ -38,8 +45,15 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = tuple(sorted({p for f in FAMILIES.values() for p in (f.kohya_denoiser_prefix, *f.kohya_te_prefixes)}))
 COMPONENTS = tuple(sorted({c for f in FAMILIES.values() for c in f.components}))
 _PEFT_KEY = re.compile(rf"^({'|'.join(COMPONENTS)})\.(.+)\.lora_([AB])\.weight$")
-_KOHYA_KEY = re.compile(rf"^({'|'.join(KOHYA_PREFIXES)})([^.]+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|"
-                        r"alpha|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t[12]|dora_scale)$")
+# A LoRA file's key: module name + one tensor of it, in any layout (kohya/OneTrainer lora_down/lora_up, PEFT/diffusers
+# lora_A/lora_B, LyCORIS, DoRA). The names differ by layout; the tensor names are these.
+_LYCORIS_TENSORS = r"hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t[12]|dora_scale"
+_MODULE_KEY = re.compile(rf"^(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|lora_mid\.weight|"
+                         rf"alpha|{_LYCORIS_TENSORS})$")
+# What marks a key as a LoRA-like file's in any layout (the unsupported kinds too, so that their error names them).
+_LYCORIS_KEY = re.compile(rf"\.({_LYCORIS_TENSORS}|oft_blocks|oft_diag|on_input(\.weight)?|diff|diff_b)$")
+_PLAIN_PARTS = {"lora_down.weight": "down", "lora_A.weight": "down", "lora_up.weight": "up", "lora_B.weight": "up",
+                "alpha": "alpha"}
 # LyCORIS / kohya weights that are not merged here, by what they belong to (for the error message).
 UNSUPPORTED_KINDS = {"oft_blocks": "OFT", "oft_diag": "OFT", "rescale": "OFT", "diff": "full fine-tune (diff)",
                      "diff_b": "full fine-tune (diff)", "w_norm": "norm-layer", "b_norm": "norm-layer",
@@ -93,12 +107,24 @@ class LycorisModule:
     * DoRA (``dora_scale`` m beside any of these): ``W' = m · (W + ΔW) / ‖W + ΔW‖`` with the norm per output
       row (m of shape [out, 1, ...]) or per input column (m of shape [1, in, ...]); at strength s the base
       moves by ``s · (W' − W)``, so strength 0 is the base model (ComfyUI's rule).
+
+    A module of a fused original layer (Flux's ``qkv``, ``linear1``) that is several layers here keeps them in
+    ``parts`` (row order) with their output widths in ``sizes``: its ΔW is computed over their stacked weights and
+    split by rows (a Kronecker or Hadamard product cannot be split into per-part factors, its ΔW can); ``path`` is
+    then the first part.
     """
 
     component: str
     path: str
     kind: str  # loha | lokr | lora (Tucker) ; DoRA when tensors holds dora_scale
     tensors: dict[str, torch.Tensor]
+    parts: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The layers this module changes: its own, or a fused module's parts."""
+        return self.parts or (self.path,)
 
     def _alpha_over(self, rank: int | None) -> float:
         alpha = self.tensors.get("alpha")
@@ -162,6 +188,20 @@ def _tucker(core: torch.Tensor, w_b: torch.Tensor, w_a: torch.Tensor) -> torch.T
 
 
 AnyLoraModule = LoraModule | LycorisModule
+
+
+def module_paths(m: AnyLoraModule) -> tuple[str, ...]:
+    """The layers of ``m.component`` that a module changes, in row order."""
+    return m.paths if isinstance(m, LycorisModule) else (m.path,)
+
+
+def fused_delta(m: AnyLoraModule, weight: float, bases: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What merging ``m`` at ``weight`` adds to each of its layers (``bases``: their weights, in
+    :func:`module_paths` order): one delta, or a fused module's delta over the stacked bases, split by rows."""
+    if len(bases) == 1:
+        return [m.delta(weight, bases[0])]
+    delta = m.delta(weight, torch.cat([b.float() for b in bases]))
+    return list(torch.split(delta, [b.shape[0] for b in bases]))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -282,7 +322,7 @@ def project_identity(root: str | os.PathLike) -> str:
 def check_is_lora(state: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse a file that holds no LoRA weights (a whole UNet or checkpoint passed as a LoRA, say)."""
     # kohya-named keys pass here even when their kind is unsupported (OFT ...): kohya_modules names the kind
-    if not any(".lora_" in key or key.startswith(KOHYA_PREFIXES) for key in state):
+    if not any(".lora_" in key or key.startswith(KOHYA_PREFIXES) or _LYCORIS_KEY.search(key) for key in state):
         example = next(iter(state), "(no tensors)")
         raise DataError(f"{source} is not a LoRA: it has no lora_down/lora_up (kohya), lora_A/lora_B (diffusers, "
                         f"PEFT) or LyCORIS weights; its keys look like a full model's (e.g. {example}). Give a LoRA "
@@ -403,21 +443,35 @@ def is_kohya(state: Mapping[str, torch.Tensor]) -> bool:
     return any(key.startswith(KOHYA_PREFIXES) for key in state)
 
 
-def kohya_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Group a kohya state dict by module: ``{name: {"down": .., "up": .., "alpha": ..}}`` for plain LoRA
-    and LoCon; LyCORIS and DoRA modules keep their own key names (``hada_w1_a``, ``lokr_w1``, ``dora_scale``)."""
-    plain = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+def _unsupported(key: str) -> DataError:
+    """A key that is no LoRA tensor: say what it belongs to (OFT, a full fine-tune's diff ...) where it is known."""
+    parts = key.split(".")
+    two, one = ".".join(parts[-2:]), parts[-1]
+    kind, suffix = next(((UNSUPPORTED_KINDS[c.removesuffix(".weight")], c) for c in (two, one)
+                         if c.removesuffix(".weight") in UNSUPPORTED_KINDS), ("unknown", one))
+    return DataError(f"unsupported key {key!r}: a {kind} weight ({suffix}). Supported: LoRA and LoCon "
+                     f"(lora_down/lora_up/lora_mid or lora_A/lora_B, with or without .alpha), LoHa (hada_*), LoKr "
+                     f"(lokr_*) and DoRA (dora_scale).")
+
+
+def file_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group a LoRA state dict of any layout by module name (the key without its tensor suffix):
+    ``{name: {"down": .., "up": .., "alpha": ..}}`` for plain LoRA and LoCon (``lora_down``/``lora_up`` as kohya
+    and OneTrainer write them, ``lora_A``/``lora_B`` as PEFT, diffusers and BFL files do); LyCORIS and DoRA
+    modules keep their own key names (``hada_w1_a``, ``lokr_w1``, ``dora_scale``)."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        match = _KOHYA_KEY.match(key)
+        match = _MODULE_KEY.match(key)
         if not match:
-            suffix = key.split(".", 1)[-1]
-            kind = UNSUPPORTED_KINDS.get(suffix.removesuffix(".weight"), "unknown")
-            raise DataError(f"unsupported key {key!r}: a {kind} weight ({suffix}). Supported: LoRA and LoCon "
-                            f"(lora_down/lora_up/lora_mid), LoHa (hada_*), LoKr (lokr_*) and DoRA (dora_scale).")
-        prefix, body, suffix = match.groups()
-        modules.setdefault(prefix + body, {})[plain.get(suffix, suffix)] = tensor
+            raise _unsupported(key)
+        name, suffix = match.groups()
+        modules.setdefault(name, {})[_PLAIN_PARTS.get(suffix, suffix)] = tensor
     return modules
+
+
+def kohya_modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`file_modules` of a kohya file (``{lora_unet_...: {"down", "up", "alpha"}}``)."""
+    return file_modules(state)
 
 
 def _lycoris_kind(parts: Mapping[str, torch.Tensor]) -> str | None:
@@ -431,10 +485,91 @@ def _lycoris_kind(parts: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+def _loaded(modules: Mapping[str, torch.nn.Module | None]) -> dict[str, torch.nn.Module]:
+    """The components that are there (a pipeline loaded without its T5 has ``text_encoder_2 = None``)."""
+    return {name: model for name, model in modules.items() if model is not None}
+
+
+def lora_name_index(family: ModelFamily, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
+    """Every module name a LoRA file may use for a layer of ``modules``, in every layout the family reads:
+    ``{name: (component, path)}``, or the family's fused entry (``parts``/``sizes``) for a module that is several
+    layers here (Flux's ``qkv``). Its kohya names (:meth:`ModelFamily.kohya_index`), the family's other layouts
+    (``lora_file_index``, Flux: BFL/ComfyUI, OneTrainer, OMI ...) and diffusers'/PEFT's, which every family has:
+    ``<component>.<path>`` (text encoders with and without ``text_model.``), and for the denoiser the path alone
+    or under ``base_model.model.`` (PEFT state dicts saved without the pipeline's prefix)."""
+    modules = _loaded(modules)
+    # TODO(base.py): lora_file_index belongs on ModelFamily (default: kohya_index); Flux is the first to need it
+    index: dict[str, Any] = dict(getattr(family, "lora_file_index", family.kohya_index)(modules))
+    for component, model in modules.items():
+        wrapped = tuple(path + "." for path, m in model.named_modules() if path and hasattr(m, "base_layer"))
+        for path, _ in model.named_modules():
+            if not path or path.startswith(wrapped):  # not the insides of a loaded PEFT adapter
+                continue
+            entry = (component, path)
+            index.setdefault(f"{component}.{path}", entry)
+            if component in family.text_encoders:
+                index.setdefault(f"{component}.{canonical_text_encoder_path(path)}", entry)
+                index.setdefault(f"{component}.{path.removeprefix('text_model.')}", entry)
+            elif component == family.denoiser:
+                index.setdefault(path, entry)
+                index.setdefault(f"base_model.model.{path}", entry)
+    return index
+
+
+def lora_layouts(family: ModelFamily, modules: Mapping[str, torch.nn.Module]) -> list[tuple[str, str, dict[str, str]]]:
+    """The layouts ``family`` reads: ``(name, example, {key prefix: component})`` each, for messages and for
+    telling a file of another base (a known prefix) from one in an unknown layout."""
+    denoiser = modules.get(family.denoiser)
+    bare = {f"{child}.": family.denoiser for child, _ in denoiser.named_children()} if denoiser is not None else {}
+    kohya = {family.kohya_denoiser_prefix: family.denoiser, **dict(zip(family.kohya_te_prefixes, family.text_encoders))}
+    kohya.update({p: "" for p in KOHYA_PREFIXES if p not in kohya})  # another family's: "is it an SDXL LoRA?"
+    layouts = [("kohya / WebUI", f"{family.kohya_denoiser_prefix}<module>.lora_down.weight / .lora_up.weight / .alpha, "
+                + ", ".join(f"{p}*" for p in family.kohya_te_prefixes), kohya),
+               ("diffusers / PEFT", f"{family.denoiser}.<module>.lora_A.weight / .lora_B.weight, "
+                + ", ".join(f"{t}.*" for t in family.text_encoders) + ", or the bare module path",
+                {**{f"{c}.": c for c in family.components}, "base_model.model.": family.denoiser, **bare})]
+    layouts += [(layout.name, layout.example, dict(layout.prefixes)) for layout in getattr(family, "lora_file_layouts", ())]
+    return layouts
+
+
+def _refuse_unresolved(unresolved: list[str], family: ModelFamily, modules: Mapping[str, torch.nn.Module],
+                       state: Mapping[str, torch.Tensor], source: str) -> None:
+    """The error for module names that name no layer here: an unknown layout (no known prefix), modules of a
+    text encoder this base does not have (named, with the encoder), or a LoRA of another base / other targets."""
+    layouts = lora_layouts(family, modules)
+    prefixes = {p: c for _, _, known in layouts for p, c in known.items()}
+
+    def component_of(name: str) -> str | None:
+        found = [p for p in prefixes if name.startswith(p)]
+        return prefixes[max(found, key=len)] if found else None
+
+    unknown = [name for name in unresolved if component_of(name) is None]
+    if unknown:
+        first = [key for key in state if any(key.startswith(name + ".") for name in unknown[:3])][:4]
+        accepted = "; ".join(f"{name} ({example})" for name, example, _ in layouts)
+        raise DataError(f"{source}: its LoRA keys are in a layout this project cannot map onto a "
+                        f"{family.display_name} base: first keys {', '.join(first)}. Layouts accepted: {accepted}. "
+                        f"Each module may hold LoRA/LoCon, LoHa, LoKr or DoRA tensors.")
+    listed = lambda names: ", ".join(names[:3]) + (f" ... ({len(names)} in all)" if len(names) > 3 else "")  # noqa: E731
+    for component in family.text_encoders:
+        missing = [name for name in unresolved if component_of(name) == component]
+        if missing:
+            model = _loaded(modules).get(component)
+            which = f"this base's {component} ({type(model).__name__})" if model is not None else \
+                f"this pipeline, which was loaded without {component}"
+            raise DataError(f"{source}: {component} LoRA modules that {which} does not have: {listed(missing)}. "
+                            f"The file was not loaded, rather than loaded without them: it was trained on another "
+                            f"{component} or another base model.")
+    raise DataError(f"{source}: LoRA module {unresolved[0]!r} has no matching layer in this {family.display_name} "
+                    f"base ({kohya_family_hint(unresolved[0], family)})"
+                    + (f"; nor do {listed(unresolved[1:])}" if len(unresolved) > 1 else ""))
+
+
 def read_lora_modules(path: str | os.PathLike, family: ModelFamily,
                       modules: Mapping[str, torch.nn.Module]) -> list[AnyLoraModule]:
-    """Any supported LoRA file (kohya of this family, or a diffusers file/folder) as :class:`LoraModule`\\ s
-    of ``modules`` (component name -> loaded model). Every pair must find its layer, or the error says which."""
+    """Any supported LoRA file (kohya, diffusers/PEFT, or another layout the family reads) as
+    :class:`LoraModule`\\ s of ``modules`` (component name -> loaded model). Every module must find its layer, or
+    the error says which."""
     path = Path(path)
     if path.is_dir():
         path = path / DIFFUSERS_WEIGHT_NAME
@@ -444,62 +579,56 @@ def read_lora_modules(path: str | os.PathLike, family: ModelFamily,
     return lora_modules_from_state(state, header, family, modules, str(path))
 
 
+def _peft_alpha_over_r(header: Mapping[str, str], component: str, rank: int) -> float:
+    """diffusers' adapter metadata (``lora_adapter_metadata``: ``<component>.lora_alpha`` / ``.r``) as the scale of
+    a lora_A/lora_B pair without an ``.alpha`` tensor; without metadata the scale is 1, as PEFT loads it."""
+    meta = json.loads(header.get("lora_adapter_metadata", "{}") or "{}")
+    return float(meta.get(f"{component}.lora_alpha", rank)) / float(meta.get(f"{component}.r", rank))
+
+
 def lora_modules_from_state(state: Mapping[str, torch.Tensor], header: Mapping[str, str], family: ModelFamily,
                             modules: Mapping[str, torch.nn.Module], source: str) -> list[AnyLoraModule]:
-    """:func:`read_lora_modules` for tensors already in memory (``source`` names them in errors)."""
+    """:func:`read_lora_modules` for tensors already in memory (``source`` names them in errors).
+
+    Each module of the file is looked up by name in :func:`lora_name_index` (never parsed: kohya names turn
+    ``.`` into ``_``); a fused entry (Flux's ``qkv``, ``linear1``) splits a LoRA pair by the parts' rows
+    (:meth:`ModelFamily.from_kohya_module`) and keeps a LyCORIS module whole, its ΔW split when it is applied."""
     check_is_lora(state, source)
-    out = []
-    if is_kohya(state):
-        index = family.kohya_index(modules)
-        for name, parts in kohya_modules(state).items():
-            if name not in index:
-                raise DataError(f"{source}: LoRA module {name!r} has no matching layer in this {family.display_name} "
-                                f"base ({kohya_family_hint(name, family)})")
-            kind = _lycoris_kind(parts)
-            if kind is not None:
-                named = {{"down": "lora_down.weight", "up": "lora_up.weight"}.get(k, k): v for k, v in parts.items()}
-                needed = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
-                          "lokr": (), "lora": ("lora_down.weight", "lora_up.weight")}[kind]
-                if any(k not in named for k in needed):
-                    raise DataError(f"{source}: {kind} module {name} lacks one of {', '.join(needed)}; the file is "
-                                    f"damaged.")
-                out.append(LycorisModule(*index[name], kind, named))
-                continue
-            if "down" not in parts or "up" not in parts:
-                raise DataError(f"{source}: module {name} lacks its lora_down or lora_up weight; the file is damaged.")
-            rank = parts["down"].shape[0]
-            scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
-            out.extend(LoraModule(component, own_path, down, up, scale) for component, own_path, down, up
-                       in family.from_kohya_module(name, parts["down"], parts["up"], index))
-        return out
-    adapter_meta = json.loads(header.get("lora_adapter_metadata", "{}") or "{}")
-    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        match = _PEFT_KEY.match(key)
-        if not match:
-            raise DataError(f"{source}: unsupported key {key!r} (neither kohya nor diffusers LoRA layout)")
-        component, module_path, which = match.groups()
-        pairs.setdefault((component, module_path), {})[which] = tensor
-    names = {component: {p for p, _ in model.named_modules()} for component, model in modules.items()}
-    for (component, module_path), pair in pairs.items():
-        if component not in names:
-            raise DataError(f"{source}: has {component} weights, which a {family.display_name} base does not have")
-        own_path = _own_path(module_path, names[component])
-        if own_path is None:
-            raise DataError(f"{source}: {component} layer {module_path} does not exist in this base model")
-        rank = pair["A"].shape[0]
-        alpha = adapter_meta.get(f"{component}.lora_alpha", rank)
-        scale = float(alpha) / float(adapter_meta.get(f"{component}.r", rank))
-        out.append(LoraModule(component, own_path, pair["A"], pair["B"], scale))
+    try:
+        grouped = file_modules(state)
+    except DataError as exc:
+        raise DataError(f"{source}: {exc}") from None
+    modules = _loaded(modules)
+    index = lora_name_index(family, modules)
+    unresolved = [name for name in grouped if name not in index]
+    if unresolved:
+        _refuse_unresolved(unresolved, family, modules, state, source)
+    out: list[AnyLoraModule] = []
+    for name, parts in grouped.items():
+        entry = index[name]
+        kind = _lycoris_kind(parts)
+        if kind is not None:
+            named = {{"down": "lora_down.weight", "up": "lora_up.weight"}.get(k, k): v for k, v in parts.items()}
+            needed = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+                      "lokr": (), "lora": ("lora_down.weight", "lora_up.weight")}[kind]
+            if any(k not in named for k in needed):
+                raise DataError(f"{source}: {kind} module {name} lacks one of {', '.join(needed)}; the file is "
+                                f"damaged.")
+            if hasattr(entry, "parts"):  # one ΔW over several layers here, split by rows when applied
+                out.append(LycorisModule(entry.component, entry.parts[0], kind, named, tuple(entry.parts),
+                                         tuple(entry.sizes)))
+            else:
+                out.append(LycorisModule(*entry, kind, named))
+            continue
+        if "down" not in parts or "up" not in parts:
+            raise DataError(f"{source}: module {name} lacks its lora_down or lora_up (lora_A / lora_B) weight; the "
+                            f"file is damaged.")
+        rank = parts["down"].shape[0]
+        component = entry.component if hasattr(entry, "parts") else entry[0]
+        scale = float(parts["alpha"]) / rank if "alpha" in parts else _peft_alpha_over_r(header, component, rank)
+        out.extend(LoraModule(component, own_path, down, up, scale) for component, own_path, down, up
+                   in family.from_kohya_module(name, parts["down"], parts["up"], {name: entry}))
     return out
-
-
-def _own_path(path: str, names: set[str]) -> str | None:
-    """Tolerate the ``text_model.`` wrapper that transformers 5 removed from CLIPTextModel (or kept)."""
-    for candidate in (path, path.removeprefix("text_model."), "text_model." + path):
-        if candidate in names:
-            return candidate
-    return None
 
 
 def to_peft_state(lora_modules: Iterable[AnyLoraModule], target_scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -1,10 +1,15 @@
-"""Stacking several LoRAs on one pipeline (SD1.x or SDXL), each at its own weight, and merging them into the base.
+"""Stacking several LoRAs on one pipeline (SD1.x, SDXL or Flux.1), each at its own weight, and merging them into
+the base.
 
-kohya/WebUI files are converted by :mod:`lora_files` rather than passed to diffusers' ``load_lora_weights``:
-every module is checked against the base (a LoRA for another base is refused by name), and LyCORIS / DoRA
-modules, which PEFT cannot hold, become weight patches. (diffusers 0.42 does load our own kohya files whole,
-text-encoder attention included: measured on SD1.x and SDXL, within fp16 rounding of the diffusers folder.) Converted to
-diffusers' own layout (with ``alpha / r`` folded into ``lora_B``) they load exactly, text encoders included.
+Files are read by :mod:`lora_files` rather than passed to diffusers' ``load_lora_weights``: kohya/WebUI files and,
+for Flux, the BFL/ComfyUI, diffusers/PEFT, OneTrainer and OMI layouts all become the same modules of the loaded
+model; every module is checked against the base (a LoRA for another base is refused by name), and LyCORIS / DoRA
+modules, which PEFT cannot hold, become weight patches. So ``<lora:a:0.6>, <lora:b:0.8>`` works whatever trainer
+wrote a and b. (diffusers 0.42 does load our own kohya files whole, text-encoder attention included: measured on
+SD1.x and SDXL, within fp16 rounding of the diffusers folder.) Converted to diffusers' own layout (with
+``alpha / r`` folded into ``lora_B``) they load exactly, text encoders included. Pairs of a component that the
+pipeline's LoRA loader does not load (Flux's T5, ``text_encoder_2``: FluxPipeline loads ``transformer`` and
+``text_encoder`` only) are weight patches too.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from lora_pipeline.diffusion.lora_files import (
     AnyLoraModule,
     LoraModule,
     LycorisModule,
+    fused_delta,
+    module_paths,
     read_lora_modules,
     to_peft_state,
 )
@@ -35,24 +42,27 @@ def adapter_name(name: str) -> str:
 
 
 def pipeline_modules(pipe, family: ModelFamily) -> dict[str, torch.nn.Module]:
-    return {name: getattr(pipe, name) for name in family.components}
+    return {name: getattr(pipe, name, None) for name in family.components}
 
 
 class WeightPatches:
-    """LyCORIS and DoRA modules of the stacked files, applied to the base weights the way WebUI and ComfyUI
-    apply them: on every weight change each patched layer is reset to its original weight plus each file's
-    delta at its prompt weight. (PEFT's LoRA adapters cannot hold a Hadamard or Kronecker product.)"""
+    """The stacked files' modules that are not PEFT adapters -- LyCORIS and DoRA modules, and pairs of components
+    the pipeline's LoRA loader skips -- applied to the base weights the way WebUI and ComfyUI apply them: on every
+    weight change each patched layer is reset to its original weight plus each file's delta at its prompt weight.
+    (PEFT's LoRA adapters cannot hold a Hadamard or Kronecker product.) A fused module's delta is computed over its
+    parts' stacked original weights and split by rows."""
 
     def __init__(self, modules: Mapping[str, torch.nn.Module]):
         self.modules = modules
-        self.by_adapter: dict[str, list[LycorisModule]] = {}
+        self.by_adapter: dict[str, list[AnyLoraModule]] = {}
         self.originals: dict[tuple[str, str], torch.Tensor] = {}
 
-    def add(self, adapter: str, lycoris: Sequence[LycorisModule]) -> None:
-        self.by_adapter[adapter] = list(lycoris)
-        for m in lycoris:
-            layer = self.modules[m.component].get_submodule(m.path)
-            self.originals.setdefault((m.component, m.path), layer.weight.detach().clone())
+    def add(self, adapter: str, patches: Sequence[AnyLoraModule]) -> None:
+        self.by_adapter[adapter] = list(patches)
+        for m in patches:
+            for path in module_paths(m):
+                layer = self.modules[m.component].get_submodule(path)
+                self.originals.setdefault((m.component, path), layer.weight.detach().clone())
 
     @torch.no_grad()
     def apply(self, weights: Mapping[str, float]) -> None:
@@ -60,33 +70,44 @@ class WeightPatches:
             self.modules[component].get_submodule(path).weight.copy_(original)
         for adapter, weight in weights.items():
             for m in self.by_adapter.get(adapter, []):
-                layer = self.modules[m.component].get_submodule(m.path)
-                base = self.originals[(m.component, m.path)]
-                layer.weight += m.delta(weight, base.float()).to(layer.weight.dtype, copy=False)
+                paths = module_paths(m)
+                bases = [self.originals[(m.component, path)].float() for path in paths]
+                for path, delta in zip(paths, fused_delta(m, weight, bases)):
+                    layer = self.modules[m.component].get_submodule(path)
+                    layer.weight += delta.to(layer.weight.dtype, copy=False)
+
+
+def _adapter_components(pipe, family: ModelFamily) -> tuple[str, ...]:
+    """The components whose LoRA pairs the pipeline's ``load_lora_weights`` loads (FluxPipeline: the transformer
+    and CLIP, not T5)."""
+    return tuple(getattr(type(pipe), "_lora_loadable_modules", family.components))
 
 
 def load_stack(pipe, family: ModelFamily, files: Mapping[str, str | Path]) -> None:
     """Load each LoRA file as its own adapter (named after the LoRA); weights are set per prompt.
 
-    Plain LoRA and LoCon pairs become PEFT adapters; LoHa, LoKr and DoRA modules are kept as weight patches."""
+    Plain LoRA and LoCon pairs become PEFT adapters; LoHa, LoKr and DoRA modules, and pairs of components the
+    pipeline's loader skips (Flux's T5), are kept as weight patches."""
     patches = getattr(pipe, "lora_pipeline_patches", None)
     if patches is None:
         patches = WeightPatches(pipeline_modules(pipe, family))
         pipe.lora_pipeline_patches = patches
+    loadable = _adapter_components(pipe, family)
     for name, path in files.items():
         adapter = adapter_name(name)
         if adapter in _loaded_adapters(pipe) or adapter in patches.by_adapter:
             continue
         modules = read_lora_modules(path, family, pipeline_modules(pipe, family))
-        lycoris = [m for m in modules if isinstance(m, LycorisModule)]
-        pairs = [m for m in modules if not isinstance(m, LycorisModule)]
+        pairs = [m for m in modules if isinstance(m, LoraModule) and m.component in loadable]
+        patched = [m for m in modules if not (isinstance(m, LoraModule) and m.component in loadable)]
         if pairs:
             pipe.load_lora_weights(to_peft_state(pairs, target_scale=1.0), adapter_name=adapter)
-        if lycoris:
-            patches.add(adapter, lycoris)
-        kinds = sorted({("dora" if "dora_scale" in m.tensors else m.kind) for m in lycoris})
-        logger.info("Loaded LoRA %s from %s (%d LoRA pairs%s)", name, path, len(pairs),
-                    f", {len(lycoris)} {'/'.join(kinds)} modules" if lycoris else "")
+        if patched:
+            patches.add(adapter, patched)
+        kinds = sorted({("dora" if "dora_scale" in m.tensors else m.kind) if isinstance(m, LycorisModule)
+                        else f"{m.component} LoRA" for m in patched})
+        logger.info("Loaded LoRA %s from %s (%d LoRA pairs as an adapter%s)", name, path, len(pairs),
+                    f", {len(patched)} {'/'.join(kinds)} modules as weight patches" if patched else "")
 
 
 def set_weights(pipe, weights: Mapping[str, float]) -> None:
@@ -116,19 +137,22 @@ def _loaded_adapters(pipe) -> set[str]:
 def merge_modules(modules: Mapping[str, torch.nn.Module], lora_modules: Sequence[AnyLoraModule], weight: float,
                   source: str) -> None:
     """Fuse one LoRA into the base weights by the WebUI rule ``W += w * alpha / r * up @ down`` (in place);
-    LyCORIS and DoRA modules by their own formulas (:class:`LycorisModule`)."""
+    LyCORIS and DoRA modules by their own formulas (:class:`LycorisModule`), a fused one over its parts' stacked
+    weights, split by rows."""
     for m in lora_modules:
-        layer = modules[m.component].get_submodule(m.path)
-        if isinstance(m, LoraModule) and m.up.shape[0] * m.down[0].numel() != layer.weight.numel():
+        layers = [modules[m.component].get_submodule(path) for path in module_paths(m)]
+        shape = (sum(layer.weight.shape[0] for layer in layers), *layers[0].weight.shape[1:])
+        if isinstance(m, LoraModule) and m.up.shape[0] * m.down[0].numel() != layers[0].weight.numel():
             raise DataError(f"{source}: {m.component}.{m.path} has shape "
                             f"{tuple(m.up.shape[:1]) + tuple(m.down.shape[1:])}, the base layer "
-                            f"{tuple(layer.weight.shape)}: this LoRA was trained on another base model")
+                            f"{tuple(layers[0].weight.shape)}: this LoRA was trained on another base model")
         try:
-            delta = m.delta(weight, layer.weight.float())
+            deltas = fused_delta(m, weight, [layer.weight.float() for layer in layers])
         except RuntimeError as exc:  # a LyCORIS factor product that does not fit the layer
-            raise DataError(f"{source}: {m.component}.{m.path} does not fit the base layer "
-                            f"{tuple(layer.weight.shape)} ({exc}): this LoRA was trained on another base model") from None
-        layer.weight += delta.to(layer.weight.dtype)
+            raise DataError(f"{source}: {m.component}.{'+'.join(module_paths(m))} does not fit the base layer "
+                            f"{shape} ({exc}): this LoRA was trained on another base model") from None
+        for layer, delta in zip(layers, deltas):
+            layer.weight += delta.to(layer.weight.dtype)
 
 
 def merge_into_base(modules: Mapping[str, torch.nn.Module], family: ModelFamily,

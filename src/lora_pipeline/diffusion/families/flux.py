@@ -4,7 +4,8 @@
 
 kohya's names are those of the original (BFL) model, where q/k/v are one ``qkv`` Linear and a single block's
 q/k/v and MLP input one ``linear1``: :mod:`lora_pipeline.diffusion.flux_names` fuses and splits them. CLIP-L is
-``lora_te1_``, T5 ``lora_te3_`` (kohya's ``lora_flux.py``).
+``lora_te1_``, T5 ``lora_te3_`` (kohya's ``lora_flux.py``). Downloaded files in the BFL/ComfyUI, OneTrainer, OMI
+and SimpleTuner layouts are read too (:meth:`FluxFamily.lora_file_index`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from lora_pipeline.core.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
 from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch, Objective
 from lora_pipeline.diffusion.flow_matching import noisy_and_target, sample_sigmas
-from lora_pipeline.diffusion.flux_names import fuse, fused_modules, original_name, split
+from lora_pipeline.diffusion.flux_names import (BFL_PREFIX, CLIP_PREFIXES, FILE_LAYOUTS, LYCORIS_PREFIX, OMI_PREFIX,
+                                                ONETRAINER_PREFIX, T5_PREFIXES, FileLayout, fuse, fused_modules,
+                                                linear_layers, original_name, split)
 
 # kohya's default Flux targets: every Linear of the double and single blocks (as one regex: the transformer's own
 # top-level ``proj_out`` and ``norm_out.linear`` are not blocks and stay frozen).
@@ -162,11 +165,44 @@ class FluxFamily(ModelFamily):
         index: dict[str, Any] = super().kohya_index(modules)
         denoiser = modules.get(self.denoiser)
         if denoiser is not None:
-            linears = {path: m for path, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
+            linears = linear_layers(denoiser)  # (PEFT-wrapped when another file's adapter is loaded)
             for original, group in fused_modules(list(linears)).items():
                 if len(group.parts) > 1:
                     index[self.kohya_denoiser_prefix + original.replace(".", "_")] = Fused(
                         self.denoiser, group.parts, tuple(linears[p].out_features for p in group.parts))
+        return index
+
+    lora_file_layouts: tuple[FileLayout, ...] = FILE_LAYOUTS  # besides kohya's and diffusers' own
+
+    def lora_file_index(self, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
+        """:meth:`kohya_index` plus the names the other Flux layouts give the same modules (:data:`FILE_LAYOUTS`):
+        ``diffusion_model.<BFL module>`` (fused entries as kohya's), ``lora_transformer_`` / ``lycoris_`` + the
+        diffusers path, OMI's ``transformer.<BFL module>[.<part>]``, and the text encoders' ComfyUI, OMI and
+        OneTrainer names. (diffusers' own ``transformer.<path>`` names are every family's: see lora_files.)"""
+        index: dict[str, Any] = self.kohya_index(modules)
+        denoiser = modules.get(self.denoiser)
+        if denoiser is not None:
+            for original, group in fused_modules(list(linear_layers(denoiser))).items():
+                entry = index[self.kohya_denoiser_prefix + original.replace(".", "_")]
+                index[BFL_PREFIX + original] = entry
+                if len(group.parts) == 1:
+                    index[OMI_PREFIX + original] = entry
+                for part in group.parts if len(group.parts) > 1 else ():
+                    index[f"{OMI_PREFIX}{original}.{original_name(part)[1]}"] = (self.denoiser, part)
+            for path, _ in denoiser.named_modules():
+                if path:
+                    flat = path.replace(".", "_")
+                    index.setdefault(ONETRAINER_PREFIX + flat, (self.denoiser, path))
+                    index.setdefault(LYCORIS_PREFIX + flat, (self.denoiser, path))
+        for component, prefixes in (("text_encoder", CLIP_PREFIXES), ("text_encoder_2", T5_PREFIXES)):
+            model = modules.get(component)
+            for path, _ in model.named_modules() if model is not None else ():
+                if not path:
+                    continue
+                # CLIP keys keep transformers 4's text_model. wrapper (ComfyUI's spelling), whichever built it
+                name = "text_model." + path.removeprefix("text_model.") if component == "text_encoder" else path
+                for prefix, flat in prefixes:
+                    index.setdefault(prefix + (name.replace(".", "_") if flat else name), (component, path))
         return index
 
     def from_kohya_module(self, name: str, down: torch.Tensor, up: torch.Tensor,
