@@ -1,5 +1,5 @@
 """Downloaded Flux.1 LoRAs in every layout people share them in -- kohya, BFL/ComfyUI, diffusers/PEFT (with and
-without the ``transformer.`` prefix), OneTrainer -- stack (``<lora:a:0.6>, <lora:b:0.8>``) and merge on the tiny
+without the ``transformer.`` prefix), OneTrainer (legacy and OMI) -- stack (``<lora:a:0.6>, <lora:b:0.8>``) and merge on the tiny
 Flux, each checked against a rule written here: ``W += w * alpha / r * up @ down`` on the original (BFL) modules,
 whose fused rows (``qkv``, ``linear1``) this file cuts back to diffusers' modules with its own table; LoKr by
 ``kron(w1, w2) * alpha / r``. The project's name mapping is not used to build the expectations."""
@@ -119,6 +119,13 @@ def write(pipe, lora: dict, layout: str, path) -> str:
             else:
                 put(("lora_te1_" + clip_flat) if where == "clip" else "lora_te2_" + name.replace(".", "_"),
                     down, up, alpha)
+        elif layout == "omi":  # OneTrainer now: BFL names, a fused module's parts numbered (qkv.0 is to_q)
+            if where == "transformer":
+                parts = _rows(pipe, name, up)
+                for k, (_, rows) in enumerate(parts):
+                    put(f"transformer.{name}" + (f".{k}" if len(parts) > 1 else ""), down, rows.contiguous(), alpha)
+            else:
+                put(("clip_l.text_model." if where == "clip" else "t5.") + name, down, up, alpha)
         elif layout == "peft":  # diffusers' save_lora_weights: no alpha, alpha / r folded into lora_B (fp32)
             scale = alpha / down.shape[0]
             if where == "transformer":
@@ -185,7 +192,7 @@ def test_a_kohya_flux_lora_in_fp16_stacks_by_the_webui_rule(tiny_models, tmp_pat
         assert torch.allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["bfl", "bfl_down_up", "peft", "peft_bare", "onetrainer"])
+@pytest.mark.parametrize("layout", ["bfl", "bfl_down_up", "peft", "peft_bare", "onetrainer", "omi"])
 def test_every_layout_patches_the_transformer_as_the_kohya_file_does(tiny_models, tmp_path, layout):
     pipe = _pipe(tiny_models)
     base = outputs(pipe)
