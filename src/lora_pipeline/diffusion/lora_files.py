@@ -498,8 +498,7 @@ def lora_name_index(family: ModelFamily, modules: Mapping[str, torch.nn.Module])
     ``<component>.<path>`` (text encoders with and without ``text_model.``), and for the denoiser the path alone
     or under ``base_model.model.`` (PEFT state dicts saved without the pipeline's prefix)."""
     modules = _loaded(modules)
-    # TODO(base.py): lora_file_index belongs on ModelFamily (default: kohya_index); Flux is the first to need it
-    index: dict[str, Any] = dict(getattr(family, "lora_file_index", family.kohya_index)(modules))
+    index: dict[str, Any] = dict(family.lora_file_index(modules))
     for component, model in modules.items():
         wrapped = tuple(path + "." for path, m in model.named_modules() if path and hasattr(m, "base_layer"))
         for path, _ in model.named_modules():
@@ -528,7 +527,7 @@ def lora_layouts(family: ModelFamily, modules: Mapping[str, torch.nn.Module]) ->
                ("diffusers / PEFT", f"{family.denoiser}.<module>.lora_A.weight / .lora_B.weight, "
                 + ", ".join(f"{t}.*" for t in family.text_encoders) + ", or the bare module path",
                 {**{f"{c}.": c for c in family.components}, "base_model.model.": family.denoiser, **bare})]
-    layouts += [(layout.name, layout.example, dict(layout.prefixes)) for layout in getattr(family, "lora_file_layouts", ())]
+    layouts += [(layout.name, layout.example, dict(layout.prefixes)) for layout in family.lora_file_layouts]
     return layouts
 
 

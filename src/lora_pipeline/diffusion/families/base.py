@@ -259,6 +259,13 @@ class ModelFamily(ABC):
                     index[self.kohya_name(component, path, config)] = (component, path)
         return index
 
+    def lora_file_index(self, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
+        """Every name a downloaded LoRA file may give this family's modules (``{name: index entry}``): kohya's
+        here; a family whose files come in more layouts (Flux: BFL, OneTrainer ...) adds theirs."""
+        return self.kohya_index(modules)
+
+    lora_file_layouts: ClassVar[tuple[Any, ...]] = ()  # those extra layouts (name, example key, prefixes), for errors
+
     def to_kohya_modules(self, pairs: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], alpha: float,
                          denoiser_config: Any = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """Trained LoRA pairs ``{(component, module path): (down, up)}`` as kohya modules ``{name: (down, up,

@@ -18,9 +18,21 @@ from lora_pipeline.core.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
 from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch, Objective
 from lora_pipeline.diffusion.flow_matching import noisy_and_target, sample_sigmas
-from lora_pipeline.diffusion.flux_names import (BFL_PREFIX, CLIP_PREFIXES, FILE_LAYOUTS, LYCORIS_PREFIX, OMI_PREFIX,
-                                                ONETRAINER_PREFIX, T5_PREFIXES, FileLayout, fuse, fused_modules,
-                                                linear_layers, original_name, split)
+from lora_pipeline.diffusion.flux_names import (
+    BFL_PREFIX,
+    CLIP_PREFIXES,
+    FILE_LAYOUTS,
+    LYCORIS_PREFIX,
+    OMI_PREFIX,
+    ONETRAINER_PREFIX,
+    T5_PREFIXES,
+    FileLayout,
+    fuse,
+    fused_modules,
+    linear_layers,
+    original_name,
+    split,
+)
 
 # kohya's default Flux targets: every Linear of the double and single blocks (as one regex: the transformer's own
 # top-level ``proj_out`` and ``norm_out.linear`` are not blocks and stay frozen).
