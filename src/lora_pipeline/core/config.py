@@ -220,7 +220,12 @@ class TrainingParams(_Strict):
     max_grad_norm: float = Field(1.0, ge=0.0)
     seed: int = Field(42, ge=0, lt=2**31)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass; on by "
+                                         "default with a base_quantization (set false to turn it off there)")
+    base_quantization: Literal["none", "nf4", "float8"] = Field(
+        "none", description="store the frozen denoiser's Linear weights in 4 bits (nf4, bitsandbytes) or 8 bits "
+                            "(float8, torchao) on a CUDA GPU; the LoRA trains on top in bf16 (mixed_precision: "
+                            "bf16). Needs pip install 'lora_pipeline[quantization]'")
     min_snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)
     # flow matching (Flux.1): how the noise level of each image is drawn; kohya's recommended preset is the default

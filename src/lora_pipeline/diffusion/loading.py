@@ -4,10 +4,13 @@
 Who does what: :func:`lora_pipeline.core.models.resolve_model` finds the folder, file or hub id (downloads only
 when allowed), the rule every transformers model loads by too (:func:`~lora_pipeline.core.models.load_pretrained`);
 :func:`lora_pipeline.diffusion.families.resolve_family` says which family it is; this module calls diffusers'
-``from_pretrained`` or ``from_single_file`` and takes the pipeline apart."""
+``from_pretrained`` or ``from_single_file`` and takes the pipeline apart, and quantizes the frozen denoiser when
+asked (``training.base_quantization``: :func:`check_base_quantization` before anything loads,
+:func:`quantize_denoiser` after)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.core.files import sha256_hex
 from lora_pipeline.core.models import resolve_model
 from lora_pipeline.diffusion.families import Conditioning, ModelFamily, resolve_family
@@ -22,6 +26,12 @@ from lora_pipeline.diffusion.families import Conditioning, ModelFamily, resolve_
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+# training.base_quantization -> the package that stores the frozen weights (import name = pip name)
+QUANTIZATION_PACKAGES = {"nf4": "bitsandbytes", "float8": "torchao"}
+QUANTIZED_DTYPE = torch.bfloat16  # what a quantized base computes in, and what its unquantized parameters keep
+NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
+QUANTIZATION_MARK = "lora_pipeline_quantization"  # attribute on a quantized denoiser: which method made it
 
 
 @dataclass
@@ -84,17 +94,26 @@ class DiffusionComponents:
 
 
 def load_diffusion_model(base_model: str, family: str = "auto", allow_download: bool = False,
-                         single_file_config: str | None = None) -> DiffusionComponents:
+                         single_file_config: str | None = None, base_quantization: str = "none",
+                         device: str = "auto") -> DiffusionComponents:
     """Load a base through ``from_pretrained`` (folder, hub id) or ``from_single_file`` (one checkpoint).
 
     A single file (``v1-5-pruned.safetensors``, ``sd_xl_base_1.0.safetensors`` from WebUI) needs a local
     ``single_file_config`` folder (a diffusers folder of the same family holding model_index.json, the
     component configs and tokenizers), so nothing is fetched.
+
+    ``base_quantization`` (nf4, float8) loads the denoiser in bf16 and quantizes its Linear weights onto the CUDA
+    GPU, layer by layer (:func:`quantize_denoiser`); without CUDA or the package it stops before anything loads.
+    ``device`` is the training device setting the quantized weights are for.
     """
+    check_base_quantization(base_quantization, device)
     source = resolve_model(base_model, allow_download)
     chosen = resolve_family(family, source, allow_download)
     pipeline_class = chosen.pipeline_class()
     extra = chosen.pipeline_load_kwargs()
+    if base_quantization != "none" and not source.endswith(SINGLE_FILE_SUFFIXES):
+        # the denoiser straight in bf16 (no fp32 copy of 12B parameters in RAM); the rest as before
+        extra = {**extra, "dtype": {chosen.denoiser: QUANTIZED_DTYPE, "default": torch.float32}}
     if source.endswith(SINGLE_FILE_SUFFIXES) and Path(source).is_file():
         if single_file_config is None:
             raise ValueError(
@@ -105,6 +124,8 @@ def load_diffusion_model(base_model: str, family: str = "auto", allow_download: 
     else:
         pipe = pipeline_class.from_pretrained(source, local_files_only=not allow_download, **extra)
     scheduler = chosen.training_scheduler(pipe.scheduler)  # UNet families: DDPM with the base model's betas
+    if base_quantization != "none":
+        quantize_denoiser(getattr(pipe, chosen.denoiser), base_quantization, torch.device("cuda"))
     text_encoders = [getattr(pipe, name) for name in chosen.text_encoders]
     tokenizers = [getattr(pipe, name) for name in chosen.tokenizers]
     logger.info("Loaded %s base from %s", chosen.display_name, source)
@@ -112,13 +133,122 @@ def load_diffusion_model(base_model: str, family: str = "auto", allow_download: 
                                source, pipe.scheduler, chosen.pipeline_flags(pipe))
 
 
+# ----------------------------------------------------------------------------- training.base_quantization
+
+def quantization_problems(method: str, device: str = "auto", mixed_precision: str | None = None) -> list[str]:
+    """Why ``method`` cannot quantize this run's base (empty: it can). ``device`` is the training device setting;
+    ``mixed_precision``, when given, must be bf16 (what the quantized weights compute in)."""
+    if method == "none":
+        return []
+    problems = []
+    package = QUANTIZATION_PACKAGES[method]
+    try:
+        importlib.import_module(package)
+    except ImportError as exc:  # not installed, or installed without its compiled parts
+        problems.append(f"{method} needs the {package} package ({exc})")
+    if device in ("cpu", "mps"):
+        problems.append(f"{method} quantization runs on CUDA GPUs only, and training.device is {device}")
+    elif not torch.cuda.is_available():
+        problems.append(f"{method} quantization runs on CUDA GPUs only, and this machine has no CUDA device "
+                        f"(torch {torch.__version__})")
+    if mixed_precision is not None and mixed_precision != "bf16":
+        problems.append(f"a quantized base computes in bf16, and training.mixed_precision is {mixed_precision}")
+    return problems
+
+
+def check_base_quantization(method: str, device: str = "auto", mixed_precision: str | None = None,
+                            key: str = "training.base_quantization") -> None:
+    """Raise a :class:`ConfigError` naming ``key``, every reason and the fix, before any model loads."""
+    problems = quantization_problems(method, device, mixed_precision)
+    if problems:
+        raise ConfigError(
+            f"{key}: {method} cannot be used here: " + "; ".join(problems) + ". Fix: train on a machine with a "
+            "CUDA GPU (device: auto or cuda) with `pip install 'lora_pipeline[quantization]'` (bitsandbytes for "
+            "nf4, torchao for float8) and mixed_precision: bf16, or set base_quantization: none.")
+
+
+def quantized_with(module: torch.nn.Module) -> str:
+    """The ``base_quantization`` that :func:`quantize_denoiser` applied to ``module`` ("none" if none)."""
+    return getattr(getattr(module, "module", module), QUANTIZATION_MARK, "none")
+
+
+def quantize_denoiser(model: torch.nn.Module, method: str, device: torch.device | str) -> torch.nn.Module:
+    """Quantize every ``nn.Linear`` weight of a frozen denoiser in place and move it to ``device``, one layer at a
+    time (a layer is quantized as it arrives there, so the GPU never holds the bf16 model); the other parameters
+    (biases, norms, convolutions) stay in bf16.
+
+    - ``nf4``: bitsandbytes ``Linear4bit`` (NF4, blocks of 64, absmax double-quantized as QLoRA does: the
+      layout of ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+      bnb_4bit_compute_dtype=bfloat16)``); ``is_loaded_in_4bit`` is set, which is what PEFT reads to wrap
+      these layers with its 4-bit LoRA layer.
+    - ``float8``: torchao ``Float8WeightOnlyConfig`` (e4m3 weights, one fp32 scale per output row, matmuls in
+      bf16); PEFT wraps these with its torchao LoRA layer.
+
+    Called by the loader (``base_quantization``) and by ``set_up`` for a base loaded without it. Checks nothing
+    about the device: :func:`check_base_quantization` does, before loading."""
+    if method not in QUANTIZATION_PACKAGES:
+        raise ConfigError(f"training.base_quantization: unknown method {method!r}; use none, nf4 or float8.")
+    if quantized_with(model) == method:
+        return model
+    if quantized_with(model) != "none":
+        raise ConfigError(f"training.base_quantization: the base is quantized with {quantized_with(model)} already; "
+                          f"load it again to use {method}.")
+    device = torch.device(device)
+    model.requires_grad_(False)
+    if any(p.is_floating_point() and p.dtype != QUANTIZED_DTYPE for p in model.parameters()):
+        # (a base loaded without base_quantization, in fp32) torch's own .to: diffusers' warns of fp32 modules
+        # on every dtype cast, for models that have none
+        torch.nn.Module.to(model, dtype=QUANTIZED_DTYPE)
+    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is torch.nn.Linear]  # exactly Linear: not a PEFT or an already quantized layer
+    if method == "nf4":
+        import bitsandbytes as bnb
+
+        for parent, name, linear in linears:
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=QUANTIZED_DTYPE, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=NF4_BLOCKSIZE,
+                                             compress_statistics=True, quant_type="nf4")
+            if linear.bias is not None:
+                layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+            if device.type == "cpu":  # (tests only: training refuses CPU) bitsandbytes 0.50 repacks the weights for
+                # its AVX512-bf16 kernel at the first eval forward, rewriting the quant state, and fails on layers
+                # narrower than a 64-block; the plain CPU path computes the same product
+                layer.support_avx512bf16_for_cpu = False
+            setattr(parent, name, layer.to(device))  # Params4bit quantizes as it moves
+        model.is_loaded_in_4bit = True
+    else:
+        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+        quantize_(model, Float8WeightOnlyConfig(set_inductor_config=False),
+                  filter_fn=lambda module, _name: type(module) is torch.nn.Linear, device=device)
+    model.to(device)
+    setattr(model, QUANTIZATION_MARK, method)
+    logger.info("Quantized %d Linear layers of the %s to %s on %s", len(linears), type(model).__name__, method,
+                device)
+    return model
+
+
+def _plain_tensors(tensor: torch.Tensor):
+    """A tensor, or the plain tensors a quantized tensor subclass (torchao's) is made of."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is None:
+        yield tensor
+        return
+    for inner in flatten(tensor)[0]:
+        yield from _plain_tensors(getattr(tensor, inner))
+
+
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over a module's config and weights: the identity a cache key needs (same weights = same key)."""
+    """sha256 over a module's config and weights: the identity a cache key needs (same weights = same key).
+    A quantized module is hashed as stored (its quantized bytes and scales): another key than unquantized."""
     def chunks():
         yield repr(getattr(module, "config", ""))
         for name, tensor in sorted(module.state_dict().items()):
             yield name
-            # The numpy view is hashed in place (no copy): a UNet is 3.4 GB in fp32.
-            yield tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            for plain in _plain_tensors(tensor.detach()):
+                # The numpy view is hashed in place (no copy): a UNet is 3.4 GB in fp32.
+                yield plain.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
     return sha256_hex(chunks(), 24)

@@ -41,7 +41,13 @@ from lora_pipeline.diffusion.caches import FLIPPED, TextEncoderCache, encode_lat
 from lora_pipeline.diffusion.dataset import Example
 from lora_pipeline.diffusion.families import Conditioning, ModelFamily, Objective
 from lora_pipeline.diffusion.generation import vae_decodes_in_own_dtype
-from lora_pipeline.diffusion.loading import DiffusionComponents, module_fingerprint
+from lora_pipeline.diffusion.loading import (
+    DiffusionComponents,
+    check_base_quantization,
+    module_fingerprint,
+    quantize_denoiser,
+    quantized_with,
+)
 from lora_pipeline.prep.concepts import epoch_items
 from lora_pipeline.prep.images import load_rgb
 
@@ -221,7 +227,7 @@ SIGNATURE_SETTINGS = ("batch_size", "gradient_accumulation_steps", "seed", "repe
                       "noise_offset", "min_snr_gamma", "init_lora")
 SIGNATURE_ADDED_LATER = {"prior_loss_weight": 1.0, "clip_skip": 1, "flip_aug": False, "optimizer": "adamw",
                          "optimizer_args": {}, "lr_scheduler_num_cycles": 1, "timestep_sampling": "shift",
-                         "discrete_flow_shift": 3.1582, "sigmoid_scale": 1.0}
+                         "discrete_flow_shift": 3.1582, "sigmoid_scale": 1.0, "base_quantization": "none"}
 
 
 StepCallback = Callable[[int, DiffusionComponents], None]
@@ -319,6 +325,7 @@ def set_up(components: DiffusionComponents, examples: Sequence[Example], params:
     spec = lora_spec(params, family)
     trained_te = [name for name in family.text_encoders if spec.trains(name)]
 
+    quantization = quantize_base(components, params, device)
     base_id = module_fingerprint(components.denoiser)[:16]  # before injection: the base weights alone
     torch.manual_seed(params.seed)  # PEFT draws lora_A's initial values from the global RNG
     inject_lora(components, spec)
@@ -337,14 +344,24 @@ def set_up(components: DiffusionComponents, examples: Sequence[Example], params:
         components.vae.to(device)
     text_cache = TextEncoderCache(components, cache, device) if params.cache_latents and not trained_te else None
 
-    components.denoiser.to(device, dtype=dtype)
+    if quantization == "none":
+        components.denoiser.to(device, dtype=dtype)
+    else:  # quantized weights keep their storage; the rest is in bf16 already (= the mixed-precision dtype)
+        components.denoiser.to(device)
     for encoder in components.text_encoders:
         encoder.to(device, dtype=dtype)
     models = [components.denoiser] + [components.component(name) for name in trained_te]
     cast_training_params(models, dtype=torch.float32)  # LoRA weights train in fp32 under mixed precision
-    if params.gradient_checkpointing:
+    # with a quantized base, on unless the run says gradient_checkpointing: false
+    if params.gradient_checkpointing or (quantization != "none" and "gradient_checkpointing" not in
+                                         params.model_fields_set):
         for model in models:
             enable_activation_checkpointing(model)
+    elif quantization != "none":
+        logger.warning("training.base_quantization is %s with gradient_checkpointing: false: the quantized weights "
+                       "save memory, but a large transformer's activations (Flux.1 at 1024 px) rarely fit a 16-24 GB "
+                       "card without checkpointing. Set gradient_checkpointing: true if the step runs out of memory.",
+                       quantization)
 
     groups = [{"params": [p for p in components.denoiser.parameters() if p.requires_grad],
                "lr": params.learning_rate}]
@@ -365,6 +382,25 @@ def set_up(components: DiffusionComponents, examples: Sequence[Example], params:
     return TrainingRun(components, examples, params, cache, keep_tokens, accelerator, dtype, spec, trained_te,
                        signature, latent_keys, latents_encoded, text_cache, objective, models, optimizer, scheduler,
                        batches_per_epoch, steps_per_epoch, total_steps)
+
+
+def quantize_base(components: DiffusionComponents, params: TrainingParams, device: torch.device) -> str:
+    """``training.base_quantization`` on the frozen denoiser, before the fingerprint and PEFT (which must see the
+    quantized layers to wrap them): done here unless the loader (or the caller) did it. Returns how the denoiser
+    is quantized ("none", "nf4", "float8"); a quantized base trains under mixed_precision: bf16 only."""
+    method = params.base_quantization
+    done = quantized_with(components.denoiser)
+    if method != "none" and done == "none":
+        check_base_quantization(method, params.device, params.mixed_precision)
+        quantize_denoiser(components.denoiser, method, device)
+        done = method
+    elif method != "none" and done != method:
+        raise ConfigError(f"training.base_quantization is {method}, but the base was loaded quantized with {done}; "
+                          f"load it with base_quantization={method!r} (or without any).")
+    if done != "none" and params.mixed_precision != "bf16":
+        raise ConfigError(f"training.mixed_precision: a base quantized with {done} computes in bf16, and "
+                          f"mixed_precision is {params.mixed_precision}. Set mixed_precision: bf16.")
+    return done
 
 
 def trainer_core(run: TrainingRun, on_metrics: Callable[[dict[str, float], int], None] | None) -> TrainerCore:

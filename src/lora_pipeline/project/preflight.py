@@ -1,6 +1,7 @@
 """Checks of the files and folders a run's parameters name (base models, LoRAs to start from, LoRA folders),
-made before the first node runs: a wrong path should cost seconds, not the captioning and normalization
-that would run before the node that reads it."""
+and of what a training.base_quantization needs (a CUDA GPU, bitsandbytes or torchao, bf16), made before the
+first node runs: a wrong path should cost seconds, not the captioning and normalization that would run before
+the node that reads it."""
 
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ def check_inputs(groups: Mapping[str, BaseModel],
                 resolve_model(p.base_model, p.allow_download)
             except Exception as exc:
                 raise ConfigError(f"{group}.base_model: {exc}") from None
+        if isinstance(p, TrainingParams) and p.base_quantization != "none":
+            # no CUDA, no bitsandbytes/torchao, or not bf16: stop now, not after loading 12B parameters
+            from lora_pipeline.diffusion.loading import check_base_quantization
+
+            check_base_quantization(p.base_quantization, p.device, p.mixed_precision, f"{group}.base_quantization")
         if isinstance(p, TrainingParams) and p.init_lora and p.init_lora != "latest":
             _check_lora_file(Path(p.init_lora), f"{group}.init_lora")
         if isinstance(p, LLMTrainingParams) and p.init_adapter and p.init_adapter != "latest":
