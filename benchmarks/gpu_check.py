@@ -10,7 +10,11 @@
 - the exported kohya file, read back by diffusers' own ``load_lora_weights`` on the GPU, reproduces the trained
   UNet's output (and differs from the base's, so the comparison can fail);
 - run-to-run determinism on CUDA, and a crashed run resumed from its checkpoint against an uninterrupted one;
-- the LLM LoRA in bf16 on CUDA, its adapter reloaded with PEFT giving the trained model's logits.
+- the LLM LoRA in bf16 on CUDA, its adapter reloaded with PEFT giving the trained model's logits;
+- Flux.1 with ``training.base_quantization`` nf4 (bitsandbytes) and float8 (torchao): the tiny Flux loaded
+  quantized onto the GPU, a LoRA trained on it in bf16 with gradient checkpointing (losses finite, every LoRA up
+  weight moved), its sample rendered, the kohya file exported and read back (``--only quantization``; needs
+  ``pip install 'lora_pipeline[quantization]'``).
 
 Not a test: CI has no GPU. The suite checks all of this on CPU; this script says whether it also holds on a GPU.
 """
@@ -261,13 +265,69 @@ def llm_checks(models: dict[str, Path], root: Path) -> None:
     check(diff < 1e-4, f"PEFT reloads the saved adapter with the trained logits (max diff {diff:.2e})")
 
 
+def quantization_checks(models: dict[str, Path], examples, root: Path, steps: int) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from lora_pipeline.core.cache import DiskCache
+    from lora_pipeline.core.config import TrainingParams
+    from lora_pipeline.diffusion.families import FLUX
+    from lora_pipeline.diffusion.loading import load_diffusion_model, quantize_denoiser, quantized_with
+    from lora_pipeline.diffusion.lora_files import kohya_modules, to_kohya_state_dict
+    from lora_pipeline.diffusion.training import train
+
+    base = models["tiny-flux"]
+    for method in ("nf4", "float8"):
+        print(f"tiny-flux, base_quantization={method}, mixed_precision=bf16, {steps} steps", flush=True)
+        work = root / f"flux-{method}"
+        if DEVICE == "cuda":
+            components = load_diffusion_model(str(base), base_quantization=method, device="cuda")
+        else:  # --cpu-smoke: the loader refuses a CPU; quantize as it does after its CUDA check
+            components = load_diffusion_model(str(base))
+            quantize_denoiser(components.denoiser, method, DEVICE)
+        weight = components.denoiser.transformer_blocks[0].attn.to_q.weight
+        stored = type(weight).__name__
+        check(quantized_with(components.denoiser) == method and stored in ("Params4bit", "Float8Tensor")
+              and weight.device.type == DEVICE, f"loaded quantized: the block Linears hold {stored} on {weight.device}")
+        params = TrainingParams(base_model=str(base), device=DEVICE, mixed_precision="bf16", base_quantization=method,
+                                lora_rank=4, alpha=4, batch_size=2, max_steps=steps, learning_rate=1e-3,
+                                checkpoint_dir=str(work / "ckpt"), resume="none", output_name=f"flux_{method}",
+                                sample_prompts=["sks, red circle"], sample_size=64, sample_inference_steps=4)
+        started = time.perf_counter()
+        try:
+            result = train(components, examples, params, DiskCache(work / "cache"), dataset_hash="gpu")
+        except Exception as exc:  # report and go on to the other method
+            check(False, f"{method}: training failed: {type(exc).__name__}: {exc}")
+            continue
+        losses = result.losses
+        check(all(np.isfinite(losses)), f"losses finite (first 5 mean {np.mean(losses[:5]):.4f}, "
+                                        f"last 5 mean {np.mean(losses[-5:]):.4f})")
+        denoiser = getattr(components.denoiser, "module", components.denoiser)
+        check(bool(denoiser.gradient_checkpointing), "gradient checkpointing on (the quantized-base default)")
+        ups = [v for k, v in result.lora_state.items() if "lora_B" in k]
+        check(bool(ups) and all(v.abs().max() > 0 for v in ups), f"all {len(ups)} LoRA up weights trained")
+        check(result.sample_error is None and len(result.samples) == 1 and is_picture(result.samples[0]),
+              f"the sample renders through the quantized transformer ({result.sample_error or 'no error'})")
+        print(f"  {result.images_per_second:.1f} img/s in the loop, {time.perf_counter() - started:.1f} s, "
+              f"peak {result.peak_memory_mb:.0f} MB", flush=True)
+        path = work / f"flux_{method}.safetensors"
+        save_file(to_kohya_state_dict(result.lora_state, FLUX, params.alpha, None, torch.float16), str(path))
+        modules = kohya_modules(load_file(str(path)))
+        check("lora_unet_double_blocks_0_img_attn_qkv" in modules and "lora_unet_single_blocks_0_linear1" in modules
+              and all(torch.isfinite(p).all() for parts in modules.values() for p in parts.values()),
+              f"the kohya file is written and read back ({len(modules)} modules, fused qkv/linear1)")
+        del components
+        torch.cuda.empty_cache()
+
+
 @click.command(help=__doc__)
 @click.option("--steps", type=int, default=40, show_default=True)
-@click.option("--only", multiple=True, help="checks, repeated or comma-separated: diffusion precision resume llm")
+@click.option("--only", multiple=True, help="checks, repeated or comma-separated: diffusion precision resume llm "
+                                            "quantization")
 @click.option("--cpu-smoke", is_flag=True, hidden=True)  # try the script itself on CPU
 def main(steps: int, only: tuple[str, ...], cpu_smoke: bool) -> None:
     global DEVICE
-    only = [name for value in only for name in value.split(",") if name] or ["diffusion", "precision", "resume", "llm"]
+    only = [name for value in only for name in value.split(",") if name] or ["diffusion", "precision", "resume", "llm",
+                                                                            "quantization"]
     if cpu_smoke:
         DEVICE = "cpu"
         torch.cuda.empty_cache = lambda: None
@@ -288,6 +348,8 @@ def main(steps: int, only: tuple[str, ...], cpu_smoke: bool) -> None:
         determinism_and_resume(models, examples, root)
     if "llm" in only:
         llm_checks(models, root)
+    if "quantization" in only:
+        quantization_checks(models, examples, root, steps)
     print(f"\n{len(FAILED)} check(s) failed" + (":\n  " + "\n  ".join(FAILED) if FAILED else ""))
     sys.exit(1 if FAILED else 0)
 
