@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from train_helpers import make_params, summary_for
 
 from lora_pipeline.core.cache import DiskCache
@@ -35,6 +35,8 @@ from lora_pipeline.project.preflight import check_inputs
 
 PACKAGES = {"nf4": "bitsandbytes", "float8": "torchao"}
 FIX = "pip install 'lora_pipeline[quantization]'"
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _flux_memory():

@@ -30,6 +30,12 @@ QUIET_LOGGERS = {
     # "There are modules in ... that should be kept in float32: []" (an empty list) on every .to(dtype)
     "diffusers.models.modeling_utils": logging.ERROR,
     "transformers.modeling_utils": logging.ERROR,
+    # with the quantization extra installed, on every import: optional CPU kernels and CUDA-arch .so files that
+    # do not apply to this machine, and torch's notes on torchao's enums; a real failure is an error, not these
+    "bitsandbytes.backends.cpu.ops": logging.ERROR,
+    "torchao": logging.ERROR,
+    "torch.utils._pytree": logging.ERROR,
+    "diffusers.quantizers.torchao.torchao_quantizer": logging.ERROR,
 }
 
 

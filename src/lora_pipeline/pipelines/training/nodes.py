@@ -56,7 +56,8 @@ def _train_locked(p: TrainingParams, normalized_images: ImageFolder, train_metad
     examples = build_examples(normalized_images.root, train_metadata)
     data_hash = dataset_hash(examples)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    components = load_diffusion_model(p.base_model, p.base_model_family, p.allow_download, p.single_file_config)
+    components = load_diffusion_model(p.base_model, p.base_model_family, p.allow_download, p.single_file_config,
+                                      base_quantization=p.base_quantization, device=p.device)
     init_state = None
     if p.init_lora:
         init_path = resolve_init_lora(p.init_lora, p.export_dir, p.output_name)
