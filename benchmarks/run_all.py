@@ -540,19 +540,39 @@ TARGETS = {
 }
 
 
-def write_report(figures: dict[str, float], machine: str, path: Path) -> str:
-    lines = [f"# Benchmark results\n\nMachine: {machine}\n",
+def _previous_figures(text: str) -> dict[str, str]:
+    """The value cells of the figures table already in RESULTS.md (kept for sections not re-run)."""
+    rows = {}
+    for line in text.split("\n## ", 1)[0].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] not in ("figure", "---"):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def write_report(figures: dict[str, float], machine: str, path: Path, sections: list[str]) -> str:
+    """The figures table of RESULTS.md: this run's figures replace theirs, the others stay, and so do the file's
+    other sections (``## Flux.1 memory`` ...), so re-running one section never erases the rest."""
+    import datetime
+
+    old = path.read_text() if path.exists() else ""
+    values = {name: f"{value:.4g}" for name, value in figures.items()}
+    merged = {**_previous_figures(old), **values}
+    today = datetime.date.today().isoformat()
+    lines = [f"# Benchmark results\n\nMachine: {machine}. Last run {today}: {', '.join(sections)}.\n",
              "| figure | value | target | status |", "| --- | --- | --- | --- |"]
-    for name, value in figures.items():
+    for name, shown in merged.items():
         op, goal = TARGETS.get(name, (None, None))
         status = ""
         if op:
+            value = float(shown)
             ok = value >= goal if op == ">=" else value <= goal
             status = "ok" if ok else "**MISSED**"
             if name.endswith("ratio") or "ratio_" in name:
                 status += " (REGRESSION < 0.9)" if op == ">=" and value < 0.9 else ""
-        lines.append(f"| {name} | {value:.4g} | {op + ' ' + str(goal) if op else ''} | {status} |")
-    text = "\n".join(lines) + "\n"
+        lines.append(f"| {name} | {shown} | {op + ' ' + str(goal) if op else ''} | {status} |")
+    rest = old.split("\n## ", 1)[1] if "\n## " in old else ""
+    text = "\n".join(lines) + "\n" + ("\n## " + rest if rest else "")
     path.write_text(text)
     return text
 
@@ -612,7 +632,8 @@ def main(quick: bool, only: tuple[str, ...], no_mlflow: bool, data_stage: str | 
             figures.update(bench_sd15(models, "cuda", quick))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {gpu}"
-    print(write_report(figures, machine, HERE / ("RESULTS_GPU.md" if torch.cuda.is_available() else "RESULTS.md")))
+    print(write_report(figures, machine, HERE / ("RESULTS_GPU.md" if torch.cuda.is_available() else "RESULTS.md"),
+                       sections))
     if NO_MLFLOW:
         return
     import mlflow
