@@ -233,7 +233,8 @@ def test_the_training_node_outputs_and_exports_the_lora_when_sampling_fails(tiny
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        with mlflow.start_run() as run:
+        # its own experiment: an experiment id another test made active belongs to another store
+        with mlflow.start_run(experiment_id=mlflow.create_experiment("precision")) as run:
             weights, summary = train_lora(ImageFolder(folder, [ex.path.name for ex in tiny_examples]), metadata,
                                           DatasetInfo(trigger="sks"), DiskCache(tmp_path / "cache"), params)
             exported = export_kohya(weights, summary, ExportParams(precision="fp16",
