@@ -283,7 +283,7 @@ def test_throughput_below_one_per_second_reads_as_seconds_each():
     assert throughput(12.34, "img") == "12.3 img/s"
     assert throughput(0.25, "img") == "4.0 s/img"  # was "0.0 img/s" at 0.04
     assert throughput(0.04, "img") == "25.0 s/img"
-    assert throughput(0.0, "img") == "0.0 img/s"  # nothing measured yet
+    assert throughput(0.0, "img") == "- img/s"  # nothing measured yet: no speed of zero on the first step
 
 
 def test_gradient_checkpointing_uses_the_current_apis_without_a_deprecation_warning(tiny_models, tiny_examples,

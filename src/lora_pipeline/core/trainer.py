@@ -157,7 +157,9 @@ def enable_activation_checkpointing(model) -> None:
 
 def throughput(rate: float, unit: str) -> str:
     """``12.3 img/s``; below one per second the seconds each takes (``4.2 s/img``), so slow steps never read 0.0."""
-    if rate >= 1 or rate <= 0:
+    if rate <= 0:
+        return f"- {unit}/s"  # nothing measured yet (the first step), rather than a speed of zero
+    if rate >= 1:
         return f"{rate:.1f} {unit}/s"
     return f"{1 / rate:.1f} s/{unit}"
 
