@@ -103,3 +103,13 @@ def run_dir(subject_folder):
     runs = sorted(Path(subject_folder).glob("run-*"))
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def flux_transformer_inputs(transformer, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fixed inputs for a (tiny) FluxTransformer2DModel: 16 image and 12 text tokens, two sigmas, guidance 1."""
+    generator, config = torch.Generator().manual_seed(seed), transformer.config
+    return {"hidden_states": torch.randn(2, 16, config.in_channels, generator=generator),
+            "encoder_hidden_states": torch.randn(2, 12, config.joint_attention_dim, generator=generator),
+            "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator),
+            "timestep": torch.tensor([0.3, 0.8]), "guidance": torch.tensor([1.0, 1.0]),
+            "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(12, 3)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import make_params, summary_for
+from train_helpers import flux_transformer_inputs, make_params, summary_for
 
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.diffusion.families import FLUX, detect_family
@@ -24,20 +24,10 @@ def flux_trained(tiny_models, tiny_examples, tmp_path_factory):
     return {"components": components, "result": result, "params": params, "tmp": tmp}
 
 
-def _transformer_inputs(transformer, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    config = transformer.config
-    return {"hidden_states": torch.randn(2, 16, config.in_channels, generator=generator),
-            "encoder_hidden_states": torch.randn(2, 12, config.joint_attention_dim, generator=generator),
-            "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator),
-            "timestep": torch.tensor([0.3, 0.8]), "guidance": torch.tensor([1.0, 1.0]),
-            "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(12, 3)}
-
-
 @torch.no_grad()
 def _out(transformer) -> torch.Tensor:
     transformer.eval()
-    return transformer(**_transformer_inputs(transformer), return_dict=False)[0]
+    return transformer(**flux_transformer_inputs(transformer), return_dict=False)[0]
 
 
 def test_flux_is_detected_and_trains_its_transformer(flux_trained, tiny_models):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from train_helpers import flux_transformer_inputs
 
 from lora_pipeline.core.errors import DataError
 from lora_pipeline.diffusion.families import FLUX
@@ -144,20 +145,12 @@ def write(pipe, lora: dict, layout: str, path) -> str:
     return str(path)
 
 
-def _inputs(pipe) -> dict[str, torch.Tensor]:
-    generator, config = torch.Generator().manual_seed(0), pipe.transformer.config
-    return {"hidden_states": torch.randn(2, 16, config.in_channels, generator=generator),
-            "encoder_hidden_states": torch.randn(2, 12, config.joint_attention_dim, generator=generator),
-            "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator),
-            "timestep": torch.tensor([0.3, 0.8]), "guidance": torch.tensor([1.0, 1.0]),
-            "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(12, 3)}
-
-
 @torch.no_grad()
 def outputs(pipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The transformer's output and both text encoders' hidden states for fixed inputs."""
     ids = torch.arange(3, 13).reshape(1, 10)
-    return (pipe.transformer(**_inputs(pipe), return_dict=False)[0], pipe.text_encoder(ids).last_hidden_state,
+    return (pipe.transformer(**flux_transformer_inputs(pipe.transformer), return_dict=False)[0],
+            pipe.text_encoder(ids).last_hidden_state,
             pipe.text_encoder_2(ids)[0])
 
 
