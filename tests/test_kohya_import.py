@@ -419,7 +419,7 @@ lora_rank: 16
 alpha: 8
 batch_size: 2
 epochs: 12
-learning_rate: 0.0002
+learning_rate: 2e-4  # YAML 1.1 reads this as a string
 output_dir: ./output
 save_steps: 500
 dropout: 0.1

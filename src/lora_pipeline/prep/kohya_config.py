@@ -132,6 +132,8 @@ class _Parts:
 
 # ----------------------------------------------------------------------------- reading configs
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A kohya TOML as one flat dict (sections merged); ``datasets`` (the dataset config) kept as it is."""
     path = Path(path)
@@ -163,7 +165,9 @@ def read_flat_yaml(path: str | Path) -> KohyaConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: not a readable YAML file ({exc}). Fix the file and re-run.") from None
-    flat = _flatten(data) if isinstance(data, dict) else {}
+    # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string; lora-scripts tutorials write learning rates that way
+    flat = {k: float(v) if isinstance(v, str) and _SCIENTIFIC.match(v) else v
+            for k, v in (_flatten(data) if isinstance(data, dict) else {}).items()}
     if not set(flat) & FLAT_YAML_SIGNATURE:
         raise ConfigError(f"{path}: not a lora-scripts YAML config: it has none of the keys "
                           f"{', '.join(sorted(FLAT_YAML_SIGNATURE))} (found: {', '.join(map(str, flat)) or 'none'}). "
