@@ -113,3 +113,22 @@ def flux_transformer_inputs(transformer, seed: int = 0) -> dict[str, torch.Tenso
             "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator),
             "timestep": torch.tensor([0.3, 0.8]), "guidance": torch.tensor([1.0, 1.0]),
             "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(12, 3)}
+
+
+def real_width_flux(tiny_flux, target):
+    """The tiny Flux folder with a transformer of Flux.1-dev's width (3072 hidden: 24 heads of 128, 12288 MLP)
+    and one double and one single block (~530M parameters): what diffusers' Flux converters need, which hard-code
+    Flux.1's widths."""
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    shutil.copytree(tiny_flux, target, ignore=shutil.ignore_patterns("transformer"))
+    tiny = FluxTransformer2DModel.load_config(tiny_flux / "transformer")
+    torch.manual_seed(0)
+    wide = FluxTransformer2DModel(patch_size=1, in_channels=tiny["in_channels"], num_layers=1, num_single_layers=1,
+                                  attention_head_dim=128, num_attention_heads=24, axes_dims_rope=[16, 56, 56],
+                                  joint_attention_dim=tiny["joint_attention_dim"],
+                                  pooled_projection_dim=tiny["pooled_projection_dim"], guidance_embeds=True)
+    wide.save_pretrained(target / "transformer")
+    return target

@@ -8,11 +8,9 @@ components. It takes about 20 s on 2 cores and ~5 GB of memory (hence slow)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from train_helpers import flux_transformer_inputs, make_params, summary_for
+from train_helpers import flux_transformer_inputs, make_params, real_width_flux, summary_for
 
 from lora_pipeline.diffusion.families import FLUX
 from lora_pipeline.diffusion.loading import load_diffusion_model
@@ -20,21 +18,6 @@ from lora_pipeline.diffusion.lora_files import save_diffusers_lora, to_kohya_sta
 from lora_pipeline.diffusion.training import inject_lora, lora_spec, lora_state_dict
 
 pytestmark = pytest.mark.slow
-
-
-def _real_width_flux(tiny_flux, target):
-    """The tiny Flux folder with a transformer of Flux.1-dev's width and 1 + 1 blocks."""
-    from diffusers import FluxTransformer2DModel
-
-    shutil.copytree(tiny_flux, target, ignore=shutil.ignore_patterns("transformer"))
-    tiny = FluxTransformer2DModel.load_config(tiny_flux / "transformer")
-    torch.manual_seed(0)
-    wide = FluxTransformer2DModel(patch_size=1, in_channels=tiny["in_channels"], num_layers=1, num_single_layers=1,
-                                  attention_head_dim=128, num_attention_heads=24, axes_dims_rope=[16, 56, 56],
-                                  joint_attention_dim=tiny["joint_attention_dim"],
-                                  pooled_projection_dim=tiny["pooled_projection_dim"], guidance_embeds=True)
-    wide.save_pretrained(target / "transformer")
-    return target
 
 
 @torch.no_grad()
@@ -47,7 +30,7 @@ def test_diffusers_reads_our_kohya_flux_file_like_our_diffusers_folder(tiny_mode
     from diffusers import FluxPipeline
     from safetensors.torch import save_file
 
-    base = _real_width_flux(tiny_models["tiny-flux"], tmp_path / "flux-wide")
+    base = real_width_flux(tiny_models["tiny-flux"], tmp_path / "flux-wide")
     params = make_params(tiny_models, tmp_path, base_model=str(base), lora_rank=4, alpha=2)  # alpha != rank
     components = load_diffusion_model(str(base))
     spec = lora_spec(params, FLUX)

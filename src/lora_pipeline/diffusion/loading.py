@@ -120,7 +120,10 @@ def load_diffusion_model(base_model: str, family: str = "auto", allow_download: 
                 f"'{source}' is a single-file {chosen.display_name} checkpoint; set single_file_config to a local "
                 f"diffusers {chosen.name} folder (configs and tokenizers are enough) so nothing has to be downloaded.")
         config = resolve_model(single_file_config, allow_download=False)
-        pipe = pipeline_class.from_single_file(source, config=config, local_files_only=True, **extra)
+        if chosen.single_file_is_denoiser_only:
+            pipe = _pipeline_around_denoiser_file(chosen, source, config, extra)
+        else:
+            pipe = pipeline_class.from_single_file(source, config=config, local_files_only=True, **extra)
     else:
         pipe = pipeline_class.from_pretrained(source, local_files_only=not allow_download, **extra)
     scheduler = chosen.training_scheduler(pipe.scheduler)  # UNet families: DDPM with the base model's betas
@@ -131,6 +134,28 @@ def load_diffusion_model(base_model: str, family: str = "auto", allow_download: 
     logger.info("Loaded %s base from %s", chosen.display_name, source)
     return DiffusionComponents(chosen, getattr(pipe, chosen.denoiser), pipe.vae, text_encoders, tokenizers, scheduler,
                                source, pipe.scheduler, chosen.pipeline_flags(pipe))
+
+
+def _pipeline_around_denoiser_file(family: ModelFamily, source: str, config: str, extra: dict[str, Any]) -> Any:
+    """A denoiser-only checkpoint (Flux's ``flux1-dev.safetensors``): diffusers converts the denoiser from its
+    original layout (``from_single_file`` with the config folder's ``<denoiser>/config.json``); the VAE, text
+    encoders and scheduler load from ``single_file_config``, which must then hold their weights too."""
+    dtype = extra.get("dtype", {}).get(family.denoiser) if isinstance(extra.get("dtype"), dict) else None
+    try:
+        denoiser = family.denoiser_class(config).from_single_file(
+            source, config=config, subfolder=family.denoiser, local_files_only=True,
+            **({"torch_dtype": dtype} if dtype else {}))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{source}: not a {family.display_name} {family.denoiser} checkpoint that diffusers can "
+                          f"convert ({type(exc).__name__}: {exc}). Use the original file (BFL layout) or a diffusers "
+                          f"folder as base_model.") from None
+    try:
+        return family.pipeline_class().from_pretrained(config, local_files_only=True,
+                                                       **{family.denoiser: denoiser}, **extra)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{source} holds only the {family.denoiser}; single_file_config {config} must hold the "
+                          f"other components' weights too (vae, text encoders) -- {type(exc).__name__}: {exc}"
+                          ) from None
 
 
 # ----------------------------------------------------------------------------- training.base_quantization

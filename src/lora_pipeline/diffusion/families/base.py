@@ -25,9 +25,11 @@ what the two UNet families share). It answers:
 
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -122,6 +124,9 @@ class ModelFamily(ABC):
     default_resolution: ClassVar[int]  # the bucket side it trains at (normalization's resolution: auto)
     checkpoint_marker: ClassVar[str]  # a key prefix only its single-file checkpoints have
     single_file_text_encoders: ClassVar[tuple[tuple[str, str], ...]]  # (key prefix, layout) per text encoder
+    # True: a single-file checkpoint holds the denoiser only (``flux1-dev.safetensors`` in ComfyUI's
+    # models/diffusion_models); the other components come from ``single_file_config``. False: the whole pipeline.
+    single_file_is_denoiser_only: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ identity
 
@@ -134,6 +139,13 @@ class ModelFamily(ABC):
         import diffusers
 
         return getattr(diffusers, self.pipeline_class_name)
+
+    def denoiser_class(self, config_folder: str | Path):
+        """The diffusers class of the denoiser, as a diffusers folder's ``model_index.json`` names it."""
+        import diffusers
+
+        index = json.loads((Path(config_folder) / "model_index.json").read_text(encoding="utf-8"))
+        return getattr(diffusers, index[self.denoiser][1])
 
     def recognises_pipeline_class(self, class_name: str, variants: bool = False) -> int:
         """How well ``class_name`` names this family's pipeline: 0 not at all; else the length of the match (the

@@ -84,6 +84,7 @@ class FluxFamily(ModelFamily):
     default_resolution = 1024
     checkpoint_marker = "double_blocks."
     single_file_text_encoders = ()
+    single_file_is_denoiser_only = True  # BFL's flux1-dev.safetensors: the transformer in its original layout
 
     @property
     def default_targets(self) -> dict[str, Any]:  # type: ignore[override]
