@@ -1,6 +1,8 @@
 """The ``lora-pipeline`` commands: one click group whose commands print our errors as one message.
 
     lora-pipeline run [--env E] [--all] [--runner R]   train only the subjects whose data or parameters changed
+                      [--subject S] [--no-generation]   (only S; without the generation stage afterwards)
+    lora-pipeline ui [--env E] [--port 7860]            the local web workbench (captions, queue, library)
     lora-pipeline generate "PROMPT <lora:a:0.8>" ...   one prompt through the generation stage
     lora-pipeline import-kohya CONFIG.toml              a kohya / lora-scripts config becomes a subject
     lora-pipeline lineage FILE                          from a LoRA file back to its MLflow runs and data
@@ -65,7 +67,11 @@ def main() -> None:
 @click.option("--env", "-e", default=None, help="Kedro configuration environment (default: local)")
 @click.option("--all", "run_all", is_flag=True, help="run every subject, changed or not")
 @click.option("--runner", default=None, help="SequentialRunner (default), ParallelRunner or ThreadRunner")
-def run_subjects(env: str | None, run_all: bool, runner: str | None) -> None:
+@click.option("--subject", "only", multiple=True, help="only this subject (repeatable; still skipped if unchanged)")
+@click.option("--generation/--no-generation", default=True, show_default=True,
+              help="run the generation stage over the library afterwards")
+def run_subjects(env: str | None, run_all: bool, runner: str | None, only: tuple[str, ...],
+                 generation: bool) -> None:
     """Run the image pipelines for the subjects whose raw data or parameters changed since they were last
     trained, then generation. ``kedro run`` runs every subject; this skips the ones with nothing new."""
     from kedro.framework.session import KedroSession
@@ -79,6 +85,11 @@ def run_subjects(env: str | None, run_all: bool, runner: str | None) -> None:
     with KedroSession.create(env=env) as session:
         context = session.load_context()
         subjects = list(context.config_loader.subjects())
+        unknown = [name for name in only if name not in subjects]
+        if unknown:
+            raise click.BadParameter(f"no subject {unknown[0]!r}; subjects.yml has {', '.join(subjects)}",
+                                     param_hint="--subject")
+        subjects = [name for name in subjects if not only or name in only]
         changed = []
         parameters = context.config_loader["parameters"]  # as written: context.params holds the models built from them
         for name in subjects:
@@ -99,6 +110,8 @@ def run_subjects(env: str | None, run_all: bool, runner: str | None) -> None:
     make_runner = runners[runner or "SequentialRunner"]
     with KedroSession.create(env=env) as session:
         session.run(pipeline_names=["__default__"], namespaces=changed, runner=make_runner())
+    if not generation:
+        return
     with KedroSession.create(env=env) as session:
         session.run(pipeline_names=["generation"], runner=SequentialRunner())
 
@@ -174,3 +187,31 @@ def train_launch_command(env: str | None, project: str, subject: str | None) -> 
     from lora_pipeline.cli.train_launch import launch
 
     launch(env, Path(project), subject)
+
+
+@main.command("ui")
+@click.option("--env", "-e", default=None, help="Kedro configuration environment (default: local)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (off this machine: --token)")
+@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--token", envvar="LORA_PIPELINE_UI_TOKEN", default=None,
+              help="required with a --host other than localhost; every request must carry it (or "
+                   "LORA_PIPELINE_UI_TOKEN)")
+@click.option("--slots", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="runs at a time (one per GPU)")
+def ui_command(env: str | None, host: str, port: int, token: str | None, slots: int) -> None:
+    """The local web workbench over this project: review captions, queue subjects, watch runs, try the
+    library in a prompt (pip install -e ".[ui]")."""
+    try:
+        import uvicorn
+
+        from lora_pipeline.ui.app import TokenRequired, create_app
+    except ImportError as exc:
+        raise click.ClickException(f"the workbench needs the 'ui' extra ({exc.name} is missing): "
+                                   f"pip install -e \".[ui]\"") from None
+    try:
+        app = create_app(Path.cwd(), env, host=host, token=token, slots=slots)
+    except TokenRequired as exc:
+        raise click.UsageError(str(exc)) from None
+    address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
+    click.echo(f"Workbench: {address}{'?token=' + token if token else ''}  (Ctrl-C stops it; running jobs go on)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
