@@ -208,3 +208,24 @@ def test_a_run_shorter_than_save_steps_is_accepted_and_saves_at_its_end(tiny_mod
     assert result.steps == 2
     [checkpoint] = list_checkpoints(run_dir(Path(params.checkpoint_dir) / params.output_name))
     assert checkpoint.name.endswith("0000002")
+
+
+@pytest.mark.parametrize("shuffle_tags", [False, True])
+def test_cached_text_encoders_run_before_the_first_step_and_leave_the_loop(tiny_models, tiny_examples, tmp_path,
+                                                                          shuffle_tags):
+    """With cached text-encoder outputs every caption (and the dropped one, "") is encoded in set-up, so the
+    frozen encoders are off the device for the loop; with shuffle_tags the texts are new each epoch: they stay."""
+    params = make_params(tiny_models, tmp_path, base_model=str(tiny_models["tiny-flux"]), max_steps=3,
+                         caption_dropout=0.5, shuffle_tags=shuffle_tags)
+    components = load_diffusion_model(params.base_model)
+    calls, steps_done = [], []
+    for encoder in components.text_encoders:
+        encoder.register_forward_pre_hook(lambda *_: calls.append(len(steps_done)))
+    train(components, tiny_examples, params, DiskCache(tmp_path / "cache"), dataset_hash="d",
+          step_callback=lambda step, _: steps_done.append(step))
+    assert len(steps_done) == 3 and calls
+    distinct = len({ex.text for ex in tiny_examples}) + 1  # and ""
+    if shuffle_tags:
+        assert max(calls) > 0  # encoded as the loop meets new texts
+    else:
+        assert calls == [0] * 2 * distinct  # both encoders, each text once, all before step 1

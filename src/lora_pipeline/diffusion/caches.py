@@ -87,6 +87,12 @@ class TextEncoderCache:
         self.te_id = settings_key(identity)
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
 
+    def fill(self, texts: Sequence[str]) -> None:
+        """Encode every text a run can ask for before its first step, so that the encoders can leave the device."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self.memory]
+        for text in tqdm(missing, desc="encoding prompts", unit="prompt", disable=len(missing) < 2, leave=False):
+            self([text])
+
     def __call__(self, texts: Sequence[str]) -> Conditioning:
         for text in dict.fromkeys(texts):
             if text in self.memory:

@@ -343,13 +343,20 @@ def set_up(components: DiffusionComponents, examples: Sequence[Example], params:
         latent_keys, latents_encoded = {}, 0
         components.vae.to(device)
     text_cache = TextEncoderCache(components, cache, device) if params.cache_latents and not trained_te else None
+    for encoder in components.text_encoders:
+        encoder.to(device, dtype=dtype)
+    if text_cache is not None and not params.shuffle_tags:
+        # Every text a step can ask for is known now (each caption whole, or "" when dropped): encode them all and
+        # keep the frozen encoders off the device during the loop (Flux's T5-XXL alone is 9.5 GB), as kohya's
+        # cache_text_encoder_outputs does. With shuffle_tags the texts are new every epoch: they stay.
+        text_cache.fill([ex.text for ex in examples] + ([""] if params.caption_dropout else []))
+        for encoder in components.text_encoders:
+            encoder.to("cpu")
 
     if quantization == "none":
         components.denoiser.to(device, dtype=dtype)
     else:  # quantized weights keep their storage; the rest is in bf16 already (= the mixed-precision dtype)
         components.denoiser.to(device)
-    for encoder in components.text_encoders:
-        encoder.to(device, dtype=dtype)
     models = [components.denoiser] + [components.component(name) for name in trained_te]
     cast_training_params(models, dtype=torch.float32)  # LoRA weights train in fp32 under mixed precision
     # with a quantized base, on unless the run says gradient_checkpointing: false
@@ -575,9 +582,12 @@ def render_samples(components: DiffusionComponents, params: TrainingParams) -> l
                                                                  zip(family.text_encoders, components.text_encoders)})
     pipe.set_progress_bar_config(disable=True)
     device = next(denoiser.parameters()).device
-    vae_device = next(pipe.vae.parameters()).device  # on the GPU already when latents are not cached
+    # the VAE is on the GPU already when latents are not cached; frozen text encoders are off it once their
+    # outputs are cached: each comes for the samples and goes back
+    parked = [(module, next(module.parameters()).device) for module in (pipe.vae, *components.text_encoders)]
     was_training = denoiser.training
-    pipe.vae.to(device)
+    for module, _ in parked:
+        module.to(device)
     denoiser.eval()
     size = params.sample_size
     images = []
@@ -589,7 +599,8 @@ def render_samples(components: DiffusionComponents, params: TrainingParams) -> l
                                    num_inference_steps=params.sample_inference_steps, generator=generator,
                                    height=size, width=size).images)
     finally:  # also after a failure: training may go on
-        pipe.vae.to(vae_device)
+        for module, home in parked:
+            module.to(home)
         denoiser.train(was_training)
     return images
 
