@@ -13,7 +13,7 @@
 - the LLM LoRA in bf16 on CUDA, its adapter reloaded with PEFT giving the trained model's logits;
 - Flux.1 with ``training.base_quantization`` nf4 (bitsandbytes) and float8 (torchao): the tiny Flux loaded
   quantized onto the GPU, a LoRA trained on it in bf16 with gradient checkpointing (losses finite, every LoRA up
-  weight moved), its sample rendered, the kohya file exported and read back (``--only quantization``; needs
+  weight moved), the text encoders off the GPU after caching, its sample rendered, the kohya file exported and read back (``--only quantization``; needs
   ``pip install 'lora_pipeline[quantization]'``).
 
 Not a test: CI has no GPU. The suite checks all of this on CPU; this script says whether it also holds on a GPU.
@@ -301,6 +301,8 @@ def quantization_checks(models: dict[str, Path], examples, root: Path, steps: in
         losses = result.losses
         check(all(np.isfinite(losses)), f"losses finite (first 5 mean {np.mean(losses[:5]):.4f}, "
                                         f"last 5 mean {np.mean(losses[-5:]):.4f})")
+        check(all(next(te.parameters()).device.type == "cpu" for te in components.text_encoders),
+              "CLIP-L and T5 are off the GPU once their outputs are cached (and came back for the sample)")
         denoiser = getattr(components.denoiser, "module", components.denoiser)
         check(bool(denoiser.gradient_checkpointing), "gradient checkpointing on (the quantized-base default)")
         ups = [v for k, v in result.lora_state.items() if "lora_B" in k]
