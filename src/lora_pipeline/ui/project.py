@@ -144,6 +144,7 @@ class ProjectView:
         report = self.load(f"{subject}.quality_report")
         auto = {} if table is None else {n: a for n, a in zip(table.file_name, table.auto_caption) if a}
         captioned = set() if table is None else set(table.file_name)
+        scanned = set() if manifest is None else set(manifest.file_name)
         sidecars = {} if manifest is None else {
             n: s for n, s, has in zip(manifest.file_name, manifest.sidecar, manifest.has_sidecar)
             if str(has).lower() == "true"}
@@ -151,6 +152,8 @@ class ProjectView:
                                                                            report.reason)}
         rows = []
         for name in images.names if images is not None else []:
+            if name not in scanned:
+                sidecars.update(_unscanned_sidecar(images.path(name), name, p.caption_extension))
             text, source = pick_caption(reviewed.get(name), sidecars.get(name), auto.get(name), p)
             if source == "none" and name not in captioned:
                 source = "new"
@@ -224,3 +227,14 @@ def _family_of(training) -> str:
         return detect_family(training.base_model).name
     except LoraPipelineError as exc:
         return f"unknown ({exc})"
+
+
+def _unscanned_sidecar(image: Path, name: str, extension: str) -> dict[str, str]:
+    """The kohya caption file of an image the captioning stage has not scanned yet, read as that stage reads it."""
+    from lora_pipeline.prep.images import read_sidecar_detected
+
+    try:
+        found = read_sidecar_detected(image, extension)
+    except ValueError:  # unreadable: the stage would give it an auto caption
+        return {}
+    return {name: found[0]} if found else {}
