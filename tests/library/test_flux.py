@@ -102,3 +102,23 @@ def test_diffusers_loads_the_diffusers_folder_with_the_trained_effect(flux_train
     after, trained = _out(pipe.transformer), _out(components.denoiser)
     assert (after - before).abs().max() > 1e-4
     assert torch.allclose(after, trained, atol=1e-5)
+
+
+def test_a_retrain_starts_from_the_exported_kohya_file_at_the_trained_rank(flux_trained, tmp_path):
+    """init_lora from our fused kohya file: each of q/k/v (and linear1's parts) gets its own rank-r pair back,
+    so the retrain has the rank it trained at and reproduces the trained transformer at step 0."""
+    from safetensors.torch import save_file
+
+    from lora_pipeline.diffusion.lora_files import read_lora_modules, to_peft_state
+    from lora_pipeline.diffusion.training import inject_lora, load_lora_state, lora_spec
+
+    components, result, params = flux_trained["components"], flux_trained["result"], flux_trained["params"]
+    save_file(to_kohya_state_dict(result.lora_state, FLUX, params.alpha, None, torch.float32), tmp_path / "k.safetensors")
+    fresh = load_diffusion_model(params.base_model)
+    init = to_peft_state(read_lora_modules(tmp_path / "k.safetensors", FLUX, fresh.modules()),
+                         target_scale=params.alpha / params.lora_rank)
+    assert init.keys() == result.lora_state.keys()
+    assert all(init[k].shape == result.lora_state[k].shape for k in init)  # rank 4 everywhere, not 12 or 16
+    inject_lora(fresh, lora_spec(params, FLUX))
+    load_lora_state(fresh, init, "init")
+    assert torch.allclose(_out(fresh.denoiser), _out(components.denoiser), atol=1e-5)

@@ -41,5 +41,15 @@ def test_fused_lora_adds_what_the_parts_add_at_the_same_strength():
     fused_delta = fused_alpha / down.shape[0] * up @ down  # what WebUI, ComfyUI and kohya apply
     parts_delta = torch.cat([alpha / rank * u @ d for d, u in zip(downs, ups)])
     assert torch.allclose(fused_delta, parts_delta, atol=1e-5)
-    for (part_down, part_up), expected in zip(split(down, up, outs), torch.split(parts_delta, outs)):
-        assert torch.allclose(fused_alpha / part_down.shape[0] * part_up @ part_down, expected, atol=1e-5)
+    fused_scale = fused_alpha / down.shape[0]  # a split part keeps the fused module's scale
+    for (part_down, part_up), expected, d, u in zip(split(down, up, outs), torch.split(parts_delta, outs), downs, ups):
+        assert torch.allclose(fused_scale * part_up @ part_down, expected, atol=1e-5)
+        assert torch.equal(part_down, d) and torch.equal(part_up, u)  # block-diagonal: each part's own rank-r pair
+
+
+def test_a_qkv_trained_as_one_module_splits_into_rows_of_the_whole_rank():
+    torch.manual_seed(0)
+    down, up = torch.randn(6, 16), torch.randn(48, 6)  # dense up: not three LoRAs side by side
+    parts = split(down, up, [16, 16, 16])
+    assert all(torch.equal(d, down) for d, _ in parts)
+    assert torch.equal(torch.cat([u @ d for d, u in parts]), up @ down)

@@ -122,8 +122,19 @@ def fuse(downs: list[torch.Tensor], ups: list[torch.Tensor], alpha: float) -> tu
 
 
 def split(down: torch.Tensor, up: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fused module's LoRA as one ``(down, up rows)`` per part, of the fused rank (its alpha and rank, hence its
-    strength, unchanged). ``sizes`` are the parts' output widths, in row order."""
+    """A fused module's LoRA as one ``(down, up)`` per part, each part scaled as the fused module is (its alpha over
+    the fused rank). ``sizes`` are the parts' output widths, in row order.
+
+    Parts trained apart and saved fused (:func:`fuse`, kohya's own split-qkv files) have a block-diagonal up: each
+    part gets back its own rank-r pair, so a retrain from the file (``init_lora``) has the rank it trained at.
+    A qkv trained as one module (a dense up) gives each part the whole down and its rows of the up."""
     if sum(sizes) != up.shape[0]:
         raise ValueError(f"the fused module has {up.shape[0]} output rows, its parts {sizes} (sum {sum(sizes)})")
-    return [(down, rows) for rows in torch.split(up, sizes, dim=0)]
+    rows = torch.split(up, sizes, dim=0)
+    count, rank = len(sizes), down.shape[0]
+    if rank % count == 0 and count > 1:
+        part_rank = rank // count
+        own = [block[:, j * part_rank:(j + 1) * part_rank] for j, block in enumerate(rows)]
+        if torch.equal(torch.block_diag(*own), up):
+            return [(down[j * part_rank:(j + 1) * part_rank], block) for j, block in enumerate(own)]
+    return [(down, block) for block in rows]
