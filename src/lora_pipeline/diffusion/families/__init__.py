@@ -19,14 +19,15 @@ import torch
 from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.core.files import read_safetensors_header
 from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch, Objective
-from lora_pipeline.diffusion.families.flux import FLUX, FlowMatchObjective, FluxFamily
+from lora_pipeline.diffusion.families.flux import FLUX, FluxFamily
 from lora_pipeline.diffusion.families.sd1 import SD1, SD1Family
 from lora_pipeline.diffusion.families.sdxl import SDXL, SDXLFamily
+from lora_pipeline.diffusion.families.transformer import FlowMatchObjective, TransformerFamily
 from lora_pipeline.diffusion.families.unet import DDPMObjective, UNetFamily, sgm_unet_path, unet_layout
 
 __all__ = ["FAMILIES", "FLUX", "PLANNED", "SD1", "SDXL", "Conditioning", "DDPMObjective", "FlowMatchObjective",
            "FluxFamily", "ModelFamily", "NoisedBatch",
-           "Objective", "SD1Family", "SDXLFamily", "UNetFamily", "detect_family", "get_family", "kohya_family_hint",
+           "Objective", "SD1Family", "SDXLFamily", "TransformerFamily", "UNetFamily", "detect_family", "get_family", "kohya_family_hint",
            "native_resolution", "resolve_family", "sgm_unet_path", "unet_layout"]
 
 logger = logging.getLogger(__name__)

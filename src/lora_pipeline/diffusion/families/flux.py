@@ -10,29 +10,25 @@ and SimpleTuner layouts are read too (:meth:`FluxFamily.lora_file_index`).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from lora_pipeline.core.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
 from lora_pipeline.core.errors import ConfigError, DataError
-from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch, Objective
-from lora_pipeline.diffusion.flow_matching import noisy_and_target, sample_sigmas
+from lora_pipeline.diffusion.families.base import Conditioning, NoisedBatch
+from lora_pipeline.diffusion.families.transformer import FlowMatchObjective, TransformerFamily
 from lora_pipeline.diffusion.flux_names import (
-    BFL_PREFIX,
     CLIP_PREFIXES,
     FILE_LAYOUTS,
-    LYCORIS_PREFIX,
+    FLUX1_LAYOUT,
     OMI_PREFIX,
-    ONETRAINER_PREFIX,
     T5_PREFIXES,
     FileLayout,
-    fuse,
-    fused_modules,
     linear_layers,
-    original_name,
-    split,
 )
+
+__all__ = ["BLOCK_LINEARS", "FLUX", "FlowMatchObjective", "FluxFamily"]
 
 # kohya's default Flux targets: every Linear of the double and single blocks (as one regex: the transformer's own
 # top-level ``proj_out`` and ``norm_out.linear`` are not blocks and stay frozen).
@@ -42,42 +38,12 @@ BLOCK_LINEARS = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|ad
 GUIDANCE_FOR_TRAINING = 1.0  # what kohya's docs and diffusers' example train dev at
 
 
-class Fused(NamedTuple):
-    """A kohya index entry of a fused module: its component, its parts' paths and their output widths."""
-
-    component: str
-    parts: tuple[str, ...]
-    sizes: tuple[int, ...]
-
-
-class FlowMatchObjective(Objective):
-    """Rectified flow: a sigma per image by ``timestep_sampling``, input ``(1 - sigma) x + sigma noise``, target the
-    velocity ``noise - x``; the timesteps handed to the transformer are the sigmas (it scales them by 1000)."""
-
-    def __init__(self, sampling: str = "shift", discrete_flow_shift: float = 3.1582, sigmoid_scale: float = 1.0):
-        self.sampling, self.shift, self.sigmoid_scale = sampling, discrete_flow_shift, sigmoid_scale
-
-    def noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(shape, generator=generator)
-
-    def timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return sample_sigmas(self.sampling, batch_size, generator, sigmoid_scale=self.sigmoid_scale,  # type: ignore[arg-type]
-                             discrete_flow_shift=self.shift)
-
-    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedBatch:
-        if timesteps.is_floating_point() is False:  # evaluation's fixed integer timesteps (of 1000)
-            timesteps = timesteps.float() / 1000
-        noisy, target = noisy_and_target(latents, noise, timesteps)
-        return NoisedBatch(noisy, timesteps, target)
-
-
-class FluxFamily(ModelFamily):
+class FluxFamily(TransformerFamily):
     name = "flux"
     display_name = "Flux.1"
     short_name = "Flux.1"
     pipeline_class_name = "FluxPipeline"
     pipeline_class_prefix = "Flux"
-    denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")  # CLIP-L, T5
     tokenizers = ("tokenizer", "tokenizer_2")
     kohya_te_prefixes = ("lora_te1_", "lora_te3_")
@@ -85,6 +51,7 @@ class FluxFamily(ModelFamily):
     checkpoint_marker = "double_blocks."
     single_file_text_encoders = ()
     single_file_is_denoiser_only = True  # BFL's flux1-dev.safetensors: the transformer in its original layout
+    layout = FLUX1_LAYOUT
 
     @property
     def default_targets(self) -> dict[str, Any]:  # type: ignore[override]
@@ -94,17 +61,14 @@ class FluxFamily(ModelFamily):
                      ) -> dict[str, Any]:
         """The UNet default (``training.unet_targets`` left as is) means kohya's Flux default; the text encoder
         trained is CLIP-L (kohya trains T5 only on request, which this does not offer yet)."""
-        targets: dict[str, Any] = {self.denoiser: BLOCK_LINEARS if list(denoiser_targets) == KOHYA_UNET_TARGETS
-                                   else list(denoiser_targets)}
+        targets: dict[str, Any] = {self.denoiser: self.default_denoiser_targets(denoiser_targets, KOHYA_UNET_TARGETS,
+                                                                                BLOCK_LINEARS)}
         if text_encoder_targets is not None:
             targets["text_encoder"] = list(text_encoder_targets)
         return targets
 
     def recognises_kohya_name(self, name: str) -> bool:
         return name.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_"))
-
-    def training_scheduler(self, scheduler: Any) -> Any:
-        return scheduler  # flow matching draws its own sigmas; the scheduler only samples
 
     def check_clip_skip(self, clip_skip: int) -> None:
         if clip_skip > 1:
@@ -133,14 +97,6 @@ class FluxFamily(ModelFamily):
 
     # ------------------------------------------------------------------ the objective and the denoiser call
 
-    def objective(self, scheduler: Any, noise_offset: float = 0.0, min_snr_gamma: float | None = None,
-                  **recipe: Any) -> Objective:
-        if noise_offset or min_snr_gamma:
-            raise ConfigError("noise_offset and min_snr_gamma are DDPM settings; a Flux.1 run uses "
-                              "timestep_sampling and discrete_flow_shift instead. Remove them for this subject.")
-        return FlowMatchObjective(recipe.get("timestep_sampling", "shift"), recipe.get("discrete_flow_shift", 3.1582),
-                                  recipe.get("sigmoid_scale", 1.0))
-
     def predict(self, denoiser: Any, batch: NoisedBatch, cond: Conditioning, micro: torch.Tensor | None,
                 dtype: torch.dtype) -> torch.Tensor:
         """Latents packed into 2x2 patches with their position ids, text ids at zero, the guidance embedding at 1
@@ -164,49 +120,20 @@ class FluxFamily(ModelFamily):
 
     # ------------------------------------------------------------------ LoRA files
 
-    def kohya_name(self, component: str, module_path: str, denoiser_config: Any = None) -> str:
-        if component == self.denoiser:
-            found = original_name(module_path)
-            return self.kohya_denoiser_prefix + (found[0] if found else module_path).replace(".", "_")
-        prefix = self.kohya_te_prefixes[self.text_encoders.index(component)]
-        if component == "text_encoder":  # CLIP: WebUI's keys keep transformers 4's text_model. wrapper
-            return prefix + "text_model_" + module_path.removeprefix("text_model.").replace(".", "_")
-        return prefix + module_path.replace(".", "_")
-
-    def kohya_index(self, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
-        """As the base, but a fused name (``..._img_attn_qkv``) lists all its parts and their widths."""
-        index: dict[str, Any] = super().kohya_index(modules)
-        denoiser = modules.get(self.denoiser)
-        if denoiser is not None:
-            linears = linear_layers(denoiser)  # (PEFT-wrapped when another file's adapter is loaded)
-            for original, group in fused_modules(list(linears)).items():
-                if len(group.parts) > 1:
-                    index[self.kohya_denoiser_prefix + original.replace(".", "_")] = Fused(
-                        self.denoiser, group.parts, tuple(linears[p].out_features for p in group.parts))
-        return index
-
     lora_file_layouts: tuple[FileLayout, ...] = FILE_LAYOUTS  # besides kohya's and diffusers' own
 
     def lora_file_index(self, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
-        """:meth:`kohya_index` plus the names the other Flux layouts give the same modules (:data:`FILE_LAYOUTS`):
-        ``diffusion_model.<BFL module>`` (fused entries as kohya's), ``lora_transformer_`` / ``lycoris_`` + the
-        diffusers path, OMI's ``transformer.<BFL module>[.<part>]``, and the text encoders' ComfyUI, OMI and
-        OneTrainer names. (diffusers' own ``transformer.<path>`` names are every family's: see lora_files.)"""
-        index: dict[str, Any] = self.kohya_index(modules)
+        """The transformer families' names (kohya, ``diffusion_model.<BFL module>``, OneTrainer, SimpleTuner), plus
+        OMI's ``transformer.<BFL module>[.<part>]`` and the text encoders' ComfyUI, OMI and OneTrainer names
+        (:data:`FILE_LAYOUTS`)."""
+        index: dict[str, Any] = super().lora_file_index(modules)
         denoiser = modules.get(self.denoiser)
         if denoiser is not None:
-            for original, group in fused_modules(list(linear_layers(denoiser))).items():
-                entry = index[self.kohya_denoiser_prefix + original.replace(".", "_")]
-                index[BFL_PREFIX + original] = entry
+            for original, group in self.layout.fused_modules(list(linear_layers(denoiser))).items():
                 if len(group.parts) == 1:
-                    index[OMI_PREFIX + original] = entry
+                    index[OMI_PREFIX + original] = index[self.kohya_denoiser_prefix + original.replace(".", "_")]
                 for part in group.parts if len(group.parts) > 1 else ():
-                    index[f"{OMI_PREFIX}{original}.{original_name(part)[1]}"] = (self.denoiser, part)
-            for path, _ in denoiser.named_modules():
-                if path:
-                    flat = path.replace(".", "_")
-                    index.setdefault(ONETRAINER_PREFIX + flat, (self.denoiser, path))
-                    index.setdefault(LYCORIS_PREFIX + flat, (self.denoiser, path))
+                    index[f"{OMI_PREFIX}{original}.{self.layout.original_name(part)[1]}"] = (self.denoiser, part)
         for component, prefixes in (("text_encoder", CLIP_PREFIXES), ("text_encoder_2", T5_PREFIXES)):
             model = modules.get(component)
             for path, _ in model.named_modules() if model is not None else ():
@@ -218,43 +145,13 @@ class FluxFamily(ModelFamily):
                     index.setdefault(prefix + (name.replace(".", "_") if flat else name), (component, path))
         return index
 
-    def from_kohya_module(self, name: str, down: torch.Tensor, up: torch.Tensor,
-                          index: Mapping[str, Any]) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
-        entry = index[name]
-        if isinstance(entry, Fused):
-            return [(entry.component, path, part_down, part_up)
-                    for path, (part_down, part_up) in zip(entry.parts, split(down, up, list(entry.sizes)))]
-        return [(*entry, down, up)]
-
-    def to_kohya_modules(self, pairs: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], alpha: float,
-                         denoiser_config: Any = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-        """Text-encoder and one-to-one transformer modules as they are; q/k/v (and linear1's four parts) fused."""
-        modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        denoiser = {path: pair for (component, path), pair in pairs.items() if component == self.denoiser}
-        for (component, path), (down, up) in pairs.items():
-            if component != self.denoiser:
-                modules[self.kohya_name(component, path)] = (down, up, alpha)
-        for original, group in fused_modules(list(denoiser)).items():
-            if len(group.parts) == 1:
-                modules[self.kohya_name(self.denoiser, group.parts[0])] = (*denoiser[group.parts[0]], alpha)
-                continue
-            expected = 4 if original.endswith("linear1") else 3
-            if len(group.parts) != expected:
-                raise ConfigError(f"{original} is one module in kohya's Flux layout, but only {len(group.parts)} of "
-                                  f"its {expected} parts were trained ({', '.join(group.parts)}): train all of them "
-                                  f"(the default unet_targets) so the file loads in WebUI and ComfyUI.")
-            modules[self.kohya_denoiser_prefix + original.replace(".", "_")] = fuse(
-                [denoiser[p][0] for p in group.parts], [denoiser[p][1] for p in group.parts], alpha)
-        return modules
-
     def naming_layout(self, denoiser_config: Any) -> dict[str, Any]:
         return {"guidance_embeds": bool(denoiser_config.guidance_embeds)}
 
     def recipe(self, params: Any, denoiser_config: Any) -> dict[str, str]:
         """What kohya's flux_train_network.py records of the objective, for the header."""
-        return {"ss_guidance_scale": str(GUIDANCE_FOR_TRAINING), "ss_timestep_sampling": params.timestep_sampling,
-                "ss_discrete_flow_shift": str(params.discrete_flow_shift), "ss_sigmoid_scale": str(params.sigmoid_scale),
-                "ss_model_prediction_type": "raw", "ss_apply_t5_attn_mask": "False"}
+        return {"ss_guidance_scale": str(GUIDANCE_FOR_TRAINING), **self.flow_recipe(params),
+                "ss_apply_t5_attn_mask": "False"}
 
     def kohya_header(self, summary: Any) -> dict[str, str]:
         dev = summary.unet_layout.get("guidance_embeds", True)
