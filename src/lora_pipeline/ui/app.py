@@ -6,6 +6,7 @@ calls; every caption rule, fingerprint and command is the project's own (see :mo
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import re
@@ -90,13 +91,18 @@ def create_app(root: Path, env: str | None, host: str = "127.0.0.1", token: str 
     check_exposure(host, token)
     project = ProjectView(Path(root), env)
     queue = RunQueue(project.root / QUEUE_FOLDER, project.root, slots)
-    app = FastAPI(title="lora-pipeline workbench", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        queue.start()  # running jobs go on when the server stops (their own sessions); the queue file keeps them
+        yield
+        queue.close()
+
+    app = FastAPI(title="lora-pipeline workbench", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan if start_queue else None)
     app.state.project, app.state.queue = project, queue
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    if start_queue:
-        app.add_event_handler("startup", queue.start)
-        app.add_event_handler("shutdown", queue.close)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):

@@ -12,6 +12,7 @@ _BAR = re.compile(r"(?P<desc>[^\r\n|]*?):\s+(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/
 _NODE = re.compile(r"Running node: (\w+)")
 _FIELD = re.compile(r"(\w+)=([^,]+)")
 _ERROR = re.compile(r"^Error: (.+)$")
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class Progress:
     time_left: str = ""
     loss: str = ""
     speed: str = ""  # "35.0 img/s" as the trainer prints it
+    train_step: int = 0  # the training bar's step of total, which later stages' bars do not replace
+    train_total: int = 0
 
 
 def read_tail(path: Path, limit: int = 64_000) -> str:
@@ -49,9 +52,11 @@ def parse_progress(text: str) -> Progress:
     last = bars[-1]
     training = [bar for bar in bars if bar.group("desc").strip().startswith("training ")]
     fields = dict(_FIELD.findall(training[-1].group("rest") or "")) if training else {}
+    train_step, train_total = (int(training[-1].group("n")), int(training[-1].group("total"))) if training else (0, 0)
     return Progress(node=nodes[-1] if nodes else "", bar=last.group("desc").strip(), step=int(last.group("n")),
                     total=int(last.group("total")), time_left=last.group("left").strip(),
-                    loss=fields.get("loss", "").strip(), speed=fields.get("speed", "").strip())
+                    loss=fields.get("loss", "").strip(), speed=fields.get("speed", "").strip(),
+                    train_step=train_step, train_total=train_total)
 
 
 def error_message(text: str) -> str:
@@ -62,4 +67,7 @@ def error_message(text: str) -> str:
         found = _ERROR.match(lines[index].strip())
         if found:
             return "\n".join([found.group(1), *lines[index + 1:index + 20]])
+    for index in range(len(lines) - 1, -1, -1):  # an error the project did not word: the exception's own lines
+        if _EXCEPTION.match(lines[index]):
+            return "\n".join(lines[index:index + 10])
     return lines[-1].strip() if lines else ""
