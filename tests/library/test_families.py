@@ -122,10 +122,14 @@ def test_one_detector_for_pipelines_folders_and_single_files(tiny_models, tmp_pa
     class StableDiffusion3Pipeline:
         pass
 
+    class WanPipeline:
+        pass
+
+    assert detect_family(StableDiffusion3Pipeline()) is get_family("sd3")  # not SD1.x: a version follows the prefix
     with pytest.raises(ConfigError, match="not the pipeline of a supported family"):
-        detect_family(StableDiffusion3Pipeline())
+        detect_family(WanPipeline())
     with pytest.raises(ConfigError, match="planned"):
-        get_family("sd3")
+        get_family("wan")
 
 
 def test_kohya_names_go_both_ways(tiny_models):

@@ -6,9 +6,9 @@ Unknown keys are errors (``extra="forbid"``): a typo such as ``lora_rnak`` must 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal, Mapping, TypeVar
+from typing import Annotated, Any, Literal, Mapping, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_pipeline.core.errors import ConfigError
 
@@ -92,7 +92,19 @@ class PromptParams(_Strict):
     keep_tokens: int = Field(1, ge=0, le=32, description="Leading tags training never shuffles (kohya).")
 
 
-FamilyName = Literal["auto", "sd1", "sdxl", "flux"]
+def _known_family(name: str) -> str:
+    """``auto`` or a family of the registry (a new family is one module there; nothing here lists them)."""
+    from lora_pipeline.diffusion.families import get_family
+
+    if name != "auto":
+        try:
+            get_family(name)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+    return name
+
+
+FamilyName = Annotated[str, AfterValidator(_known_family)]
 
 
 class NormalizationParams(_Strict):
@@ -301,6 +313,9 @@ class GenerationParams(_Strict):
     prompt: str | None = Field(None, description="one prompt from the command line; replaces the prompts file")
     defaults: PromptSpec = Field(default_factory=lambda: PromptSpec(prompt="-"))
     comparison_weights: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=1)
+    comparison_statistics: list[Literal["red_share", "stripe_energy"]] = Field(
+        default_factory=list, description="measured on every grid cell: share of red pixels, vertical-stripe energy")
+    stripe_cycles: int = Field(6, ge=1, le=256, description="stripe_energy: stripe periods across the width")
     thumbnail: int = Field(256, ge=32, le=2048)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
