@@ -239,6 +239,66 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = 
     return out_dir
 
 
+# Stable Diffusion 3.5 (configs only): the scheduler, and the Large and Medium transformers for kohya module counts
+# and memory figures on the meta device.
+SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+SD35_LARGE_TRANSFORMER_CONFIG = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38,
+                                     attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                                     caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+                                     pos_embed_max_size=192, qk_norm="rms_norm")
+SD35_MEDIUM_TRANSFORMER_CONFIG = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                                      attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                      caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                                      pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                                      qk_norm="rms_norm")
+
+
+def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Stable Diffusion 3.5 (Medium-like) pipeline folder with the real classes: ``SD3Transformer2DModel``
+    (2 joint blocks, q/k RMS norm, x-block self-attention in the first as SD3.5 Medium has), CLIP-L-like and
+    CLIP-G-like ``CLIPTextModelWithProjection`` encoders, a T5 encoder (its width is the joint attention's, at
+    least the two CLIP widths side by side), a 16-channel VAE with SD3's scale and shift, SD3's scheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2, tokenizer_3 = build_clip_tokenizer(), build_clip_tokenizer(), build_t5_tokenizer(256)
+
+    def clip(hidden: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+    text_encoder, text_encoder_2 = clip(32), clip(32)
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=64, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=8, sample_size=64, scaling_factor=1.5305, shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False)  # SD3's autoencoder has no quant convs
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG), vae=vae, transformer=transformer,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(out_dir)
+    logger.info("Wrote tiny Stable Diffusion 3.5 pipeline to %s", out_dir)
+    return out_dir
+
+
 def build_tiny_blip(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny BLIP image-captioning model + processor (BERT word-piece tokenizer from a local vocab)."""
     from transformers import (
@@ -304,7 +364,7 @@ def build_all(models_dir: str | Path) -> dict[str, Path]:
     """Build every tiny model under ``models_dir`` (skipping those already there)."""
     models_dir = Path(models_dir)
     builders = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux,
-                "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip, "tiny-llm": build_tiny_llm}
+                "tiny-sd3": build_tiny_sd3, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip, "tiny-llm": build_tiny_llm}
     built = {}
     for name, builder in builders.items():
         target = models_dir / name
