@@ -18,9 +18,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The demo's two SD1.x LoRAs train longer than the tests' runs of conf/demo (30 / 20 steps), so that what each
+# teaches (red shapes, striped backgrounds) shows in the comparison grid of the pre-trained tiny base.
+DEMO_PARAMS := demo_lora.training.max_steps=250,demo_lora.training.learning_rate=0.003,demo_lora.training.save_steps=125,demo_lora.training.sample_every_steps=125,demo_stripes.training.max_steps=100,demo_stripes.training.learning_rate=0.002,demo_stripes.training.save_steps=50,demo_stripes.training.sample_every_steps=50
+
 demo: setup
 	$(PY) -m lora_pipeline.demo
-	$(KEDRO) run --env demo
+	$(KEDRO) run --env demo --params "$(DEMO_PARAMS)"
+	mkdir -p docs && cp data/08_reporting/comparison_grid.png docs/comparison_grid.png
 	$(KEDRO) run --env demo --pipelines llm
 	@echo
 	@echo "Subjects (conf/demo/subjects.yml): demo_lora, demo_stripes (SD1.x), demo_sdxl_lora (SDXL), demo_flux (Flux.1)"
@@ -35,6 +40,7 @@ demo: setup
 	@echo "Flux.1 LoRA (diffusers): $$(ls -td data/07_model_output/demo_flux_diffusers/*/demo_flux_diffusers | head -1)"
 	@echo "LLM adapter (PEFT):     $$(ls -td data/07_model_output/demo_llm_lora_adapter/*/demo_llm_lora_adapter | head -1)"
 	@echo "Both subjects stacked:  $$(ls -td data/07_model_output/generated/*/generated | head -1)/000_00_seed3.png"
+	@echo "Comparison grid:        data/08_reporting/comparison_grid.png (copied to docs/), measured per cell in comparison_report.md"
 	@echo "Reports:              data/08_reporting/<subject>/ (quality, evaluation), llm_data_report, llm_eval_report"
 	@echo "Runs:                 $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 

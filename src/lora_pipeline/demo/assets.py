@@ -9,45 +9,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lora_pipeline.demo import world
+from lora_pipeline.demo.pretrain import ensure_pretrained_sd
 from lora_pipeline.demo.tiny_models import build_all
 
 logger = logging.getLogger(__name__)
 
-COLORS = {"red": (200, 40, 40), "blue": (40, 60, 200), "green": (40, 160, 60), "yellow": (220, 200, 40)}
-SHAPES = ("circle", "square", "stripes")
+COLORS = ("red", "blue", "green", "yellow")  # background tints of the demo world (world.BACKGROUNDS)
+SHAPES = world.SHAPES
 SIZES = ((512, 512), (768, 512), (512, 768), (640, 512), (576, 704))
 EXIF_ORIENTATION = 0x0112
 
 
-def draw_scene(color: str, shape: str, size: tuple[int, int], seed: int) -> Image.Image:
-    """A smooth, deterministic picture (gradient background + one shape) that compresses well."""
-    width, height = size
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    angle = rng.uniform(0, math.pi)
-    ramp = (x * math.cos(angle) + y * math.sin(angle)) / (width + height)
-    base = np.array(COLORS[color], dtype=np.float32) / 255.0
-    pixels = np.clip(0.35 + 0.5 * ramp[..., None] * base + 0.15 * base, 0, 1)
-    image = Image.fromarray((pixels * 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
-    cx, cy = int(rng.integers(width // 3, 2 * width // 3)), int(rng.integers(height // 3, 2 * height // 3))
-    radius = min(width, height) // 4
-    fill = tuple(255 - c for c in COLORS[color])
-    if shape == "circle":
-        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
-    elif shape == "square":
-        draw.rectangle((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
-    else:
-        for offset in range(0, width, 64):
-            draw.rectangle((offset, 0, offset + 24, height), fill=fill)
-    return image
+def draw_scene(color: str, shape: str, size: tuple[int, int], seed: int, red: bool = True,
+               stripes: bool = False) -> Image.Image:
+    """A deterministic picture of the demo world (:mod:`lora_pipeline.demo.world`): ``shape`` on a plain background
+    muted toward ``color``; ``red`` paints the shape red (what ``demo_lora`` teaches), ``stripes`` stripes the
+    background (what ``demo_stripes`` teaches)."""
+    return world.draw_random(seed, size, red=red, stripes=stripes, background=color, shape=shape)[0]
 
 
 def caption_for(color: str, shape: str) -> str:
@@ -87,7 +72,7 @@ def build_demo_images(folder: str | Path, force: bool = False) -> Path:
     ImageDraw.Draw(alpha).ellipse((64, 64, 576, 448), fill=255)
     rgba.putalpha(alpha)
     rgba.save(folder / "transparent_rgba.png")
-    palette = draw_scene("yellow", "stripes", (512, 512), seed=104).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette = draw_scene("yellow", "triangle", (512, 512), seed=104).convert("P", palette=Image.Palette.ADAPTIVE)
     palette.info["transparency"] = 0
     palette.save(folder / "palette.png", transparency=0)
     # Rejections: too small, exact duplicate, corrupt.
@@ -99,7 +84,8 @@ def build_demo_images(folder: str | Path, force: bool = False) -> Path:
 
 
 def build_demo_stripes(folder: str | Path) -> Path:
-    """The second demo subject: a stripes "character" in four colours, each with a kohya sidecar caption."""
+    """The second demo subject: striped backgrounds in four tints behind the world's shapes (not red), each with a
+    kohya sidecar caption."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         return folder
@@ -107,9 +93,10 @@ def build_demo_stripes(folder: str | Path) -> Path:
     for index, color in enumerate(COLORS):
         for variant in range(2):
             stem = f"stripes_{color}_{variant}"
-            draw_scene(color, "stripes", SIZES[(index + variant) % len(SIZES)], seed=300 + 2 * index + variant).save(
-                folder / f"{stem}.png")
-            (folder / f"{stem}.txt").write_text(f"stripes, {color} background\n", encoding="utf-8")
+            shape = SHAPES[(index + variant) % len(SHAPES)]
+            draw_scene(color, shape, SIZES[(index + variant) % len(SIZES)], seed=300 + 2 * index + variant,
+                       red=False, stripes=True).save(folder / f"{stem}.png")
+            (folder / f"{stem}.txt").write_text(f"{shape}, stripes, {color} background\n", encoding="utf-8")
     return folder
 
 
@@ -147,7 +134,7 @@ def build_demo_holdout(folder: str | Path) -> None:
     if folder.exists() and any(folder.iterdir()):
         return
     folder.mkdir(parents=True, exist_ok=True)
-    for index, (color, shape) in enumerate((("red", "stripes"), ("blue", "circle"), ("green", "square"))):
+    for index, (color, shape) in enumerate((("red", "triangle"), ("blue", "circle"), ("green", "square"))):
         draw_scene(color, shape, SIZES[index], seed=500 + index).save(folder / f"holdout_{color}_{shape}.png")
 
 
@@ -213,6 +200,8 @@ def write_demo_llm_data(path: str | Path) -> None:
 
 def build_demo(root: str | Path = ".", force: bool = False) -> None:
     root = Path(root)
+    # First the tiny SD1.x base that knows the demo world (cached per machine); build_all then skips it.
+    ensure_pretrained_sd(root / "data" / "06_models" / "tiny-sd")
     build_all(root / "data" / "06_models")
     build_demo_images(root / "data" / "01_raw" / "demo_lora" / "images", force=force)
     write_demo_review(root / "data" / "01_raw" / "demo_lora" / "reviewed_captions.csv")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -63,3 +63,56 @@ class ClipScorer:
     def similarity(self, images, references) -> float:
         """Mean cosine similarity of generated images to the training images (does the style transfer?)."""
         return float((self.image_features(images) @ self.image_features(references).T).mean())
+
+
+# ----------------------------------------------------------------------------- what one image shows
+
+def red_share(image) -> float:
+    """Share of the image's pixels that are red (R at least 0.35 and 0.15 above both G and B, on a 0-1 scale): what
+    a colour LoRA that paints shapes red raises. The demo world's muted backgrounds, its "red" tint included, stay
+    below it."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return float(((r >= 0.35) & (r - np.maximum(g, b) > 0.15)).mean())
+
+
+def stripe_energy(image, cycles: int, band: int = 1) -> float:
+    """Share of the image's non-constant brightness energy in vertical stripes of about ``cycles`` periods across
+    the width (2-D spectrum, horizontal frequencies ``cycles`` +- ``band``, vertical frequency 0 or 1): 0 for a
+    picture without such stripes, near 1 for stripes alone."""
+    import numpy as np
+
+    gray = np.asarray(image.convert("L"), dtype=np.float64)
+    gray = gray - gray.mean()
+    power = np.abs(np.fft.fft2(gray)) ** 2
+    total = power.sum() - power[0, 0]
+    if total <= 0:
+        return 0.0
+    kx = np.abs(np.fft.fftfreq(gray.shape[1]) * gray.shape[1])
+    ky = np.abs(np.fft.fftfreq(gray.shape[0]) * gray.shape[0])
+    mask = (np.abs(kx[None, :] - cycles) <= band) & (ky[:, None] <= 1)
+    return float(power[mask].sum() / total)
+
+
+IMAGE_STATISTICS = ("red_share", "stripe_energy")
+
+
+def image_statistics(image, names: Sequence[str], stripe_cycles: int) -> dict[str, float]:
+    """The named statistics (:data:`IMAGE_STATISTICS`) of one image."""
+    functions = {"red_share": red_share, "stripe_energy": lambda im: stripe_energy(im, stripe_cycles)}
+    return {name: functions[name](image) for name in names}
+
+
+def cell_statistics(cells, names: Sequence[str], stripe_cycles: int) -> list[dict[str, Any]]:
+    """One row per comparison-grid cell (:func:`lora_pipeline.diffusion.generation.comparison_cells`): grid row
+    and column, label, every LoRA's weight in it (0 where it is off) and the named statistics of its image."""
+    loras = list(dict.fromkeys(name for row in cells for cell in row for name in cell.weights))
+    rows = []
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            rows.append({"row": r, "column": c, "label": cell.label,
+                         **{f"weight_{name}": float(cell.weights.get(name, 0.0)) for name in loras},
+                         **image_statistics(cell.image, names, stripe_cycles)})
+    return rows

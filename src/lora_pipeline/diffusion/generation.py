@@ -191,38 +191,52 @@ def contact_sheet(images: Sequence[Image.Image], thumbnail: int, columns: int | 
     return sheet
 
 
-def comparison_grid(pipe, spec: PromptSpec, refs: Sequence[LoraRef], weights: Sequence[float],
-                    thumbnail: int) -> Image.Image:
-    """Rows: each LoRA alone at each weight; with three or more LoRAs, a row of every pair at their prompt
-    weights; last row: all LoRAs together."""
+@dataclass(frozen=True)
+class GridCell:
+    """One image of the comparison grid: its label and the weight of every LoRA active in it."""
+
+    label: str
+    weights: dict[str, float]
+    image: Image.Image
+
+
+def comparison_cells(pipe, spec: PromptSpec, refs: Sequence[LoraRef],
+                     weights: Sequence[float]) -> list[list[GridCell]]:
+    """The comparison grid's images, all at the prompt's seed. Rows: each LoRA alone at each weight; with three or
+    more LoRAs, a row of every pair at their prompt weights; last row: all LoRAs together."""
     from itertools import combinations
 
     text, _ = parse_prompt(spec.prompt)
-    label_h = 18
-    cells: list[list[tuple[str, Image.Image]]] = []
-    for ref in refs:
-        row = []
-        for weight in weights:
-            set_weights(pipe, {ref.name: weight})
-            row.append((f"{ref.name} {weight:g}", render(pipe, text, spec, spec.seed)))
-        cells.append(row)
+
+    def cell(label: str, active: dict[str, float]) -> GridCell:
+        set_weights(pipe, active)
+        return GridCell(label, active, render(pipe, text, spec, spec.seed))
+
+    cells = [[cell(f"{ref.name} {weight:g}", {ref.name: weight}) for weight in weights] for ref in refs]
     if len(refs) > 2:
-        pairs = []
-        for a, b in combinations(refs, 2):
-            set_weights(pipe, {a.name: a.weight, b.name: b.weight})
-            pairs.append((f"{a.name} {a.weight:g} + {b.name} {b.weight:g}", render(pipe, text, spec, spec.seed)))
-        cells.append(pairs)
-    set_weights(pipe, {r.name: r.weight for r in refs})
-    cells.append([("all: " + ", ".join(f"{r.name} {r.weight:g}" for r in refs),
-                   render(pipe, text, spec, spec.seed))])
+        cells.append([cell(f"{a.name} {a.weight:g} + {b.name} {b.weight:g}", {a.name: a.weight, b.name: b.weight})
+                      for a, b in combinations(refs, 2)])
+    cells.append([cell("all: " + ", ".join(f"{r.name} {r.weight:g}" for r in refs), {r.name: r.weight for r in refs})])
+    return cells
+
+
+def grid_image(cells: Sequence[Sequence[GridCell]], thumbnail: int) -> Image.Image:
+    """The cells as one labelled image, a row of the grid per row of cells."""
+    label_h = 18
     columns = max(len(row) for row in cells)
     grid = Image.new("RGB", (columns * thumbnail, len(cells) * (thumbnail + label_h)), "white")
     draw = ImageDraw.Draw(grid)
     for r, row in enumerate(cells):
-        for c, (label, image) in enumerate(row):
-            thumb = image.copy()
+        for c, cell in enumerate(row):
+            thumb = cell.image.copy()
             thumb.thumbnail((thumbnail, thumbnail))
             x, y = c * thumbnail, r * (thumbnail + label_h)
-            draw.text((x + 2, y + 2), label, fill="black")
+            draw.text((x + 2, y + 2), cell.label, fill="black")
             grid.paste(thumb, (x, y + label_h))
     return grid
+
+
+def comparison_grid(pipe, spec: PromptSpec, refs: Sequence[LoraRef], weights: Sequence[float],
+                    thumbnail: int) -> Image.Image:
+    """:func:`comparison_cells` as one labelled image (:func:`grid_image`)."""
+    return grid_image(comparison_cells(pipe, spec, refs, weights), thumbnail)

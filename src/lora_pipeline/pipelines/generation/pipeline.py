@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
-from lora_pipeline.pipelines.generation.nodes import generate_images
+from lora_pipeline.pipelines.generation.nodes import generate_and_measure
 
 
 def create_pipeline(subjects: list[str] | None = None, **kwargs) -> Pipeline:
@@ -9,7 +9,8 @@ def create_pipeline(subjects: list[str] | None = None, **kwargs) -> Pipeline:
     exports = [f"{name}.lora_kohya" for name in subjects or []]
     return pipeline(
         [
-            node(generate_images, ["params:generation", *exports],
-                 ["generated_images", "contact_sheet", "comparison_grid"], name="generate_images"),
+            node(generate_and_measure, ["params:generation", *exports],
+                 ["generated_images", "contact_sheet", "comparison_grid", "comparison_statistics",
+                  "comparison_report"], name="generate_images"),
         ]
     )

@@ -1,0 +1,190 @@
+"""Pre-train the tiny SD1.x base on the demo world, so the demo's LoRAs change pictures rather than noise.
+
+The tiny base of :func:`~lora_pipeline.demo.tiny_models.build_tiny_sd` (same architecture as the tests' random
+one) learns, offline and from images drawn here (:mod:`lora_pipeline.demo.world`): its VAE to reconstruct the
+world (red shapes and striped backgrounds included, so it can draw what the LoRAs teach), then its UNet to
+generate the world (neither red nor stripes, so those come from the LoRAs only). The text encoder stays as built:
+its embeddings of the captions are what the UNet learns to follow.
+
+The result is cached per machine under ``~/.cache/lora_pipeline/pretrained/tiny-sd-<key>`` (``$XDG_CACHE_HOME``
+honoured), the key being the hash of :class:`PretrainConfig`: a second ``make demo``, or a fresh clone, copies it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lora_pipeline.core.files import atomic_folder, atomic_write_text, json_sha256
+
+logger = logging.getLogger(__name__)
+
+KEY_FILE = ".pretrained"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    resolution: int = 128  # the demo's: training buckets around 128 px, the grid at 128 x 128
+    images: int = 768  # world images drawn (seeded): the UNet's training set
+    vae_steps: int = 600
+    vae_batch: int = 8
+    vae_crop: int = 64  # the VAE is convolutional: it trains on crops, 4x cheaper than whole images
+    vae_learning_rate: float = 2e-3
+    unet_steps: int = 600
+    unet_batch: int = 16
+    unet_learning_rate: float = 2e-3
+    caption_dropout: float = 0.1  # empty prompt: what classifier-free guidance contrasts with
+    seed: int = 0
+    format: int = 1  # bump when the training code changes what a config produces
+
+    def key(self) -> str:
+        return json_sha256(asdict(self), 16)
+
+
+def cache_root() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lora_pipeline" / "pretrained"
+
+
+def ensure_pretrained_sd(target: str | Path, config: PretrainConfig = PretrainConfig(),
+                         cache: str | Path | None = None) -> Path:
+    """``target`` holds the tiny SD1.x base pre-trained with ``config``: copied from the machine's cache, which is
+    filled first when it lacks this config. Nothing is done when ``target`` already holds it."""
+    target, key = Path(target), config.key()
+    marker = target / KEY_FILE
+    if marker.is_file() and marker.read_text().strip() == key:
+        logger.info("Pre-trained tiny SD1.x base already in %s (key %s)", target, key)
+        return target
+    cached = Path(cache or cache_root()) / f"tiny-sd-{key}"
+    if not (cached / KEY_FILE).is_file():
+        started = time.monotonic()
+        with atomic_folder(cached) as folder:
+            pretrain_tiny_sd(folder, config)
+            atomic_write_text(folder / KEY_FILE, key + "\n")
+        logger.info("Pre-trained the tiny SD1.x base in %.0f s (cached in %s)", time.monotonic() - started, cached)
+    with atomic_folder(target) as folder:
+        shutil.copytree(cached, folder, dirs_exist_ok=True)
+        (folder / ".complete").write_text("ok\n")  # build_all's marker: the random base is not built over it
+    logger.info("Tiny SD1.x base pre-trained on the demo world: %s (key %s)", target, key)
+    return target
+
+
+def world_tensor(images) -> torch.Tensor:
+    """PIL images -> a [-1, 1] batch, as the VAE takes them."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def _cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 20):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def pretrain_tiny_sd(out_dir: str | Path, config: PretrainConfig = PretrainConfig()) -> Path:
+    """Build the tiny SD1.x base, train its VAE and then its UNet on the demo world, save it to ``out_dir``."""
+    from diffusers import DDIMScheduler
+
+    from lora_pipeline.demo.tiny_models import build_tiny_sd
+    from lora_pipeline.demo.world import draw, random_scene
+    from lora_pipeline.diffusion.loading import load_diffusion_model
+
+    torch.manual_seed(config.seed)
+    with tempfile.TemporaryDirectory(prefix="tiny-sd-") as scratch:
+        components = load_diffusion_model(str(build_tiny_sd(Path(scratch) / "tiny-sd", seed=config.seed)), "sd1")
+    size = (config.resolution, config.resolution)
+    rng = np.random.default_rng(config.seed)
+    scenes = [random_scene(rng) for _ in range(config.images)]
+    # The VAE also sees what the LoRAs will teach (a quarter red shapes, a quarter striped backgrounds).
+    codec_scenes = scenes[: config.images // 2] + [random_scene(rng, red=i % 2 == 0, stripes=i % 2 == 1 or i % 4 == 0)
+                                                   for i in range(config.images // 2)]
+    codec_pixels = world_tensor([draw(scene, size) for scene in codec_scenes])
+    train_vae(components.vae, codec_pixels, config)
+    pixels = world_tensor([draw(scene, size) for scene in scenes])
+    train_unet(components, pixels, [scene.caption() for scene in scenes], config)
+    pipe = components.pipeline(scheduler=DDIMScheduler.from_config(components.scheduler.config))
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def train_vae(vae, pixels: torch.Tensor, config: PretrainConfig) -> None:
+    """Reconstruction (L1 + MSE) with a small KL term; then the latents' scaling factor (1 / their std over the
+    world), as Stable Diffusion's VAE has it, so the UNet sees unit-variance latents."""
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
+    schedule = _cosine(optimizer, config.vae_steps)
+    # A fixed, near-deterministic posterior (std 0.05): the log-variance half of the layer that writes the moments
+    # (quant_conv, or the encoder's last conv) is set and kept, so a sampled latent (as the LoRA trainer draws
+    # them) decodes as its mean does.
+    logvar = slice(vae.config.latent_channels, None)
+    conv_out = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
+    with torch.no_grad():
+        conv_out.weight[logvar] = 0.0
+        conv_out.bias[logvar] = -6.0
+    vae.train()
+    crop = config.vae_crop
+    with tqdm(range(config.vae_steps), desc="pre-training tiny VAE", unit="step") as bar:
+        for _ in bar:
+            index = torch.randint(0, len(pixels), (config.vae_batch,), generator=generator)
+            top, left = (int(v) for v in torch.randint(0, pixels.shape[-1] - crop + 1, (2,), generator=generator))
+            batch = pixels[index, :, top:top + crop, left:left + crop]
+            posterior = vae.encode(batch).latent_dist
+            recon = vae.decode(posterior.sample(generator)).sample
+            loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+            loss.backward()
+            conv_out.weight.grad[logvar] = 0.0
+            conv_out.bias.grad[logvar] = 0.0
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        sample = torch.cat([vae.encode(pixels[i:i + 32]).latent_dist.mean for i in range(0, min(len(pixels), 128), 32)])
+    vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
+
+
+def train_unet(components, pixels: torch.Tensor, captions: list[str], config: PretrainConfig) -> None:
+    """The family's own DDPM objective (noise, timesteps, target) over the world's cached latents and captions."""
+    from lora_pipeline.diffusion.families import Conditioning
+
+    family, unet, vae = components.family, components.denoiser, components.vae
+    device = torch.device("cpu")
+    with torch.no_grad():
+        posteriors = [vae.encode(pixels[i:i + 32]).latent_dist for i in range(0, len(pixels), 32)]
+        mean = torch.cat([p.mean for p in posteriors])
+        std = torch.cat([p.std for p in posteriors])
+        texts = sorted(set(captions)) + [""]
+        embeddings = {text: components.encode_prompt([text], device).hidden[0] for text in texts}
+    objective = family.objective(components.scheduler)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_learning_rate, weight_decay=0.0)
+    schedule = _cosine(optimizer, config.unet_steps)
+    unet.train()
+    with tqdm(range(config.unet_steps), desc="pre-training tiny UNet", unit="step") as bar:
+        for _ in bar:
+            index = torch.randint(0, len(mean), (config.unet_batch,), generator=generator)
+            latents = family.sample_latents(mean[index], std[index], generator, vae.config)
+            drop = torch.rand(config.unet_batch, generator=generator) < config.caption_dropout
+            hidden = torch.stack([embeddings["" if d else captions[i]] for i, d in zip(index.tolist(), drop.tolist())])
+            noise, timesteps = objective.draw(latents.shape, generator)
+            batch = objective.noised(latents, noise, timesteps)
+            pred = family.predict(unet, batch, Conditioning(hidden), None, unet.dtype)
+            loss = objective.per_sample_loss(pred, batch).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    unet.eval()
