@@ -43,3 +43,42 @@ def not_loaded(keys: Iterable[str], key_map: set[str]) -> list[str]:
 def text_encoder_modules(keys: Iterable[str]) -> set[str]:
     """Module names of a diffusers-format file's text-encoder tensors."""
     return {k.rsplit(".lora_", 1)[0] for k in keys if k.startswith("text_encoder")}
+
+
+# ComfyUI's comfy/utils.py ``mmdit_to_diffusers`` (SD3/SD3.5), as a table of this file's own: the kohya module
+# after ``lora_unet_joint_blocks_<i>_`` (ComfyUI: ``diffusion_model.joint_blocks.<i>.`` + the same, dotted) -> the
+# diffusers modules of ``transformer_blocks.<i>.`` whose rows it stacks. The last block's context modulation keeps
+# (shift, scale) where diffusers keeps (scale, shift): ComfyUI's ``swap_scale_shift``.
+MMDIT_TO_DIFFUSERS = {
+    "x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "x_block_attn_proj": ("attn.to_out.0",), "context_block_attn_proj": ("attn.to_add_out",),
+    "x_block_attn2_proj": ("attn2.to_out.0",), "x_block_mlp_fc1": ("ff.net.0.proj",), "x_block_mlp_fc2": ("ff.net.2",),
+    "context_block_mlp_fc1": ("ff_context.net.0.proj",), "context_block_mlp_fc2": ("ff_context.net.2",),
+    "x_block_adaLN_modulation_1": ("norm1.linear",), "context_block_adaLN_modulation_1": ("norm1_context.linear",)}
+
+
+def mmdit_parts(transformer, kohya_name: str) -> tuple[list[str], bool]:
+    """The diffusers modules a kohya SD3 module stacks, and whether its halves are swapped."""
+    block, rest = kohya_name.removeprefix("lora_unet_joint_blocks_").split("_", 1)
+    swapped = int(block) == transformer.config.num_layers - 1 and rest == "context_block_adaLN_modulation_1"
+    return [f"transformer_blocks.{block}.{p}" for p in MMDIT_TO_DIFFUSERS[rest]], swapped
+
+
+def apply_mmdit_rule(transformer, lora: dict, weight: float) -> None:
+    """``W += weight * alpha / r * up @ down`` for ``{kohya name: (down, up, alpha)}``, cut onto diffusers' rows."""
+    import torch
+
+    with torch.no_grad():
+        for name, (down, up, alpha) in lora.items():
+            delta = weight * alpha / down.shape[0] * up.float() @ down.float()
+            paths, swapped = mmdit_parts(transformer, name)
+            if swapped:
+                delta = torch.cat(delta.chunk(2)[::-1])
+            row = 0
+            for path in paths:
+                w = transformer.get_submodule(path).weight
+                w += delta[row:row + w.shape[0]]
+                row += w.shape[0]
+            assert row == delta.shape[0], name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from comfyui_rules import apply_mmdit_rule
 from train_helpers import make_params, run_dir, summary_for
 
 from lora_pipeline.core.cache import DiskCache
@@ -51,37 +52,10 @@ def _out(transformer) -> torch.Tensor:
                        timestep=torch.tensor([300.0, 800.0]), return_dict=False)[0]
 
 
-# ComfyUI's comfy/utils.py mmdit_to_diffusers, as a table of this test's own: kohya module (after lora_unet_
-# joint_blocks_<i>_) -> the diffusers modules whose rows it stacks.
-COMFY_MMDIT = {"x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-               "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-               "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-               "x_block_attn_proj": ("attn.to_out.0",), "context_block_attn_proj": ("attn.to_add_out",),
-               "x_block_attn2_proj": ("attn2.to_out.0",), "x_block_mlp_fc1": ("ff.net.0.proj",),
-               "x_block_mlp_fc2": ("ff.net.2",), "context_block_mlp_fc1": ("ff_context.net.0.proj",),
-               "context_block_mlp_fc2": ("ff_context.net.2",), "x_block_adaLN_modulation_1": ("norm1.linear",),
-               "context_block_adaLN_modulation_1": ("norm1_context.linear",)}
-
-
 def _comfyui_rule(transformer, kohya_state) -> int:
-    """W += alpha/r * up @ down on the original module, its rows cut back onto diffusers' modules; the last
-    block's context modulation has its (shift, scale) halves in diffusers' (scale, shift) order."""
-    modules, last = dict(transformer.named_modules()), transformer.config.num_layers - 1
-    applied = 0
-    with torch.no_grad():
-        for name, parts in kohya_modules(kohya_state).items():
-            block, rest = name.removeprefix("lora_unet_joint_blocks_").split("_", 1)
-            delta = float(parts["alpha"]) / parts["down"].shape[0] * parts["up"].float() @ parts["down"].float()
-            if int(block) == last and rest == "context_block_adaLN_modulation_1":
-                delta = torch.cat(delta.chunk(2)[::-1])
-            row = 0
-            for path in COMFY_MMDIT[rest]:
-                weight = modules[f"transformer_blocks.{block}.{path}"].weight
-                weight += delta[row:row + weight.shape[0]]
-                row += weight.shape[0]
-            assert row == delta.shape[0]
-            applied += 1
-    return applied
+    modules = kohya_modules(kohya_state)
+    apply_mmdit_rule(transformer, {name: (p["down"], p["up"], float(p["alpha"])) for name, p in modules.items()}, 1.0)
+    return len(modules)
 
 
 def test_sd3_is_detected_and_trains_every_joint_block_linear(sd3_trained, tiny_models):
