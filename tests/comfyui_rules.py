@@ -82,3 +82,40 @@ def apply_mmdit_rule(transformer, lora: dict, weight: float) -> None:
                 w += delta[row:row + w.shape[0]]
                 row += w.shape[0]
             assert row == delta.shape[0], name
+
+
+def flux_to_diffusers(num_double: int, num_single: int) -> dict[str, list[str]]:
+    """ComfyUI's ``flux_to_diffusers`` (Flux.1, Chroma) as a table of this file's own, for the block Linears: the
+    kohya module name (``lora_unet_`` + the BFL path, ``.`` -> ``_``) -> the diffusers modules whose rows it stacks."""
+    table: dict[str, list[str]] = {}
+    for i in range(num_double):
+        b, k = f"transformer_blocks.{i}.", f"lora_unet_double_blocks_{i}_"
+        table[k + "img_attn_qkv"] = [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"]
+        table[k + "txt_attn_qkv"] = [b + "attn.add_q_proj", b + "attn.add_k_proj", b + "attn.add_v_proj"]
+        for bfl, ours in (("img_attn_proj", "attn.to_out.0"), ("txt_attn_proj", "attn.to_add_out"),
+                          ("img_mlp_0", "ff.net.0.proj"), ("img_mlp_2", "ff.net.2"),
+                          ("txt_mlp_0", "ff_context.net.0.proj"), ("txt_mlp_2", "ff_context.net.2"),
+                          ("img_mod_lin", "norm1.linear"), ("txt_mod_lin", "norm1_context.linear")):
+            table[k + bfl] = [b + ours]
+    for i in range(num_single):
+        b, k = f"single_transformer_blocks.{i}.", f"lora_unet_single_blocks_{i}_"
+        table[k + "linear1"] = [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v", b + "proj_mlp"]
+        table[k + "linear2"] = [b + "proj_out"]
+        table[k + "modulation_lin"] = [b + "norm.linear"]
+    return table
+
+
+def apply_flux_rule(transformer, lora: dict, weight: float) -> None:
+    """``W += weight * alpha / r * up @ down`` for ``{kohya name: (down, up, alpha)}`` of a Flux-layout LoRA."""
+    import torch
+
+    table = flux_to_diffusers(transformer.config.num_layers, transformer.config.num_single_layers)
+    with torch.no_grad():
+        for name, (down, up, alpha) in lora.items():
+            delta = weight * alpha / down.shape[0] * up.float() @ down.float()
+            row = 0
+            for path in table[name]:
+                w = transformer.get_submodule(path).weight
+                w += delta[row:row + w.shape[0]]
+                row += w.shape[0]
+            assert row == delta.shape[0], name

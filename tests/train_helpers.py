@@ -106,29 +106,32 @@ def run_dir(subject_folder):
 
 
 def flux_transformer_inputs(transformer, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Fixed inputs for a (tiny) FluxTransformer2DModel: 16 image and 12 text tokens, two sigmas, guidance 1."""
+    """Fixed inputs for a (tiny) FluxTransformer2DModel: 16 image and 12 text tokens, two sigmas, guidance 1 (a
+    Chroma transformer: without the pooled CLIP embedding and the guidance)."""
     generator, config = torch.Generator().manual_seed(seed), transformer.config
-    return {"hidden_states": torch.randn(2, 16, config.in_channels, generator=generator),
-            "encoder_hidden_states": torch.randn(2, 12, config.joint_attention_dim, generator=generator),
-            "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator),
-            "timestep": torch.tensor([0.3, 0.8]), "guidance": torch.tensor([1.0, 1.0]),
-            "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(12, 3)}
+    inputs = {"hidden_states": torch.randn(2, 16, config.in_channels, generator=generator),
+              "encoder_hidden_states": torch.randn(2, 12, config.joint_attention_dim, generator=generator)}
+    if "pooled_projection_dim" in config:
+        inputs["pooled_projections"] = torch.randn(2, config.pooled_projection_dim, generator=generator)
+        inputs["guidance"] = torch.tensor([1.0, 1.0])
+    return {**inputs, "timestep": torch.tensor([0.3, 0.8]), "img_ids": torch.zeros(16, 3),
+            "txt_ids": torch.zeros(12, 3)}
 
 
-def real_width_flux(tiny_flux, target):
-    """The tiny Flux folder with a transformer of Flux.1-dev's width (3072 hidden: 24 heads of 128, 12288 MLP)
-    and one double and one single block (~530M parameters): what diffusers' Flux converters need, which hard-code
-    Flux.1's widths."""
+def real_width_flux(tiny_flux, target, transformer_class: str = "FluxTransformer2DModel"):
+    """The tiny Flux (or Chroma) folder with a transformer of Flux.1-dev's width (3072 hidden: 24 heads of 128,
+    12288 MLP) and one double and one single block (~530M parameters): what diffusers' Flux converters need,
+    which hard-code Flux.1's widths."""
     import shutil
 
-    from diffusers import FluxTransformer2DModel
+    import diffusers
 
+    cls = getattr(diffusers, transformer_class)
     shutil.copytree(tiny_flux, target, ignore=shutil.ignore_patterns("transformer"))
-    tiny = FluxTransformer2DModel.load_config(tiny_flux / "transformer")
+    tiny = cls.load_config(tiny_flux / "transformer")
     torch.manual_seed(0)
-    wide = FluxTransformer2DModel(patch_size=1, in_channels=tiny["in_channels"], num_layers=1, num_single_layers=1,
-                                  attention_head_dim=128, num_attention_heads=24, axes_dims_rope=[16, 56, 56],
-                                  joint_attention_dim=tiny["joint_attention_dim"],
-                                  pooled_projection_dim=tiny["pooled_projection_dim"], guidance_embeds=True)
+    width = dict(num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+                 axes_dims_rope=[16, 56, 56])
+    wide = cls(**{**{k: v for k, v in tiny.items() if not k.startswith("_")}, **width})
     wide.save_pretrained(target / "transformer")
     return target

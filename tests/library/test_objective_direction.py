@@ -1,5 +1,5 @@
 """The training objective agrees with the family's own sampler: a LoRA trained on one solid colour makes diffusers'
-pipeline (FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, ``output_type="latent"``) sample latents
+pipeline (FluxPipeline, ChromaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, ``output_type="latent"``) sample latents
 that move toward the training latents as the LoRA weight goes 0 -> 0.5 -> 1.
 
 A wrong target or sign trains just as well (the loss goes down the same way) but the sampler, which integrates the
@@ -75,6 +75,7 @@ CASES = {
     # SD3.5: the tiny MMDiT's block Linears saturate near 0.75 of the channel-mean distance (60 steps or 1e-2 do
     # not get further, with or without the sigma^2 weighting); with the target's sign flipped both distances grow
     "sd3": Case("tiny-sd3", steps=30, learning_rate=3e-3, inference_steps=10, channel_means=0.8, latents=1.0),
+    "chroma": Case("tiny-chroma", steps=30, learning_rate=3e-3, inference_steps=10, channel_means=0.7, latents=1.0),
     "sd1": Case("tiny-sd", steps=60, learning_rate=1e-2, inference_steps=20, extra_targets=tuple(LOCON),
                 channel_means=1.0, latents=0.5),
     "sdxl": Case("tiny-sdxl", steps=60, learning_rate=1e-2, inference_steps=20, extra_targets=tuple(LOCON),
@@ -128,7 +129,7 @@ def _sample(components, weight: float, inference_steps: int) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt=PROMPT, height=SIDE, width=SIDE, num_inference_steps=inference_steps, guidance_scale=1.0,
                num_images_per_prompt=4, generator=torch.Generator().manual_seed(0), output_type="latent").images
-    if components.family.name == "flux":  # FluxPipeline returns packed latents, still scaled and shifted
+    if components.family.name in ("flux", "chroma"):  # packed latents, still scaled and shifted
         out = pipe._unpack_latents(out, SIDE, SIDE, pipe.vae_scale_factor)
     return out.float()
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from comfyui_rules import apply_mmdit_rule
+from safetensors.torch import save_file
 from train_helpers import make_params, run_dir, summary_for
 
 from lora_pipeline.core.cache import DiskCache

@@ -239,6 +239,43 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = 
     return out_dir
 
 
+# Chroma1-HD's transformer (config only): Flux.1-schnell's blocks without their modulation Linears.
+CHROMA_TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                 axes_dims_rope=(16, 56, 56), approximator_num_channels=64,
+                                 approximator_hidden_dim=5120, approximator_layers=5)
+
+
+def build_tiny_chroma(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Chroma pipeline folder with the real classes: ``ChromaTransformer2DModel`` (2 double + 2 single
+    blocks, a small distilled-guidance network), a T5 text encoder (the only one), the Flux-style 16-channel VAE
+    and flow-matching scheduler of the tiny Flux."""
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(8, 12, 12), approximator_num_channels=16, approximator_hidden_dim=32,
+        approximator_layers=1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False)
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX1_SCHEDULER_CONFIG), vae=vae,
+                          text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(out_dir)
+    logger.info("Wrote tiny Chroma pipeline to %s", out_dir)
+    return out_dir
+
+
 # Stable Diffusion 3.5 (configs only): the scheduler, and the Large and Medium transformers for kohya module counts
 # and memory figures on the meta device.
 SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
@@ -364,7 +401,7 @@ def build_all(models_dir: str | Path) -> dict[str, Path]:
     """Build every tiny model under ``models_dir`` (skipping those already there)."""
     models_dir = Path(models_dir)
     builders = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux,
-                "tiny-sd3": build_tiny_sd3, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip, "tiny-llm": build_tiny_llm}
+                "tiny-sd3": build_tiny_sd3, "tiny-chroma": build_tiny_chroma, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip, "tiny-llm": build_tiny_llm}
     built = {}
     for name, builder in builders.items():
         target = models_dir / name

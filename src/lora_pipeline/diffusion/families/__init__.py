@@ -19,6 +19,7 @@ import torch
 from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.core.files import read_safetensors_header
 from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch, Objective
+from lora_pipeline.diffusion.families.chroma import CHROMA, ChromaFamily
 from lora_pipeline.diffusion.families.flux import FLUX, FluxFamily
 from lora_pipeline.diffusion.families.sd1 import SD1, SD1Family
 from lora_pipeline.diffusion.families.sd3 import SD3, SD3Family
@@ -26,16 +27,16 @@ from lora_pipeline.diffusion.families.sdxl import SDXL, SDXLFamily
 from lora_pipeline.diffusion.families.transformer import FlowMatchObjective, TransformerFamily
 from lora_pipeline.diffusion.families.unet import DDPMObjective, UNetFamily, sgm_unet_path, unet_layout
 
-__all__ = ["FAMILIES", "FLUX", "PLANNED", "SD1", "SD3", "SDXL", "Conditioning", "DDPMObjective", "FlowMatchObjective",
+__all__ = ["CHROMA", "FAMILIES", "FLUX", "ChromaFamily", "PLANNED", "SD1", "SD3", "SDXL", "Conditioning", "DDPMObjective", "FlowMatchObjective",
            "FluxFamily", "ModelFamily", "NoisedBatch",
            "Objective", "SD1Family", "SD3Family", "SDXLFamily", "TransformerFamily", "UNetFamily", "detect_family", "get_family", "kohya_family_hint",
            "native_resolution", "resolve_family", "sgm_unet_path", "unet_layout"]
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL, FLUX, SD3)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL, FLUX, SD3, CHROMA)}
 # Where the next families plug in (kept here so the error below can name them).
-PLANNED = {"chroma": "Chroma (ChromaTransformer2DModel, T5 only)", "z_image": "Z-Image (ZImageTransformer2DModel, Qwen3)",
+PLANNED = {"z_image": "Z-Image (ZImageTransformer2DModel, Qwen3)",
            "qwen_image": "Qwen-Image (QwenImageTransformer2DModel, Qwen2.5-VL)",
            "flux2": "Flux.2 (Flux2Transformer2DModel)", "wan": "Wan 2.x video (frame datasets, a 3D VAE)",
            "hunyuan_video": "HunyuanVideo (frame datasets, a 3D VAE)"}

@@ -41,29 +41,24 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Conditioning:
     """What the text encoders give the denoiser: a token sequence (``hidden``) and, for families that have one, a
-    pooled embedding. The text-embedding cache stores exactly these, one prompt per entry."""
+    pooled embedding and the sequence's attention mask (Chroma's T5). The text-embedding cache stores exactly
+    these, one prompt per entry."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def per_prompt(self) -> list[dict[str, torch.Tensor]]:
         """One ``{name: tensor}`` per prompt (fp32, on the CPU): a cache entry each."""
-        items = []
-        for index in range(self.hidden.shape[0]):
-            item = {"hidden": self.hidden[index].float().cpu()}
-            if self.pooled is not None:
-                item["pooled"] = self.pooled[index].float().cpu()
-            items.append(item)
-        return items
+        parts = {name: value for name, value in (("hidden", self.hidden), ("pooled", self.pooled),
+                                                 ("mask", self.mask)) if value is not None}
+        return [{name: value[index].float().cpu() for name, value in parts.items()}
+                for index in range(self.hidden.shape[0])]
 
     @classmethod
     def stack(cls, items: Sequence[Mapping[str, torch.Tensor]], device: torch.device) -> "Conditioning":
         """The inverse of :meth:`per_prompt`, for a batch of cache entries."""
-        hidden = torch.stack([item["hidden"] for item in items]).to(device)
-        pooled = None
-        if "pooled" in items[0]:
-            pooled = torch.stack([item["pooled"] for item in items]).to(device)
-        return cls(hidden, pooled)
+        return cls(**{name: torch.stack([item[name] for item in items]).to(device) for name in items[0]})
 
 
 @dataclass

@@ -67,6 +67,11 @@ class FluxFamily(TransformerFamily):
             targets["text_encoder"] = list(text_encoder_targets)
         return targets
 
+    def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
+        """BFL's layout, without Chroma's distilled guidance layer."""
+        return super().recognises_checkpoint(keys) and not any(
+            k.startswith(("distilled_guidance_layer.", "model.diffusion_model.distilled_guidance_layer.")) for k in keys)
+
     def recognises_kohya_name(self, name: str) -> bool:
         return name.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_"))
 
@@ -99,28 +104,36 @@ class FluxFamily(TransformerFamily):
 
     def predict(self, denoiser: Any, batch: NoisedBatch, cond: Conditioning, micro: torch.Tensor | None,
                 dtype: torch.dtype) -> torch.Tensor:
-        """Latents packed into 2x2 patches with their position ids, text ids at zero, the guidance embedding at 1
-        (dev), the sigmas as timesteps; the velocity comes back unpacked to the latents' layout."""
+        """:meth:`packed_call` with CLIP-L's pooled embedding and -- dev -- the guidance embedding at 1."""
+        guidance = (torch.full((batch.model_input.shape[0],), GUIDANCE_FOR_TRAINING, device=batch.model_input.device,
+                               dtype=dtype) if denoiser.config.guidance_embeds else None)
+        return self.packed_call(denoiser, batch, cond, dtype, guidance=guidance,
+                                pooled_projections=cond.pooled.to(dtype))
+
+    def packed_call(self, denoiser: Any, batch: NoisedBatch, cond: Conditioning, dtype: torch.dtype,
+                    **extra: Any) -> torch.Tensor:
+        """The Flux-style call: latents packed into 2x2 patches with their image position ids, text ids at zero,
+        the sigmas as timesteps (the transformer scales them by 1000); the prediction unpacked again."""
         from diffusers import FluxPipeline
 
         latents = batch.model_input
         b, c, h, w = latents.shape
         if h % 2 or w % 2:
-            raise DataError(f"Flux.1 packs latents in 2x2 patches: a {w * 8}x{h * 8} px bucket gives odd latent "
-                            f"sides; use buckets that are multiples of 16 px (normalization.bucket_step: 64).")
+            raise DataError(f"{self.display_name} packs latents in 2x2 patches: a {w * 8}x{h * 8} px bucket gives odd "
+                            f"latent sides; use buckets that are multiples of 16 px (normalization.bucket_step: 64).")
         packed = FluxPipeline._pack_latents(latents.to(dtype), b, c, h, w)
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, dtype)
         text_ids = torch.zeros(cond.hidden.shape[1], 3, device=latents.device, dtype=dtype)
-        guidance = (torch.full((b,), GUIDANCE_FOR_TRAINING, device=latents.device, dtype=dtype)
-                    if denoiser.config.guidance_embeds else None)
-        out = denoiser(hidden_states=packed, timestep=batch.timesteps.to(dtype), guidance=guidance,
-                       pooled_projections=cond.pooled.to(dtype), encoder_hidden_states=cond.hidden.to(dtype),
-                       txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        out = denoiser(hidden_states=packed, timestep=batch.timesteps.to(dtype), encoder_hidden_states=
+                       cond.hidden.to(dtype), txt_ids=text_ids, img_ids=image_ids, return_dict=False, **extra)[0]
         return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
 
     # ------------------------------------------------------------------ LoRA files
 
     lora_file_layouts: tuple[FileLayout, ...] = FILE_LAYOUTS  # besides kohya's and diffusers' own
+    # the text encoders' names in the ComfyUI, OMI and OneTrainer layouts
+    file_text_encoder_prefixes: tuple[tuple[str, Any], ...] = (("text_encoder", CLIP_PREFIXES),
+                                                               ("text_encoder_2", T5_PREFIXES))
 
     def lora_file_index(self, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
         """The transformer families' names (kohya, ``diffusion_model.<BFL module>``, OneTrainer, SimpleTuner), plus
@@ -134,13 +147,13 @@ class FluxFamily(TransformerFamily):
                     index[OMI_PREFIX + original] = index[self.kohya_denoiser_prefix + original.replace(".", "_")]
                 for part in group.parts if len(group.parts) > 1 else ():
                     index[f"{OMI_PREFIX}{original}.{self.layout.original_name(part)[1]}"] = (self.denoiser, part)
-        for component, prefixes in (("text_encoder", CLIP_PREFIXES), ("text_encoder_2", T5_PREFIXES)):
+        for component, prefixes in self.file_text_encoder_prefixes:
             model = modules.get(component)
             for path, _ in model.named_modules() if model is not None else ():
                 if not path:
                     continue
                 # CLIP keys keep transformers 4's text_model. wrapper (ComfyUI's spelling), whichever built it
-                name = "text_model." + path.removeprefix("text_model.") if component == "text_encoder" else path
+                name = "text_model." + path.removeprefix("text_model.") if component in self.clip_encoders else path
                 for prefix, flat in prefixes:
                     index.setdefault(prefix + (name.replace(".", "_") if flat else name), (component, path))
         return index
