@@ -31,7 +31,7 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(f"{args.url}/captions/{args.subject}")
         page.wait_for_selector("#grid figure")
-        page.select_option("#filter-status", "")
+        page.wait_for_load_state("networkidle")  # the thumbnails in view
         page.screenshot(path=DOCS / "workbench_captions.png")
         page.goto(f"{args.url}/subjects")
         page.wait_for_selector("#jobs .job, #jobs p")
@@ -40,6 +40,7 @@ def main() -> None:
         page.fill("#prompt", args.prompt)
         page.click("#generate")
         page.wait_for_selector("#gen-images img, #gen-error:not(:empty)", timeout=600_000)
+        page.wait_for_load_state("networkidle")
         page.screenshot(path=DOCS / "workbench_library.png", full_page=True)
         browser.close()
     print("\n".join(str(DOCS / f"workbench_{name}.png") for name in ("captions", "subjects", "library")))

@@ -189,6 +189,7 @@ function captionsPage() {
 function progressText(job) {
   const p = job.progress;
   if (!p) return "";
+  if (job.finished && !p.train_total && !p.bar) return job.log_tail.trim().split("\n").pop();  // e.g. "unchanged"
   const parts = [p.node && `node ${p.node}`, p.train_total && `training ${p.train_step}/${p.train_total}`,
     p.bar && !p.bar.startsWith("training ") && `${p.bar} ${p.step}/${p.total}`,
     p.loss && `loss ${p.loss}`, p.speed, p.time_left && job.status === "running" && `${p.time_left} left`];
