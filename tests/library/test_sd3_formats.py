@@ -108,3 +108,20 @@ def test_every_layout_stacks_and_merges_by_comfyuis_mmdit_rule(tiny_models, tmp_
     merged = _pipe(tiny_models)
     merge_into_base(pipeline_modules(merged, SD3), SD3, [(files["kohya"], 0.6), (files["b"], 0.8)])
     _same(_out(merged.transformer), _out(both.transformer), base)
+
+
+def test_a_prompt_refuses_loras_of_another_family_and_names_each(tiny_models, tmp_path):
+    import pytest
+
+    from lora_pipeline.core.errors import LoraPipelineError
+
+    pipe = _pipe(tiny_models)
+    own = _write(pipe.transformer, _random_lora(pipe.transformer, 1), "kohya", tmp_path / "own.safetensors")
+    foreign = {}
+    for name, architecture in (("sdxl_style", "stable-diffusion-xl-v1-base/lora"), ("flux_face", "flux-1-dev/lora")):
+        save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1), "lora_unet_x.lora_up.weight": torch.zeros(1, 1)},
+                  str(tmp_path / f"{name}.safetensors"), metadata={"modelspec.architecture": architecture})
+        foreign[name] = str(tmp_path / f"{name}.safetensors")
+    with pytest.raises(LoraPipelineError, match=r"sdxl_style \(SDXL\), flux_face \(Flux.1\).*SD3.5"):
+        load_stack(pipe, SD3, {"own": own, **foreign})
+    assert not getattr(pipe.transformer, "peft_config", None)  # nothing was loaded, not even the fitting one

@@ -21,8 +21,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from lora_pipeline.core.errors import DataError
-from lora_pipeline.diffusion.families import ModelFamily
+from lora_pipeline.core.errors import DataError, LoraPipelineError
+from lora_pipeline.core.files import read_safetensors_header
+from lora_pipeline.diffusion.families import ModelFamily, lora_header_family
 from lora_pipeline.diffusion.lora_files import (
     AnyLoraModule,
     LoraModule,
@@ -83,11 +84,29 @@ def _adapter_components(pipe, family: ModelFamily) -> tuple[str, ...]:
     return tuple(getattr(type(pipe), "_lora_loadable_modules", family.components))
 
 
+def check_one_family(files: Mapping[str, str | Path], family: ModelFamily) -> None:
+    """Every LoRA of a prompt belongs to the base's family: a LoRA whose header names another family is refused,
+    all of them named, before any is loaded. (A file without a header is checked by its module names instead.)"""
+    others = {}
+    for name, path in files.items():
+        named = lora_header_family(read_safetensors_header(path).metadata) if str(path).endswith(".safetensors") \
+            else None
+        if named is not None and named is not family:
+            others[name] = named
+    if others:
+        listed = ", ".join(f"{name} ({other.short_name})" for name, other in others.items())
+        raise LoraPipelineError(
+            f"LoRAs of another model family than the base ({family.short_name}): {listed}. A prompt stacks LoRAs of "
+            f"one family; remove them from the prompt, or generate with a {family.short_name} LoRA of theirs, or "
+            f"set generation.base_model to a base of their family.")
+
+
 def load_stack(pipe, family: ModelFamily, files: Mapping[str, str | Path]) -> None:
     """Load each LoRA file as its own adapter (named after the LoRA); weights are set per prompt.
 
     Plain LoRA and LoCon pairs become PEFT adapters; LoHa, LoKr and DoRA modules, and pairs of components the
     pipeline's loader skips (Flux's T5), are kept as weight patches."""
+    check_one_family(files, family)
     patches = getattr(pipe, "lora_pipeline_patches", None)
     if patches is None:
         patches = WeightPatches(pipeline_modules(pipe, family))

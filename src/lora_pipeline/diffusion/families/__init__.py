@@ -29,7 +29,7 @@ from lora_pipeline.diffusion.families.unet import DDPMObjective, UNetFamily, sgm
 
 __all__ = ["CHROMA", "FAMILIES", "FLUX", "ChromaFamily", "PLANNED", "SD1", "SD3", "SDXL", "Conditioning", "DDPMObjective", "FlowMatchObjective",
            "FluxFamily", "ModelFamily", "NoisedBatch",
-           "Objective", "SD1Family", "SD3Family", "SDXLFamily", "TransformerFamily", "UNetFamily", "detect_family", "get_family", "kohya_family_hint",
+           "Objective", "SD1Family", "SD3Family", "SDXLFamily", "TransformerFamily", "UNetFamily", "detect_family", "get_family", "kohya_family_hint", "lora_header_family",
            "native_resolution", "resolve_family", "sgm_unet_path", "unet_layout"]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,12 @@ def detect_family(source: Any, allow_download: bool = False) -> ModelFamily:
                    "base_model_family: sdxl for an SDXL base (or allow_download: true).", source,
                    FALLBACK.display_name)
     return FALLBACK
+
+
+def lora_header_family(metadata: dict[str, str]) -> ModelFamily | None:
+    """The family a LoRA file's header names (``modelspec.architecture`` or kohya's ``ss_base_model_version``),
+    or None when it names none (many downloaded files carry no header)."""
+    return next((family for family in FAMILIES.values() if family.recognises_lora_header(metadata)), None)
 
 
 def kohya_family_hint(name: str, family: ModelFamily) -> str:

@@ -162,6 +162,16 @@ class ModelFamily(ABC):
         """Whether a kohya module name looks like one of this family's (for the hint when a LoRA does not fit)."""
         return False
 
+    lora_architecture_prefix: ClassVar[str]  # its LoRAs' modelspec.architecture starts with it
+    lora_base_versions: ClassVar[tuple[str, ...]] = ()  # the ss_base_model_version values kohya writes for it
+
+    def recognises_lora_header(self, metadata: Mapping[str, str]) -> bool:
+        """Whether a LoRA file's header says it was trained on this family (kohya's and our own headers)."""
+        architecture = metadata.get("modelspec.architecture", "")
+        if architecture:
+            return architecture.startswith(self.lora_architecture_prefix)
+        return metadata.get("ss_base_model_version", "") in self.lora_base_versions
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 

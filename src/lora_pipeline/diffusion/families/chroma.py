@@ -33,6 +33,8 @@ class ChromaFamily(FluxFamily):
     kohya_te_prefixes = ("lora_te3_",)
     clip_encoders = ()
     file_text_encoder_prefixes = (("text_encoder", T5_PREFIXES),)
+    lora_architecture_prefix = "chroma"
+    lora_base_versions = ("chroma",)
 
     @property
     def default_targets(self) -> dict[str, Any]:  # type: ignore[override]

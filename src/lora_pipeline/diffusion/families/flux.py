@@ -48,6 +48,8 @@ class FluxFamily(TransformerFamily):
     tokenizers = ("tokenizer", "tokenizer_2")
     kohya_te_prefixes = ("lora_te1_", "lora_te3_")
     default_resolution = 1024
+    lora_architecture_prefix = "flux-1"
+    lora_base_versions = ("flux1",)
     checkpoint_marker = "double_blocks."
     single_file_text_encoders = ()
     single_file_is_denoiser_only = True  # BFL's flux1-dev.safetensors: the transformer in its original layout

@@ -21,6 +21,8 @@ class SD1Family(UNetFamily):
     tokenizers = ("tokenizer",)
     kohya_te_prefixes = ("lora_te_",)
     default_resolution = 512
+    lora_architecture_prefix = "stable-diffusion-v1"
+    lora_base_versions = ("sd_v1",)
     checkpoint_marker = "cond_stage_model."
     single_file_text_encoders = (("cond_stage_model.transformer.", "clip"),)
 

@@ -76,6 +76,8 @@ class SD3Family(TransformerFamily):
     kohya_te_prefixes = ("lora_te1_", "lora_te2_", "lora_te3_")
     clip_encoders = ("text_encoder", "text_encoder_2")
     default_resolution = 1024
+    lora_architecture_prefix = "stable-diffusion-3"
+    lora_base_versions = ("5-large", "5-medium", "medium", "sd3")
     checkpoint_marker = "model.diffusion_model.joint_blocks."
     single_file_text_encoders = ()
     layout = SD3_LAYOUT

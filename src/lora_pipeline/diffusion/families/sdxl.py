@@ -26,6 +26,8 @@ class SDXLFamily(UNetFamily):
     tokenizers = ("tokenizer", "tokenizer_2")
     kohya_te_prefixes = ("lora_te1_", "lora_te2_")
     default_resolution = 1024
+    lora_architecture_prefix = "stable-diffusion-xl"
+    lora_base_versions = ("sdxl_base_v1-0",)
     checkpoint_marker = "conditioner.embedders.1."
     single_file_text_encoders = (("conditioner.embedders.0.transformer.", "clip"),
                                  ("conditioner.embedders.1.model.", "open_clip"))
