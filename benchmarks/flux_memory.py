@@ -274,13 +274,15 @@ def report(rank: int, count: bool) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of ``path`` (from its heading to the next ``## `` heading), or append it."""
+    """Replace ``section``'s part of ``path`` (from its heading, its first line, to the next ``## `` heading), or
+    append it (transformer_memory.py writes its sections the same way)."""
+    heading = section.splitlines()[0]
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(SECTION + "\n")
+    start = text.find(heading + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(SECTION))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     path.write_text(text)
 
