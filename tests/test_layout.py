@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lora_pipeline"
 # Lower number = lower layer. diffusion and llm sit side by side and must not import each other. Every module of
 # the package has a layer; the package root holds only Kedro's own entry files.
-LAYERS = {"core": 2, "prep": 3, "diffusion": 4, "llm": 4, "demo": 4, "datasets": 5, "pipelines": 6,
+LAYERS = {"core": 2, "prep": 3, "diffusion": 4, "llm": 4, "demo": 5, "datasets": 5, "pipelines": 6,
           "project": 7, "ui": 8, "pipeline_registry": 8, "settings": 9, "cli": 9, "__main__": 10}
 KEDRO_ENTRY_FILES = {"__init__.py", "__main__.py", "settings.py", "pipeline_registry.py"}
 LIBRARY = ("core", "prep", "diffusion", "llm")

@@ -123,3 +123,13 @@ def test_the_tracking_store_sits_at_the_project_root(tmp_path, monkeypatch):
     (tmp_path / "data" / "01_raw").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "data" / "01_raw")
     assert project_root() == Path(tmp_path).resolve().as_posix()
+
+
+def test_an_unknown_or_planned_family_stops_before_the_first_node_with_the_key_and_the_families(tiny_models):
+    from lora_pipeline.core.config import TrainingParams
+    from lora_pipeline.project.preflight import check_inputs
+
+    for name, says in (("sd4", "not supported; use auto, sd1, sdxl, flux, sd3, chroma"), ("wan", "is planned")):
+        params = TrainingParams(base_model=str(tiny_models["tiny-sd"]), base_model_family=name)
+        with pytest.raises(ConfigError, match=rf"demo\.training\.base_model_family: .*{says}"):
+            check_inputs({"demo.training": params})

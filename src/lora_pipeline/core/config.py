@@ -6,9 +6,9 @@ Unknown keys are errors (``extra="forbid"``): a typo such as ``lora_rnak`` must 
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, Literal, Mapping, TypeVar
+from typing import Any, Literal, Mapping, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_pipeline.core.errors import ConfigError
 
@@ -92,19 +92,9 @@ class PromptParams(_Strict):
     keep_tokens: int = Field(1, ge=0, le=32, description="Leading tags training never shuffles (kohya).")
 
 
-def _known_family(name: str) -> str:
-    """``auto`` or a family of the registry (a new family is one module there; nothing here lists them)."""
-    from lora_pipeline.diffusion.families import get_family
-
-    if name != "auto":
-        try:
-            get_family(name)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-    return name
-
-
-FamilyName = Annotated[str, AfterValidator(_known_family)]
+# ``auto`` or a family of the registry (lora_pipeline.diffusion.families: a new family is one module there, and
+# nothing here lists them); checked before the first node by project.preflight, and by the loader.
+FamilyName = str
 
 
 class NormalizationParams(_Strict):

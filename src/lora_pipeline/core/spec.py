@@ -12,23 +12,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-def _known_family(name: str) -> str:
-    """A diffusion family of the registry, or ``causal_lm`` (the LLM track)."""
-    if name != "causal_lm":
-        from lora_pipeline.diffusion.families import get_family
-
-        get_family(name)
-    return name
-
-
-Family = Annotated[str, AfterValidator(_known_family)]
+Family = str  # a name of lora_pipeline.diffusion.families' registry, or "causal_lm" (the LLM track)
 
 
 def rescale_up(up, from_scale: float, to_scale: float):

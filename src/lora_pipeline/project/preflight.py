@@ -29,6 +29,14 @@ def check_inputs(groups: Mapping[str, BaseModel],
     (``aki.training``, ``generation``) to its validated parameters; ``images_needing_a_captioner(subject)`` lists
     the subject's images that no person captioned (only those need ``captioning.model``)."""
     for group, p in groups.items():
+        family = getattr(p, "base_model_family", None)
+        if family not in (None, "auto"):
+            from lora_pipeline.diffusion.families import get_family
+
+            try:
+                get_family(family)
+            except ConfigError as exc:
+                raise ConfigError(f"{group}.base_model_family: {exc}") from None
         if isinstance(p, CaptioningParams) and p.backend != "sidecar":
             _check_captioner(group, p, images_needing_a_captioner)
         if isinstance(p, (TrainingParams, GenerationParams, LLMTrainingParams)):
