@@ -48,9 +48,15 @@ def test_resolve_prefers_project_exports_and_suggests_close_names(tmp_path):
     (webui / "sub").mkdir(parents=True)
     (webui / "hero.safetensors").write_bytes(b"y")
     (webui / "sub" / "forest bg.safetensors").write_bytes(b"z")
+    diffusers_copy = exports / "hero_diffusers" / "2026-02-01T00.00.00.000Z" / "hero_diffusers"
+    diffusers_copy.mkdir(parents=True)
+    (diffusers_copy / "pytorch_lora_weights.safetensors").write_bytes(b"d")
+    (webui / "from-hub").mkdir()
+    (webui / "from-hub" / "pytorch_lora_weights.safetensors").write_bytes(b"h")  # a user's own: still indexed
     index = lora_index([exports, webui])
     assert index["hero"].parent.name == "2026-02-01T00.00.00.000Z"
     assert index["forest bg"].name == "forest bg.safetensors"
+    assert index["pytorch_lora_weights"].parent.name == "from-hub"  # not the export's diffusers copy
     with pytest.raises(ConfigError, match=r"Unknown LoRA 'heroo'.*'hero'.*Searched: .*exports, .*webui"):
         resolve_loras([LoraRef("heroo", 1.0)], [exports, webui])
 

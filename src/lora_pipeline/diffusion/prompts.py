@@ -68,9 +68,15 @@ def lora_index(folders: Sequence[str | Path]) -> dict[str, Path]:
         if not folder.is_dir():
             continue
         for path in sorted(folder.rglob("*.safetensors")):
-            if path.is_file():
+            if path.is_file() and not _in_versioned_folder(path):
                 index.setdefault(path.stem, newest_version(path.parent.parent) if export_version(path) else path)
     return index
+
+
+def _in_versioned_folder(path: Path) -> bool:
+    """A file inside a versioned export folder (``name_diffusers/<version>/name_diffusers/...``: the diffusers copy
+    of a LoRA whose WebUI file is indexed already), not a LoRA of its own."""
+    return len(path.parents) > 3 and path.parents[2].name == path.parent.name
 
 
 def export_version(path: Path) -> str | None:
