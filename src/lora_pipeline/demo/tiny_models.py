@@ -202,12 +202,24 @@ FLUX1_DEV_TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=64, num_layers=19,
                                     pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
+def tiny_vae16(scaling_factor: float, shift_factor: float):
+    """The tiny 16-channel VAE of the transformer families (Flux.1, Chroma, SD3.5), with the family's latent scale
+    and shift; their autoencoders have no quant convs."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=8, sample_size=64, scaling_factor=scaling_factor,
+        shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
+
+
 def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
     """A tiny Flux.1 pipeline folder with the real classes: ``FluxTransformer2DModel`` (2 double + 2 single
     blocks; a guidance embedding as dev has, none as schnell), CLIP-L-like ``text_encoder`` (its pooled output
     conditions the transformer), a T5 ``text_encoder_2`` (its sequence is the joint attention's text), a
     16-channel VAE with Flux's scale and shift, and Flux.1-dev's flow-matching scheduler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     out_dir = Path(out_dir)
@@ -226,11 +238,7 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = 
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(8, 12, 12))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        latent_channels=16, norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False)  # Flux's autoencoder has no quant convs
+    vae = tiny_vae16(scaling_factor=0.3611, shift_factor=0.1159)  # Flux.1's
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX1_SCHEDULER_CONFIG), vae=vae,
                         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                         tokenizer_2=tokenizer_2, transformer=transformer)
@@ -250,7 +258,7 @@ def build_tiny_chroma(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny Chroma pipeline folder with the real classes: ``ChromaTransformer2DModel`` (2 double + 2 single
     blocks, a small distilled-guidance network), a T5 text encoder (the only one), the Flux-style 16-channel VAE
     and flow-matching scheduler of the tiny Flux."""
-    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
     from transformers import T5Config, T5EncoderModel
 
     out_dir = Path(out_dir)
@@ -264,11 +272,7 @@ def build_tiny_chroma(out_dir: str | Path, seed: int = 0) -> Path:
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(8, 12, 12), approximator_num_channels=16, approximator_hidden_dim=32,
         approximator_layers=1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        latent_channels=16, norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False)
+    vae = tiny_vae16(scaling_factor=0.3611, shift_factor=0.1159)  # Flux.1's
     pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX1_SCHEDULER_CONFIG), vae=vae,
                           text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
     pipe.save_pretrained(out_dir)
@@ -296,7 +300,6 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
     CLIP-G-like ``CLIPTextModelWithProjection`` encoders, a T5 encoder (its width is the joint attention's, at
     least the two CLIP widths side by side), a 16-channel VAE with SD3's scale and shift, SD3's scheduler."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -322,11 +325,7 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
         sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
         pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        latent_channels=16, norm_num_groups=8, sample_size=64, scaling_factor=1.5305, shift_factor=0.0609,
-        use_quant_conv=False, use_post_quant_conv=False)  # SD3's autoencoder has no quant convs
+    vae = tiny_vae16(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG), vae=vae, transformer=transformer,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
