@@ -135,3 +135,42 @@ def real_width_flux(tiny_flux, target, transformer_class: str = "FluxTransformer
     wide = cls(**{**{k: v for k, v in tiny.items() if not k.startswith("_")}, **width})
     wide.save_pretrained(target / "transformer")
     return target
+
+
+def straight_and_resumed(tiny_models, examples, tmp_path, base_model: str, **settings):
+    """The same run twice: straight through, and interrupted at step 3 (after checkpoint 2) then resumed with
+    ``resume: latest``. ``settings`` need ``save_steps=2``; returns both results."""
+    from lora_pipeline.core.cache import DiskCache
+    from lora_pipeline.core.checkpoints import list_checkpoints
+    from lora_pipeline.diffusion.loading import load_diffusion_model
+    from lora_pipeline.diffusion.training import train
+
+    def interrupt(step, _components):
+        if step == 3:  # Ctrl-C between checkpoint 2 and checkpoint 4
+            raise KeyboardInterrupt
+
+    def run(folder, step_callback=None, **overrides):
+        params = make_params(tiny_models, folder, base_model=base_model, **{**settings, **overrides})
+        return train(load_diffusion_model(params.base_model), examples, params, DiskCache(folder / "cache"),
+                     dataset_hash="d", step_callback=step_callback)
+
+    straight = run(tmp_path / "straight")
+    try:
+        run(tmp_path / "resumed", step_callback=interrupt)
+        raise AssertionError("the run was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    kept = list_checkpoints(run_dir(tmp_path / "resumed" / "checkpoints" / "test_lora"))
+    assert [p.name for p in kept] == ["checkpoint-0000002"]
+    resumed = run(tmp_path / "resumed", resume="latest")
+    assert resumed.resumed_from.endswith("checkpoint-0000002")
+    return straight, resumed
+
+
+def assert_same_run(straight, resumed) -> None:
+    """The resumed run ends tensor for tensor where the straight one does, with the same losses after step 2."""
+    assert straight.losses[2:] == resumed.losses
+    assert straight.lora_state.keys() == resumed.lora_state.keys()
+    for key, tensor in straight.lora_state.items():
+        assert torch.equal(tensor, resumed.lora_state[key]), key
+    assert any(tensor.abs().max() > 0 for key, tensor in straight.lora_state.items() if ".lora_B." in key)

@@ -12,10 +12,9 @@ import pytest
 import torch
 from comfyui_rules import apply_flux_rule, flux_to_diffusers
 from safetensors.torch import save_file
-from train_helpers import make_params, run_dir, summary_for
+from train_helpers import assert_same_run, make_params, straight_and_resumed, summary_for
 
 from lora_pipeline.core.cache import DiskCache
-from lora_pipeline.core.checkpoints import list_checkpoints
 from lora_pipeline.demo.tiny_models import CHROMA_TRANSFORMER_CONFIG
 from lora_pipeline.diffusion.families import CHROMA, detect_family
 from lora_pipeline.diffusion.families.flux import BLOCK_LINEARS
@@ -138,24 +137,6 @@ def test_default_targets_on_the_real_chroma_config_match_kohyas_module_count():
     assert len(CHROMA.to_kohya_modules(pairs, 1.0, model.config)) == 19 * 8 + 38 * 2 == 228
 
 
-def _interrupt_at_3(step, _components):
-    if step == 3:
-        raise KeyboardInterrupt
-
-
 def test_interrupted_then_resumed_chroma_run_equals_uninterrupted(tiny_models, tiny_examples, tmp_path):
-    def run(folder, step_callback=None, **overrides):
-        params = make_params(tiny_models, folder, base_model=str(tiny_models["tiny-chroma"]),
-                             **{**SETTINGS, "shuffle_tags": True, **overrides})
-        return train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(folder / "cache"),
-                     dataset_hash="d", step_callback=step_callback)
-
-    straight = run(tmp_path / "a")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", step_callback=_interrupt_at_3)
-    assert [p.name for p in list_checkpoints(run_dir(tmp_path / "b" / "checkpoints" / "test_lora"))] == [
-        "checkpoint-0000002"]
-    resumed = run(tmp_path / "b", resume="latest")
-    assert straight.losses[2:] == resumed.losses
-    for key, tensor in straight.lora_state.items():
-        assert torch.equal(tensor, resumed.lora_state[key]), key
+    assert_same_run(*straight_and_resumed(tiny_models, tiny_examples, tmp_path, str(tiny_models["tiny-chroma"]),
+                                          **SETTINGS, shuffle_tags=True))

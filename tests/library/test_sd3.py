@@ -10,10 +10,9 @@ import pytest
 import torch
 from comfyui_rules import apply_mmdit_rule
 from safetensors.torch import save_file
-from train_helpers import make_params, run_dir, summary_for
+from train_helpers import assert_same_run, make_params, straight_and_resumed, summary_for
 
 from lora_pipeline.core.cache import DiskCache
-from lora_pipeline.core.checkpoints import list_checkpoints
 from lora_pipeline.demo.tiny_models import SD35_LARGE_TRANSFORMER_CONFIG, SD35_MEDIUM_TRANSFORMER_CONFIG
 from lora_pipeline.diffusion.families import SD3, detect_family
 from lora_pipeline.diffusion.families.sd3 import BLOCK_LINEARS
@@ -142,25 +141,6 @@ def test_default_targets_on_the_real_sd35_configs_match_kohyas_module_count(conf
     assert sorted(targeted) == sorted(every_block_linear)  # kohya: every Linear of the joint blocks
 
 
-def _interrupt_at_3(step, _components):
-    if step == 3:  # after checkpoint-0000002
-        raise KeyboardInterrupt
-
-
 def test_interrupted_then_resumed_sd3_run_equals_uninterrupted(tiny_models, tiny_examples, tmp_path):
-    def run(folder, step_callback=None, **overrides):
-        params = make_params(tiny_models, folder, base_model=str(tiny_models["tiny-sd3"]),
-                             **{**SETTINGS, "shuffle_tags": True, **overrides})
-        return train(load_diffusion_model(params.base_model), tiny_examples, params, DiskCache(folder / "cache"),
-                     dataset_hash="d", step_callback=step_callback)
-
-    straight = run(tmp_path / "a")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", step_callback=_interrupt_at_3)
-    assert [p.name for p in list_checkpoints(run_dir(tmp_path / "b" / "checkpoints" / "test_lora"))] == [
-        "checkpoint-0000002"]
-    resumed = run(tmp_path / "b", resume="latest")
-    assert resumed.resumed_from.endswith("checkpoint-0000002")
-    assert straight.losses[2:] == resumed.losses
-    for key, tensor in straight.lora_state.items():
-        assert torch.equal(tensor, resumed.lora_state[key]), key
+    assert_same_run(*straight_and_resumed(tiny_models, tiny_examples, tmp_path, str(tiny_models["tiny-sd3"]),
+                                          **SETTINGS, shuffle_tags=True))
