@@ -335,6 +335,70 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+# Z-Image-Turbo (configs only): its scheduler (a fixed shift, no resolution-dependent one), its transformer and its
+# Qwen3-4B text encoder, for module counts and memory figures on the meta device.
+Z_IMAGE_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+Z_IMAGE_TRANSFORMER_CONFIG = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
+                                  n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True,
+                                  cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0, axes_dims=(32, 48, 48),
+                                  axes_lens=(1024, 512, 512))
+QWEN3_4B_CONFIG = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1000000.0, tie_word_embeddings=True)
+# Qwen3's chat template for one user turn, as ZImagePipeline renders it (``enable_thinking=True`` adds nothing).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_qwen_tokenizer(max_length: int = 128):
+    """A byte-level BPE tokenizer with Qwen's special tokens and chat template, trained here over WORDS, so every
+    text encodes and demo captions give real tokens (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS)] * 10, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        model_max_length=max_length)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_z_image(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Z-Image pipeline folder with the real classes: ``ZImageTransformer2DModel`` (2 main layers, 1 noise
+    and 1 context refiner; RoPE axes summing to the head dim as in the real one), a tiny ``Qwen3Model`` text encoder
+    (the pipeline conditions on its second-to-last hidden state), Flux's 16-channel VAE scale and shift, and
+    Z-Image-Turbo's flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_tokenizer()
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
+    vae = tiny_vae16(scaling_factor=0.3611, shift_factor=0.1159)  # Flux.1's VAE, which Z-Image uses
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER_CONFIG), vae=vae,
+                          text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(out_dir)
+    logger.info("Wrote tiny Z-Image pipeline to %s", out_dir)
+    return out_dir
+
+
 def build_tiny_blip(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny BLIP image-captioning model + processor (BERT word-piece tokenizer from a local vocab)."""
     from transformers import (
@@ -400,7 +464,7 @@ def build_all(models_dir: str | Path) -> dict[str, Path]:
     """Build every tiny model under ``models_dir`` (skipping those already there)."""
     models_dir = Path(models_dir)
     builders = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux,
-                "tiny-sd3": build_tiny_sd3, "tiny-chroma": build_tiny_chroma, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip, "tiny-llm": build_tiny_llm}
+                "tiny-sd3": build_tiny_sd3, "tiny-chroma": build_tiny_chroma, "tiny-z-image": build_tiny_z_image, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip, "tiny-llm": build_tiny_llm}
     built = {}
     for name, builder in builders.items():
         target = models_dir / name
