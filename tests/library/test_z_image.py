@@ -94,6 +94,34 @@ def test_z_image_is_detected_and_trains_musubis_default_targets(z_trained, tiny_
     assert not any("refiner" in k or "adaLN" in k or "text_encoder" in k for k in trained)
 
 
+def test_the_denoiser_call_is_the_pipelines_reversed_time_and_negated_output(tiny_models):
+    """What ZImagePipeline gives the transformer at sigma (its time) and does with its output (negates it into the
+    velocity the Euler step integrates), against the family's training call."""
+    from diffusers import ZImagePipeline
+
+    from lora_pipeline.diffusion.families import Conditioning, NoisedBatch
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_models["tiny-z-image"]))
+    seen, forward = [], pipe.transformer.forward
+
+    def recording(x, t, cap_feats, **kwargs):
+        seen.append((t.clone(), forward(x, t, cap_feats, **kwargs)[0]))
+        return (seen[-1][1],)
+
+    pipe.transformer.forward = recording
+    pipe(prompt="lorachar", height=64, width=64, sigmas=[0.7], guidance_scale=0.0, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    sigma = pipe.scheduler.sigmas[0].item()  # 0.7 after the scheduler's shift
+    assert 0.5 < sigma < 1 and seen[0][0].item() == pytest.approx(1 - sigma)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = Conditioning(torch.randn(1, 6, 32), mask=torch.tensor([[1.0] * 4 + [0.0] * 2]))
+    raw = torch.stack(pipe.transformer.forward(list(latents.unsqueeze(2)), torch.tensor([1 - sigma]),
+                                               [cond.hidden[0, :4]])[0]).squeeze(2)
+    pred = Z_IMAGE.predict(pipe.transformer, NoisedBatch(latents, torch.tensor([sigma]), latents), cond, None,
+                           torch.float32)
+    assert seen[-1][0].item() == pytest.approx(1 - sigma) and torch.allclose(pred, -raw)
+
+
 def test_prompts_of_different_lengths_are_cached_padded_with_their_mask(z_trained):
     components = z_trained["components"]
     from diffusers import ZImagePipeline
