@@ -1,5 +1,5 @@
 """LoRA training memory and step FLOPs for the other transformer families, from their real configs on the meta
-device (no weights, no GPU): SD3.5 Large, SD3.5 Medium and Chroma.
+device (no weights, no GPU): SD3.5 Large, SD3.5 Medium, Chroma and Z-Image.
 
     python benchmarks/transformer_memory.py [--family sd3.5-large] [--rank 16] [--no-write]
 
@@ -51,14 +51,26 @@ def _chroma_inputs(config) -> dict[str, torch.Tensor]:
                 img_ids=torch.zeros(image, 3), txt_ids=torch.zeros(512, 3))
 
 
+Z_IMAGE_CAPTION = 512  # ZImagePipeline's max_sequence_length: the longest caption (it drops a prompt's padding)
+
+
+def _z_image_inputs(config) -> dict[str, Any]:
+    """ZImagePipeline's call: one (C, 1, H, W) latent and one caption per image, time 1 - sigma."""
+    return dict(x=[torch.randn(config.in_channels, 1, IMAGE_LATENT, IMAGE_LATENT)], t=torch.tensor([0.5]),
+                cap_feats=[torch.randn(Z_IMAGE_CAPTION, config.cap_feat_dim)])
+
+
 def cases() -> dict[str, Case]:
     from lora_pipeline.demo.tiny_models import (
         CHROMA_TRANSFORMER_CONFIG,
         SD35_LARGE_TRANSFORMER_CONFIG,
         SD35_MEDIUM_TRANSFORMER_CONFIG,
+        QWEN3_4B_CONFIG,
+        Z_IMAGE_TRANSFORMER_CONFIG,
     )
     from lora_pipeline.diffusion.families.flux import BLOCK_LINEARS as FLUX_BLOCKS
     from lora_pipeline.diffusion.families.sd3 import BLOCK_LINEARS as SD3_BLOCKS
+    from lora_pipeline.diffusion.families.z_image import BLOCK_LINEARS as Z_IMAGE_BLOCKS
 
     sd3_encoders = {"CLIP-L": ("CLIPTextModelWithProjection", CLIP_L_CONFIG),
                     "CLIP-G": ("CLIPTextModelWithProjection", CLIP_G_CONFIG), "T5-XXL": ("T5EncoderModel", T5_XXL_CONFIG)}
@@ -69,6 +81,8 @@ def cases() -> dict[str, Case]:
                              sd3_encoders, _sd3_inputs),
         "chroma": Case("Chroma", "ChromaTransformer2DModel", CHROMA_TRANSFORMER_CONFIG, FLUX_BLOCKS,
                        {"T5-XXL": ("T5EncoderModel", T5_XXL_CONFIG)}, _chroma_inputs),
+        "z-image": Case("Z-Image", "ZImageTransformer2DModel", Z_IMAGE_TRANSFORMER_CONFIG, Z_IMAGE_BLOCKS,
+                        {"Qwen3-4B": ("Qwen3Model", QWEN3_4B_CONFIG)}, _z_image_inputs),
     }
 
 
@@ -100,6 +114,8 @@ def _step_flops(case: Case, rank: int) -> tuple[float, float]:
         inputs = case.inputs(model.config)
         with FlopCounterMode(display=False) as counter:
             out = model(**inputs, return_dict=False)[0]
+            if isinstance(out, list):  # Z-Image: one output per image
+                out = torch.stack(out)
         forward = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
             out.float().pow(2).mean().backward()
@@ -140,7 +156,7 @@ def report(name: str, rank: int) -> str:
 
 
 @click.command(help=__doc__)
-@click.option("--family", "families", multiple=True, type=click.Choice(["sd3.5-large", "sd3.5-medium", "chroma"]),
+@click.option("--family", "families", multiple=True, type=click.Choice(["sd3.5-large", "sd3.5-medium", "chroma", "z-image"]),
               help="repeatable; all when not given")
 @click.option("--rank", type=int, default=16, show_default=True)
 @click.option("--no-write", is_flag=True, help="print only; leave RESULTS.md alone")
