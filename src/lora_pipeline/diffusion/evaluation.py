@@ -68,14 +68,16 @@ class ClipScorer:
 # ----------------------------------------------------------------------------- what one image shows
 
 def red_share(image) -> float:
-    """Share of the image's pixels that are red (R at least 0.35 and 0.15 above both G and B, on a 0-1 scale): what
-    a colour LoRA that paints shapes red raises. The demo world's muted backgrounds, its "red" tint included, stay
-    below it."""
+    """Share of the image's pixels that are red: hue within 20 degrees of pure red, saturation at least 0.5, value
+    at least 0.35 (HSV, 0-1 scales). What a colour LoRA that paints shapes red raises. By hue, not by how far R
+    stands above G and B: that also counted orange and yellow-orange, which an undertrained base draws. The demo
+    world's muted backgrounds (its "red" tint has saturation 0.2) and its yellow shapes (hue 50) stay outside."""
     import numpy as np
 
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
-    return float(((r >= 0.35) & (r - np.maximum(g, b) > 0.15)).mean())
+    hsv = np.asarray(image.convert("RGB").convert("HSV"), dtype=np.float32) / 255.0
+    hue = hsv[..., 0] * 360.0
+    distance = np.minimum(hue, 360.0 - hue)
+    return float(((distance <= 20.0) & (hsv[..., 1] >= 0.5) & (hsv[..., 2] >= 0.35)).mean())
 
 
 def stripe_energy(image, cycles: int, band: int = 1) -> float:

@@ -91,7 +91,7 @@ def _metric_name(label: str) -> str:
     return "_".join(label.replace(":", " ").replace(",", " ").replace("+", " ").split())
 
 
-STATISTIC_TEXT = {"red_share": "share of saturated red pixels",
+STATISTIC_TEXT = {"red_share": "share of red pixels (hue within 20 degrees of red, saturation >= 0.5, value >= 0.35)",
                   "stripe_energy": "share of the brightness variation in vertical stripes of {cycles} periods"}
 
 
