@@ -19,11 +19,25 @@ from lora_pipeline.demo import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_project(root: Path, tiny_models, images_template) -> Path:
-    """A copy of the project at ``root``: its conf (no conf/local), the tiny models and the demo data."""
+# The demo subjects the whole-project tests run (each `kedro run` trains every one of them): the two SD1.x ones,
+# SDXL and Flux.1. The newer families' demo subjects are checked through Kedro by
+# tests/integration/test_family_subjects.py, and by their library tests.
+TEST_SUBJECTS = ("demo_lora", "demo_stripes", "demo_sdxl_lora", "demo_flux")
+
+
+def build_project(root: Path, tiny_models, images_template, subjects: tuple[str, ...] | None = TEST_SUBJECTS) -> Path:
+    """A copy of the project at ``root``: its conf (no conf/local) with the demo ``subjects`` (None: all), the tiny
+    models and the demo data."""
+    import yaml
+
     root.mkdir(parents=True)
     shutil.copy(REPO_ROOT / "pyproject.toml", root)
     shutil.copytree(REPO_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    if subjects is not None:
+        listed = root / "conf" / "demo" / "subjects.yml"
+        config = yaml.safe_load(listed.read_text(encoding="utf-8"))
+        config["subjects"] = {name: config["subjects"][name] for name in subjects}
+        listed.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     (root / "conf" / "local").mkdir()
     (root / "src").mkdir()  # Kedro checks it exists; the package itself is installed
     for name, path in tiny_models.items():

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # a whole pipeline through Kedro (see make test-f
 
 # The subjects that caption demo_lora's images (conf/demo/subjects.yml): the captions cache is shared, so the first
 # of them to run captions each image and the others find it cached, in whatever order Kedro runs them.
-SHARING_DEMO_IMAGES = ("demo_lora", "demo_sdxl_lora", "demo_flux", "demo_sd3", "demo_chroma", "demo_z_image")
+SHARING_DEMO_IMAGES = ("demo_lora", "demo_sdxl_lora", "demo_flux")
 
 
 def newly_captioned(root: Path, kedro_run) -> int:
