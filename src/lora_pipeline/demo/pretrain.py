@@ -210,7 +210,7 @@ def train_unet(components, pixels: torch.Tensor, captions: list[str], config: Pr
     with tqdm(range(config.unet_steps), desc="pre-training tiny UNet", unit="step") as bar:
         for _ in bar:
             index = torch.randint(0, len(mean), (config.unet_batch,), generator=generator)
-            latents = family.sample_latents(mean[index], std[index], generator, vae.config)
+            latents = family.sample_latents(mean[index], std[index], generator, vae)
             drop = torch.rand(config.unet_batch, generator=generator) < config.caption_dropout
             words = torch.randint(0, len(UNKNOWN_WORDS), (config.unet_batch,), generator=generator)
             prefixed = torch.rand(config.unet_batch, generator=generator) < config.unknown_word_share

@@ -399,6 +399,132 @@ def build_tiny_z_image(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+# Flux.2 dev (configs only): its transformer and Mistral-Small-3.1-24B's text tower, for module counts and memory
+# figures on the meta device (the transformer's config is diffusers' default, which is the released one).
+FLUX2_TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48,
+                                attention_head_dim=128, num_attention_heads=48, joint_attention_dim=15360,
+                                timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                                rope_theta=2000, guidance_embeds=True)
+MISTRAL_SMALL_3_TEXT_CONFIG = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                   max_position_embeddings=131072, rope_theta=1000000000.0)
+# Mistral's instruct format for a system and a user turn, their content a list of {"type": "text"} parts as
+# Flux2Pipeline's format_input builds them.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ '<s>' }}{% for message in messages %}"
+    "{% set text = message['content'] if message['content'] is string else "
+    "message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{% else %}{{ '[INST]' + text + '[/INST]' }}{% endif %}{% endfor %}"
+)
+
+
+def build_mistral_tokenizer(max_length: int = 128):
+    """A byte-level BPE tokenizer with Mistral's instruct special tokens and a chat template that reads
+    Flux2Pipeline's list-of-parts messages, trained here over WORDS (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS)] * 10, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        model_max_length=max_length)
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_flux2(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Flux.2 pipeline folder with the real classes: ``Flux2Transformer2DModel`` (1 double and 1 single
+    block, 4 RoPE axes summing to the head dim, a guidance embedding), a tiny ``Mistral3ForConditionalGeneration``
+    with 30 text layers (the pipeline stacks hidden states 10, 20 and 30, so the transformer's text width is 3x the
+    encoder's), and an ``AutoencoderKLFlux2`` (32 latent channels) whose batch-norm statistics are not the identity,
+    so the latent normalisation is exercised."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_mistral_tokenizer()
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=30, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, image_size=32, patch_size=16),
+        image_token_index=len(tokenizer) - 1)
+    text_encoder = Mistral3ForConditionalGeneration(config)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * 32, timestep_guidance_channels=32, mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=32, norm_num_groups=8,
+        sample_size=64)
+    with torch.no_grad():
+        vae.bn.running_mean.uniform_(-0.2, 0.2)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096, time_shift_type="exponential")
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         transformer=transformer)
+    pipe.save_pretrained(out_dir)
+    logger.info("Wrote tiny Flux.2 pipeline to %s", out_dir)
+    return out_dir
+
+
+# Qwen-Image (configs only): its scheduler (a resolution-dependent exponential shift), its transformer and its
+# Qwen2.5-VL-7B text encoder's language model, for module counts and memory figures on the meta device.
+QWEN_IMAGE_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, base_image_seq_len=256, base_shift=0.5,
+                                   max_image_seq_len=8192, max_shift=0.9, shift=1.0, shift_terminal=0.02,
+                                   time_shift_type="exponential", use_dynamic_shifting=True)
+QWEN_IMAGE_TRANSFORMER_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+                                     attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                                     guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+QWEN25_VL_7B_TEXT_CONFIG = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000)
+
+
+def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Qwen-Image pipeline folder with the real classes: ``QwenImageTransformer2DModel`` (2 blocks; RoPE axes
+    summing to the head dim as in the real one), a tiny ``Qwen2_5_VLForConditionalGeneration`` text encoder (the
+    pipeline conditions on its last hidden state; a one-block vision tower the prompts never use), a tiny
+    ``AutoencoderKLQwenImage`` with Qwen-Image's per-channel latent mean and std, and Qwen-Image's scheduler."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_tokenizer()
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         # multimodal RoPE sections summing to half the head dim (8), as [16, 24, 24] do to 128's
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[0])))
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                              axes_dims_rope=(4, 6, 6))
+    # three downsamples (8x), as the real one; its latents_mean / latents_std defaults are Qwen-Image's own
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG), vae=vae,
+                             text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(out_dir)
+    logger.info("Wrote tiny Qwen-Image pipeline to %s", out_dir)
+    return out_dir
+
+
 def build_tiny_blip(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny BLIP image-captioning model + processor (BERT word-piece tokenizer from a local vocab)."""
     from transformers import (
@@ -464,7 +590,7 @@ def build_all(models_dir: str | Path) -> dict[str, Path]:
     """Build every tiny model under ``models_dir`` (skipping those already there)."""
     models_dir = Path(models_dir)
     builders = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux,
-                "tiny-sd3": build_tiny_sd3, "tiny-chroma": build_tiny_chroma, "tiny-z-image": build_tiny_z_image, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip, "tiny-llm": build_tiny_llm}
+                "tiny-sd3": build_tiny_sd3, "tiny-chroma": build_tiny_chroma, "tiny-z-image": build_tiny_z_image, "tiny-qwen-image": build_tiny_qwen_image, "tiny-flux2": build_tiny_flux2, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip, "tiny-llm": build_tiny_llm}
     built = {}
     for name, builder in builders.items():
         target = models_dir / name

@@ -460,7 +460,7 @@ def loss_step(run: TrainingRun, inputs: dict[str, torch.Tensor], indices: Sequen
             vae = run.components.vae
             mean, std = latent_stats(vae, inputs["pixels"].to(device, vae.dtype, non_blocking=True), device)
             mean, std = mean.float().cpu(), std.float().cpu()
-    latents = family.sample_latents(mean, std, generator, run.components.vae.config)
+    latents = family.sample_latents(mean, std, generator, run.components.vae)
     noise, timesteps = run.objective.draw(latents.shape, generator)
     chosen = [run.examples[i % len(run.examples)] for i in indices]
     texts = [prepare_caption(ex.text, rng, params.caption_dropout, params.shuffle_tags, run.keep_tokens)
@@ -624,7 +624,7 @@ def denoising_loss(components: DiffusionComponents, examples: Sequence[Example],
         micro = family.micro_conditioning([ex], device)
         for t in timesteps:
             generator = torch.Generator().manual_seed(derive_seed(seed, index, t))
-            latents = family.sample_latents(stats["mean"], stats["std"], generator, components.vae.config)
+            latents = family.sample_latents(stats["mean"], stats["std"], generator, components.vae)
             latents = latents.unsqueeze(0).to(device)
             noise = objective.noise(latents.shape, generator).to(device)
             batch = objective.noised(latents, noise, torch.tensor([t], device=device))

@@ -21,6 +21,8 @@ from lora_pipeline.core.files import read_safetensors_header
 from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch, Objective
 from lora_pipeline.diffusion.families.chroma import CHROMA, ChromaFamily
 from lora_pipeline.diffusion.families.flux import FLUX, FluxFamily
+from lora_pipeline.diffusion.families.qwen_image import QWEN_IMAGE, QwenImageFamily
+from lora_pipeline.diffusion.families.flux2 import FLUX2, Flux2Family
 from lora_pipeline.diffusion.families.sd1 import SD1, SD1Family
 from lora_pipeline.diffusion.families.sd3 import SD3, SD3Family
 from lora_pipeline.diffusion.families.sdxl import SDXL, SDXLFamily
@@ -28,17 +30,17 @@ from lora_pipeline.diffusion.families.transformer import FlowMatchObjective, Tra
 from lora_pipeline.diffusion.families.unet import DDPMObjective, UNetFamily, sgm_unet_path, unet_layout
 from lora_pipeline.diffusion.families.z_image import Z_IMAGE, ZImageFamily
 
-__all__ = ["CHROMA", "FAMILIES", "FLUX", "ChromaFamily", "PLANNED", "SD1", "SD3", "SDXL", "Conditioning", "DDPMObjective", "FlowMatchObjective",
+__all__ = ["CHROMA", "FAMILIES", "FLUX", "FLUX2", "Flux2Family", "ChromaFamily", "PLANNED", "SD1", "SD3", "SDXL", "Conditioning", "DDPMObjective", "FlowMatchObjective",
            "FluxFamily", "ModelFamily", "NoisedBatch",
-           "Objective", "SD1Family", "SD3Family", "SDXLFamily", "TransformerFamily", "UNetFamily", "Z_IMAGE", "ZImageFamily", "detect_family", "get_family", "kohya_family_hint", "lora_header_family",
+           "Objective", "QWEN_IMAGE", "QwenImageFamily", "SD1Family", "SD3Family", "SDXLFamily", "TransformerFamily", "UNetFamily", "Z_IMAGE", "ZImageFamily", "detect_family", "get_family", "kohya_family_hint", "lora_header_family",
            "native_resolution", "resolve_family", "sgm_unet_path", "unet_layout"]
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL, FLUX, SD3, CHROMA, Z_IMAGE)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL, FLUX, SD3, CHROMA, Z_IMAGE, FLUX2,
+                                                                         QWEN_IMAGE)}
 # Where the next families plug in (kept here so the error below can name them).
-PLANNED = {"qwen_image": "Qwen-Image (QwenImageTransformer2DModel, Qwen2.5-VL)",
-           "flux2": "Flux.2 (Flux2Transformer2DModel)", "wan": "Wan 2.x video (frame datasets, a 3D VAE)",
+PLANNED = {"wan": "Wan 2.x video (frame datasets, a 3D VAE)",
            "hunyuan_video": "HunyuanVideo (frame datasets, a 3D VAE)"}
 FALLBACK = SD1  # a hub id whose model_index.json is not at hand
 

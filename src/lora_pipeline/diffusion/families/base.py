@@ -221,14 +221,15 @@ class ModelFamily(ABC):
     # ------------------------------------------------------------------ latents and the objective
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
-                       vae_config: Any) -> torch.Tensor:
+                       vae: Any) -> torch.Tensor:
         """A latent drawn from the VAE's distribution, shifted and scaled as the denoiser expects
-        (``(z - shift) * scale``; no shift where the VAE config has none)."""
+        (``(z - shift) * scale``; no shift where the VAE config has none). ``vae`` is the VAE itself, not only its
+        config: Flux.2 normalises by the batch-norm statistics in its weights."""
         latents = mean + std * torch.randn(mean.shape, generator=generator)
-        shift = getattr(vae_config, "shift_factor", None)
+        shift = getattr(vae.config, "shift_factor", None)
         if shift:
             latents = latents - shift
-        return latents * vae_config.scaling_factor
+        return latents * vae.config.scaling_factor
 
     @abstractmethod
     def objective(self, scheduler: Any, noise_offset: float = 0.0, min_snr_gamma: float | None = None,

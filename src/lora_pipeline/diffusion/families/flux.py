@@ -70,9 +70,10 @@ class FluxFamily(TransformerFamily):
         return targets
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
-        """BFL's layout, without Chroma's distilled guidance layer."""
+        """BFL's layout, without Chroma's distilled guidance layer or Flux.2's shared modulation."""
         return super().recognises_checkpoint(keys) and not any(
-            k.startswith(("distilled_guidance_layer.", "model.diffusion_model.distilled_guidance_layer.")) for k in keys)
+            k.removeprefix("model.diffusion_model.").startswith(("distilled_guidance_layer.",
+                                                                  "double_stream_modulation_img.")) for k in keys)
 
     def recognises_kohya_name(self, name: str) -> bool:
         return name.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_"))
