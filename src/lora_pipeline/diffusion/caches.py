@@ -36,10 +36,18 @@ def pixels(image, flipped: bool = False) -> torch.Tensor:
     return array / 127.5 - 1.0
 
 
+def takes_frames(vae) -> bool:
+    """Whether a VAE is a video VAE (3D convolutions: Qwen-Image's, Wan's), which encodes ``[B, 3, frames, H, W]``."""
+    conv_in = getattr(getattr(vae, "encoder", None), "conv_in", None)
+    return getattr(getattr(conv_in, "weight", None), "ndim", 4) == 5
+
+
 def latent_stats(vae, batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE's latent distribution (mean, std) of a pixel batch."""
-    dist = vae.encode(batch.to(device, vae.dtype)).latent_dist
-    return dist.mean, dist.std
+    """The VAE's latent distribution (mean, std) of a pixel batch; a video VAE sees each image as one frame and its
+    latents come back without the frame axis, so every family's cache holds ``[C, h, w]``."""
+    frames = takes_frames(vae)
+    dist = vae.encode(batch.to(device, vae.dtype).unsqueeze(2) if frames else batch.to(device, vae.dtype)).latent_dist
+    return (dist.mean.squeeze(2), dist.std.squeeze(2)) if frames else (dist.mean, dist.std)
 
 
 def encode_latents(components: DiffusionComponents, examples: Sequence[Example], cache: DiskCache, device: torch.device,
