@@ -28,7 +28,7 @@ demo: setup
 	mkdir -p docs && cp data/08_reporting/comparison_grid.png docs/comparison_grid.png
 	$(KEDRO) run --env demo --pipelines llm
 	@echo
-	@echo "Subjects (conf/demo/subjects.yml): demo_lora, demo_stripes (SD1.x), demo_sdxl_lora (SDXL), demo_flux (Flux.1), demo_sd3 (SD3.5), demo_chroma (Chroma), demo_z_image (Z-Image), demo_flux2 (Flux.2)"
+	@echo "Subjects (conf/demo/subjects.yml): demo_lora, demo_stripes (SD1.x), demo_sdxl_lora (SDXL), demo_flux (Flux.1), demo_sd3 (SD3.5), demo_chroma (Chroma), demo_z_image (Z-Image), demo_flux2 (Flux.2), demo_qwen_image (Qwen-Image)"
 	@echo "Normalized dataset:   data/03_primary/demo_lora/dataset/ (metadata.csv + images)"
 	@echo "Data-quality report:  $$(ls -td data/08_reporting/demo_lora/quality_report.csv/*/quality_report.csv | head -1)"
 	@echo "LoRA for WebUI/ComfyUI: $$(ls -t data/07_model_output/demo_lora.safetensors/*/demo_lora.safetensors | head -1)"
@@ -46,6 +46,8 @@ demo: setup
 	@echo "Z-Image LoRA (diffusers): $$(ls -td data/07_model_output/demo_z_image_diffusers/*/demo_z_image_diffusers | head -1)"
 	@echo "Flux.2 LoRA (ComfyUI):  $$(ls -t data/07_model_output/demo_flux2.safetensors/*/demo_flux2.safetensors | head -1)"
 	@echo "Flux.2 LoRA (diffusers): $$(ls -td data/07_model_output/demo_flux2_diffusers/*/demo_flux2_diffusers | head -1)"
+	@echo "Qwen-Image LoRA (ComfyUI): $$(ls -t data/07_model_output/demo_qwen_image.safetensors/*/demo_qwen_image.safetensors | head -1)"
+	@echo "Qwen-Image LoRA (diffusers): $$(ls -td data/07_model_output/demo_qwen_image_diffusers/*/demo_qwen_image_diffusers | head -1)"
 	@echo "LLM adapter (PEFT):     $$(ls -td data/07_model_output/demo_llm_lora_adapter/*/demo_llm_lora_adapter | head -1)"
 	@echo "Both subjects stacked:  $$(ls -td data/07_model_output/generated/*/generated | head -1)/000_00_seed3.png"
 	@echo "Comparison grid:        data/08_reporting/comparison_grid.png (copied to docs/), measured per cell in comparison_report.md"

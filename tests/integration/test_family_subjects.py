@@ -1,6 +1,7 @@
-"""The newer families' demo subjects (conf/demo/subjects.yml: demo_sd3, demo_chroma, demo_z_image) through Kedro in
-one `kedro run`: each is captioned, normalized, trained on its tiny base, exported (kohya file with its family's
-header, diffusers folder) and evaluated, in one project with the SD1.x subject beside them."""
+"""The newer families' demo subjects (conf/demo/subjects.yml: demo_sd3, demo_chroma, demo_z_image,
+demo_qwen_image, demo_flux2) through Kedro in one `kedro run`: each is captioned, normalized, trained on its tiny
+base, exported (kohya file with its family's header, diffusers folder) and evaluated, in one project with the SD1.x
+subject beside them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from lora_pipeline.core.files import newest_version, read_safetensors_header
 pytestmark = pytest.mark.slow
 
 FAMILY_SUBJECTS = {"demo_sd3": "stable-diffusion-3-5-medium/lora", "demo_chroma": "chroma/lora",
-                   "demo_z_image": "Z-Image/lora"}
+                   "demo_z_image": "Z-Image/lora", "demo_qwen_image": "Qwen-Image/lora",
+                   "demo_flux2": "flux-2-dev/lora"}
 
 
 def test_each_family_subject_trains_exports_and_evaluates(tmp_path, tiny_models, _demo_images_template, monkeypatch):
