@@ -1,5 +1,6 @@
 """LoRA training memory and step FLOPs for the other transformer families, from their real configs on the meta
-device (no weights, no GPU): SD3.5 Large, SD3.5 Medium, Chroma and Z-Image.
+device (no weights, no GPU): SD3.5 Large, SD3.5 Medium, Chroma, Z-Image, Flux.2 and
+Qwen-Image.
 
     python benchmarks/transformer_memory.py [--family sd3.5-large] [--rank 16] [--no-write]
 
@@ -54,6 +55,30 @@ def _chroma_inputs(config) -> dict[str, torch.Tensor]:
 Z_IMAGE_CAPTION = 512  # ZImagePipeline's max_sequence_length: the longest caption (it drops a prompt's padding)
 
 
+FLUX2_CAPTION = 512  # Flux2Pipeline's max_sequence_length (padded: every prompt is this long)
+
+
+def _flux2_inputs(config) -> dict[str, torch.Tensor]:
+    """Flux2Pipeline's call: 64x64 tokens of the 128-channel patchified latent, 4-axis ids, sigma, guidance."""
+    image = (IMAGE_LATENT // 2) ** 2
+    return dict(hidden_states=torch.randn(1, image, config.in_channels),
+                encoder_hidden_states=torch.randn(1, FLUX2_CAPTION, config.joint_attention_dim),
+                timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]), img_ids=torch.zeros(1, image, 4),
+                txt_ids=torch.zeros(1, FLUX2_CAPTION, 4))
+
+
+QWEN_IMAGE_CAPTION = 512  # one 512-token caption (QwenImagePipeline pads a batch to its longest, at most 1024)
+
+
+def _qwen_image_inputs(config) -> dict[str, Any]:
+    """QwenImagePipeline's call: 64x64 tokens of 2x2-packed latents with their img_shapes, the caption, sigma."""
+    side = IMAGE_LATENT // 2
+    return dict(hidden_states=torch.randn(1, side * side, config.in_channels),
+                encoder_hidden_states=torch.randn(1, QWEN_IMAGE_CAPTION, config.joint_attention_dim),
+                encoder_hidden_states_mask=torch.ones(1, QWEN_IMAGE_CAPTION, dtype=torch.bool),
+                timestep=torch.tensor([0.5]), img_shapes=[[(1, side, side)]])
+
+
 def _z_image_inputs(config) -> dict[str, Any]:
     """ZImagePipeline's call: one (C, 1, H, W) latent and one caption per image, time 1 - sigma."""
     return dict(x=[torch.randn(config.in_channels, 1, IMAGE_LATENT, IMAGE_LATENT)], t=torch.tensor([0.5]),
@@ -63,12 +88,18 @@ def _z_image_inputs(config) -> dict[str, Any]:
 def cases() -> dict[str, Case]:
     from lora_pipeline.demo.tiny_models import (
         CHROMA_TRANSFORMER_CONFIG,
+        FLUX2_TRANSFORMER_CONFIG,
+        MISTRAL3_24B_CONFIG,
         SD35_LARGE_TRANSFORMER_CONFIG,
         SD35_MEDIUM_TRANSFORMER_CONFIG,
         QWEN3_4B_CONFIG,
+        QWEN25_VL_7B_TEXT_CONFIG,
+        QWEN_IMAGE_TRANSFORMER_CONFIG,
         Z_IMAGE_TRANSFORMER_CONFIG,
     )
     from lora_pipeline.diffusion.families.flux import BLOCK_LINEARS as FLUX_BLOCKS
+    from lora_pipeline.diffusion.families.flux2 import BLOCK_LINEARS as FLUX2_BLOCKS
+    from lora_pipeline.diffusion.families.qwen_image import BLOCK_LINEARS as QWEN_IMAGE_BLOCKS
     from lora_pipeline.diffusion.families.sd3 import BLOCK_LINEARS as SD3_BLOCKS
     from lora_pipeline.diffusion.families.z_image import BLOCK_LINEARS as Z_IMAGE_BLOCKS
 
@@ -83,6 +114,14 @@ def cases() -> dict[str, Case]:
                        {"T5-XXL": ("T5EncoderModel", T5_XXL_CONFIG)}, _chroma_inputs),
         "z-image": Case("Z-Image", "ZImageTransformer2DModel", Z_IMAGE_TRANSFORMER_CONFIG, Z_IMAGE_BLOCKS,
                         {"Qwen3-4B": ("Qwen3Model", QWEN3_4B_CONFIG)}, _z_image_inputs),
+        # Qwen2.5-VL-7B's language model (the vision tower and lm_head the pipeline also loads are not counted)
+        "qwen-image": Case("Qwen-Image", "QwenImageTransformer2DModel", QWEN_IMAGE_TRANSFORMER_CONFIG,
+                           QWEN_IMAGE_BLOCKS, {"Qwen2.5-VL-7B (language model)": ("Qwen2_5_VLTextModel",
+                                                                               QWEN25_VL_7B_TEXT_CONFIG)},
+                           _qwen_image_inputs),
+        "flux2": Case("Flux.2 dev", "Flux2Transformer2DModel", FLUX2_TRANSFORMER_CONFIG, FLUX2_BLOCKS,
+                      {"Mistral-Small-3.1-24B": ("Mistral3ForConditionalGeneration", MISTRAL3_24B_CONFIG)},
+                      _flux2_inputs),
     }
 
 
@@ -156,7 +195,8 @@ def report(name: str, rank: int) -> str:
 
 
 @click.command(help=__doc__)
-@click.option("--family", "families", multiple=True, type=click.Choice(["sd3.5-large", "sd3.5-medium", "chroma", "z-image"]),
+@click.option("--family", "families", multiple=True, type=click.Choice(["sd3.5-large", "sd3.5-medium", "chroma", "z-image", "flux2",
+                                                                        "qwen-image"]),
               help="repeatable; all when not given")
 @click.option("--rank", type=int, default=16, show_default=True)
 @click.option("--no-write", is_flag=True, help="print only; leave RESULTS.md alone")

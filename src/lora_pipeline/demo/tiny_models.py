@@ -408,6 +408,13 @@ FLUX2_TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=128, num_layers=8, num
 MISTRAL_SMALL_3_TEXT_CONFIG = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
                                    num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                    max_position_embeddings=131072, rope_theta=1000000000.0)
+# The whole encoder Flux2Pipeline loads (Mistral3ForConditionalGeneration): the text tower, its Pixtral vision tower
+# and projector, which prompt encoding never runs but which are loaded with it.
+MISTRAL3_24B_CONFIG = dict(text_config=dict(model_type="mistral", **MISTRAL_SMALL_3_TEXT_CONFIG),
+                           vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096,
+                                              num_hidden_layers=24, num_attention_heads=16, head_dim=64,
+                                              image_size=1540, patch_size=14),
+                           spatial_merge_size=2)
 # Mistral's instruct format for a system and a user turn, their content a list of {"type": "text"} parts as
 # Flux2Pipeline's format_input builds them.
 MISTRAL_CHAT_TEMPLATE = (
