@@ -90,6 +90,8 @@ def test_flux2_is_detected_and_trains_the_block_linears(f2_trained, tiny_models)
     components, result = f2_trained["components"], f2_trained["result"]
     assert components.family is FLUX2 and detect_family(str(tiny_models["tiny-flux2"])) is FLUX2
     assert detect_family(str(tiny_models["tiny-flux"])) is FLUX
+    assert FLUX2.recognises_pipeline_class("Flux2Pipeline") and not FLUX.recognises_pipeline_class("Flux2Pipeline", True)
+    assert not FLUX2.recognises_pipeline_class("Flux2KleinPipeline", variants=True)  # Qwen3: not this family
     assert FLUX2.recognises_checkpoint(["double_stream_modulation_img.lin.weight", "double_blocks.0.img_attn.qkv.weight"])
     assert not FLUX.recognises_checkpoint(["double_stream_modulation_img.lin.weight",
                                            "double_blocks.0.img_attn.qkv.weight"])
@@ -239,3 +241,26 @@ def test_default_targets_on_the_real_flux2_config_and_their_kohya_modules():
 def test_interrupted_then_resumed_flux2_run_equals_uninterrupted(tiny_models, tiny_examples, tmp_path):
     assert_same_run(*straight_and_resumed(tiny_models, tiny_examples, tmp_path, str(tiny_models["tiny-flux2"]),
                                           **SETTINGS, shuffle_tags=True))
+
+
+def test_an_unknown_layout_and_a_flux1_lora_are_refused_by_name(tiny_models, tmp_path):
+    """A file in no layout this reads names its keys and the layouts accepted; a Flux.1 LoRA (same BFL names, but
+    per-block modulation Linears that Flux.2 does not have) names the module that has no layer here."""
+    from diffusers import Flux2Pipeline
+
+    from lora_pipeline.core.errors import DataError
+
+    pipe = Flux2Pipeline.from_pretrained(str(tiny_models["tiny-flux2"]))
+    mystery = tmp_path / "mystery.safetensors"
+    save_file({"model.blocks.0.attention.wq.lora_A.weight": torch.zeros(2, 32),
+               "model.blocks.0.attention.wq.lora_B.weight": torch.zeros(32, 2)}, str(mystery))
+    with pytest.raises(DataError) as info:
+        load_stack(pipe, FLUX2, {"mystery": mystery})
+    message = str(info.value)
+    assert "model.blocks.0.attention.wq.lora_A.weight" in message and "Flux.2" in message
+    assert "lora_unet_" in message and "diffusion_model." in message
+    flux1 = tmp_path / "flux1.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_mod_lin.lora_down.weight": torch.zeros(2, 32),
+               "lora_unet_double_blocks_0_img_mod_lin.lora_up.weight": torch.zeros(192, 2)}, str(flux1))
+    with pytest.raises(DataError, match="lora_unet_double_blocks_0_img_mod_lin"):
+        load_stack(pipe, FLUX2, {"flux1": flux1})

@@ -78,6 +78,10 @@ class Flux2Family(FluxFamily):
         """The block Linears when ``unet_targets`` is left as is; Mistral is not trained (no Flux.2 trainer does)."""
         return {self.denoiser: self.default_denoiser_targets(denoiser_targets, KOHYA_UNET_TARGETS, BLOCK_LINEARS)}
 
+    def recognises_pipeline_class(self, class_name: str, variants: bool = False) -> int:
+        """Flux2Pipeline and its variants, but not Flux.2 Klein (a Qwen3 encoder: another family, not built)."""
+        return 0 if class_name.startswith("Flux2Klein") else super().recognises_pipeline_class(class_name, variants)
+
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         """BFL's flux2-dev layout (shared modulation), with or without ComfyUI's ``model.diffusion_model.``."""
         return any(key.removeprefix("model.diffusion_model.").startswith(self.checkpoint_marker) for key in keys)
