@@ -264,3 +264,50 @@ def test_an_unknown_layout_and_a_flux1_lora_are_refused_by_name(tiny_models, tmp
                "lora_unet_double_blocks_0_img_mod_lin.lora_up.weight": torch.zeros(192, 2)}, str(flux1))
     with pytest.raises(DataError, match="lora_unet_double_blocks_0_img_mod_lin"):
         load_stack(pipe, FLUX2, {"flux1": flux1})
+
+
+# The transformer in BFL's flux2-dev layout, this test's own table (from diffusers' single-file converter's key maps):
+# BFL name -> diffusers name outside the blocks, and within a double / single block.
+BFL_PLAIN = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
+             "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+             "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+             "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+             "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+             "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+             "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+             "single_stream_modulation.lin": "single_stream_modulation.linear"}
+BFL_DOUBLE_NORMS = {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+                    "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k"}
+BFL_SINGLE_NORMS = {"norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}
+
+
+def bfl_checkpoint(transformer) -> dict[str, torch.Tensor]:
+    """``flux2-dev.safetensors``'s layout: every weight (Flux.2 has no biases), q/k/v fused, norms as ``.scale``,
+    the final adaLN's (scale, shift) swapped to BFL's (shift, scale)."""
+    ours = transformer.state_dict()
+    out = {f"{bfl}.weight": ours[f"{name}.weight"] for bfl, name in BFL_PLAIN.items()}
+    scale, shift = ours["norm_out.linear.weight"].chunk(2)
+    out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+    for path, parts in bfl_table(transformer).items():
+        out[f"{path}.weight"] = torch.cat([ours[f"{p}.weight"] for p in parts])
+    for kind, original, norms in (("transformer_blocks", "double_blocks", BFL_DOUBLE_NORMS),
+                                  ("single_transformer_blocks", "single_blocks", BFL_SINGLE_NORMS)):
+        for index in range(len(getattr(transformer, kind))):
+            for bfl, name in norms.items():
+                out[f"{original}.{index}.{bfl}.scale"] = ours[f"{kind}.{index}.{name}.weight"]
+    assert sum(t.numel() for t in out.values()) == sum(t.numel() for t in ours.values())  # nothing left out
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_a_bfl_flux2_transformer_file_loads_as_the_base_with_single_file_config(tiny_models, tmp_path):
+    from diffusers import Flux2Transformer2DModel
+
+    folder = tiny_models["tiny-flux2"]
+    original = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer")
+    checkpoint = tmp_path / "flux2-dev.safetensors"
+    save_file(bfl_checkpoint(original), checkpoint)
+    assert detect_family(checkpoint) is FLUX2  # not Flux.1, whose double_blocks it shares
+    components = load_diffusion_model(str(checkpoint), single_file_config=str(folder))
+    assert components.family is FLUX2 and components.vae is not None
+    loaded, expected = components.denoiser.state_dict(), original.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
