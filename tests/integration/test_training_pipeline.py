@@ -273,7 +273,7 @@ def test_comparison_grid_weight_zero_is_the_base_model_and_full_weight_differs(f
 @pytest.mark.slow
 def test_kedro_run_logs_the_comparison_grid_and_contact_sheet(first_run):
     assert _artifacts(first_run, first_run.last.info.run_id, "generation") == {
-        "generation/comparison_grid.png", "generation/contact_sheet.png"}
+        "generation/comparison_grid.png", "generation/contact_sheet.png", "generation/comparison_report.md"}
 
 
 # ---------- later runs on the same project (in this order; each checks what its own run changed)
