@@ -503,8 +503,12 @@ def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
     summing to the head dim as in the real one), a tiny ``Qwen2_5_VLForConditionalGeneration`` text encoder (the
     pipeline conditions on its last hidden state; a one-block vision tower the prompts never use), a tiny
     ``AutoencoderKLQwenImage`` with Qwen-Image's per-channel latent mean and std, and Qwen-Image's scheduler."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     out_dir = Path(out_dir)

@@ -21,8 +21,8 @@ from lora_pipeline.core.files import read_safetensors_header
 from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch, Objective
 from lora_pipeline.diffusion.families.chroma import CHROMA, ChromaFamily
 from lora_pipeline.diffusion.families.flux import FLUX, FluxFamily
-from lora_pipeline.diffusion.families.qwen_image import QWEN_IMAGE, QwenImageFamily
 from lora_pipeline.diffusion.families.flux2 import FLUX2, Flux2Family
+from lora_pipeline.diffusion.families.qwen_image import QWEN_IMAGE, QwenImageFamily
 from lora_pipeline.diffusion.families.sd1 import SD1, SD1Family
 from lora_pipeline.diffusion.families.sd3 import SD3, SD3Family
 from lora_pipeline.diffusion.families.sdxl import SDXL, SDXLFamily

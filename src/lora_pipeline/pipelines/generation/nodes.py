@@ -11,6 +11,7 @@ from PIL import Image
 from lora_pipeline.core.config import GenerationParams, PromptSpec
 from lora_pipeline.core.models import pick_device
 from lora_pipeline.core.spec import LoraFile
+from lora_pipeline.diffusion.evaluation import cell_statistics
 from lora_pipeline.diffusion.generation import (
     LoraSource,
     comparison_cells,
@@ -20,7 +21,6 @@ from lora_pipeline.diffusion.generation import (
     inference_pipeline,
     read_prompts_file,
 )
-from lora_pipeline.diffusion.evaluation import cell_statistics
 from lora_pipeline.diffusion.loading import load_diffusion_model
 from lora_pipeline.diffusion.prompts import parse_prompt, resolve_loras
 from lora_pipeline.diffusion.stack import load_stack
