@@ -25,7 +25,7 @@ from lora_pipeline.diffusion.prompts import LoraRef
 from lora_pipeline.diffusion.stack import load_stack
 from lora_pipeline.diffusion.training import Example, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.pretrained]
 SIDE = 128  # the world's resolution
 SUBJECTS = {"red": ("redchar", dict(red=True), 250, 3e-3), "stripes": ("stripechar", dict(stripes=True), 100, 2e-3)}
 

@@ -14,7 +14,7 @@ from train_helpers import make_params, summary_for
 
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.core.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
-from lora_pipeline.core.errors import ConfigError, DataError
+from lora_pipeline.core.errors import ConfigError, DataError, LoraPipelineError
 from lora_pipeline.demo.tiny_models import build_sdxl_architecture
 from lora_pipeline.diffusion.families import SD1, SDXL, detect_family
 from lora_pipeline.diffusion.loading import load_diffusion_model
@@ -236,8 +236,11 @@ def test_sd1_lora_on_an_sdxl_base_is_refused_with_the_reason(tiny_models, traine
                                        trained["summary"].unet_config(), "fp16", "t", "tiny")
     save_lora_file(tmp_path / "sd1.safetensors", state, metadata)
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_models["tiny-sdxl"]))
-    with pytest.raises(DataError, match="is it an SD1.x LoRA"):
-        load_stack(pipe, SDXL, {"sd1": tmp_path / "sd1.safetensors"})
+    with pytest.raises(LoraPipelineError, match=r"another model family than the base \(SDXL\): sd1 \(SD1.x\)"):
+        load_stack(pipe, SDXL, {"sd1": tmp_path / "sd1.safetensors"})  # its header says so
+    save_lora_file(tmp_path / "bare.safetensors", state, {})
+    with pytest.raises(DataError, match="is it an SD1.x LoRA"):  # no header: its module names say so
+        load_stack(pipe, SDXL, {"bare": tmp_path / "bare.safetensors"})
 
 
 def test_single_file_sdxl_base_loads_the_same_weights(tiny_models, tmp_path):
