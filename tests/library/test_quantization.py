@@ -267,3 +267,36 @@ def test_flux1_dev_figures_from_the_config():
     assert frozen["params"] == 11_901_408_320 and lora["lora_modules"] == 494  # Flux.1-dev's 11.9 B; kohya's 494
     assert frozen["nf4"] < frozen["nf4_fp32_absmax"] < frozen["float8"] < frozen["bf16"]
     assert 0.5 < frozen["nf4"] / frozen["params"] < 0.52 and 1.0 < frozen["float8"] / frozen["params"] < 1.01
+
+
+NEWER_FAMILIES = ("tiny-sd3", "tiny-chroma", "tiny-z-image", "tiny-qwen-image", "tiny-flux2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["nf4", "float8"])
+@pytest.mark.parametrize("model", NEWER_FAMILIES)
+def test_base_quantization_trains_every_transformer_family(model, method, tiny_models, tiny_examples, tmp_path):
+    """The same quantized-base path for the other transformer families (one loader, one trainer): the frozen
+    block Linears stored quantized, PEFT's LoRA on top, a few bf16 steps, every up weight trained, the kohya file
+    written with the family's names."""
+    base = str(tiny_models[model])
+    components = load_diffusion_model(base)
+    quantize_denoiser(components.denoiser, method, "cpu")  # what the loader does on CUDA, after its CUDA gate
+    params = make_params(tiny_models, tmp_path, base_model=base, base_quantization=method, mixed_precision="bf16",
+                         max_steps=3, lora_rank=4, alpha=2, learning_rate=1e-2)
+    result = train(components, tiny_examples, params, DiskCache(tmp_path / "cache"), dataset_hash="d")
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    denoiser = getattr(components.denoiser, "module", components.denoiser)
+    stored = {"nf4": "Params4bit", "float8": "Float8Tensor"}[method]
+    wrapped = [m for m in denoiser.modules() if hasattr(m, "base_layer")]
+    assert wrapped and all(type(m.base_layer.weight).__name__ == stored for m in wrapped)
+    # every up weight moved off zero, but for the last block's text stream, whose output nothing reads (its
+    # modules get no gradient in any trainer: SD3's add_q_proj, Qwen-Image's text attention output and MLP)
+    still_zero = [k for k, v in result.lora_state.items() if "lora_B" in k and not v.abs().max() > 0]
+    last = f".transformer_blocks.{getattr(denoiser.config, 'num_layers', 0) - 1}."
+    assert all(last in k and any(t in k for t in ("add_q_proj", "to_add_out", "txt_mlp", "ff_context"))
+               for k in still_zero), still_zero
+    family = components.family
+    kohya = to_kohya_state_dict(result.lora_state, family, params.alpha, denoiser.config, torch.float32)
+    assert kohya and all(k.startswith(family.kohya_denoiser_prefix) for k in kohya)
+    assert all(torch.isfinite(t).all() for t in kohya.values())
