@@ -174,3 +174,26 @@ def assert_same_run(straight, resumed) -> None:
     for key, tensor in straight.lora_state.items():
         assert torch.equal(tensor, resumed.lora_state[key]), key
     assert any(tensor.abs().max() > 0 for key, tensor in straight.lora_state.items() if ".lora_B." in key)
+
+
+def random_lora_pair(transformer, paths, rank: int, generator, alpha: float = 3.0):
+    """A downloaded-looking fp16 LoRA pair over the stacked outputs of ``paths`` (one module, or a fused one's parts):
+    ``(down, up, alpha)``."""
+    paths = (paths,) if isinstance(paths, str) else tuple(paths)
+    width = transformer.get_submodule(paths[0]).in_features
+    out = sum(transformer.get_submodule(p).out_features for p in paths)
+    return (torch.randn(rank, width, generator=generator).half() * 0.2,
+            torch.randn(out, rank, generator=generator).half() * 0.2, alpha)
+
+
+def outputs_through_diffusers(pipeline_class, base_model: str, sources: dict, out) -> dict:
+    """``{name: transformer output}`` after diffusers' own ``load_lora_weights`` of each LoRA source (a file in any
+    layout diffusers converts, or our diffusers folder) on a fresh pipeline; each must change the output."""
+    outputs = {}
+    for name, source in sources.items():
+        pipe = pipeline_class.from_pretrained(base_model)
+        before = out(pipe.transformer)
+        pipe.load_lora_weights(str(source))
+        outputs[name] = out(pipe.transformer)
+        assert (outputs[name] - before).abs().max() > 1e-4, name
+    return outputs

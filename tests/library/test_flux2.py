@@ -14,7 +14,14 @@ import re
 import pytest
 import torch
 from safetensors.torch import save_file
-from train_helpers import assert_same_run, make_params, straight_and_resumed, summary_for
+from train_helpers import (
+    assert_same_run,
+    make_params,
+    outputs_through_diffusers,
+    random_lora_pair,
+    straight_and_resumed,
+    summary_for,
+)
 
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.demo.tiny_models import FLUX2_TRANSFORMER_CONFIG
@@ -169,23 +176,10 @@ def test_diffusers_reader_on_the_kohya_file_equals_our_diffusers_folder(f2_train
     kohya_path = f2_trained["tmp"] / "f2_kohya.safetensors"
     save_lora_file(kohya_path, state, header)
     folder = save_diffusers_lora(f2_trained["tmp"] / "f2_diffusers", result.lora_state, summary)
-    outputs = {}
-    for name, source in (("kohya", str(kohya_path)), ("diffusers", str(folder))):
-        pipe = Flux2Pipeline.from_pretrained(f2_trained["params"].base_model)
-        before = _out(pipe.transformer)
-        pipe.load_lora_weights(source)
-        outputs[name] = _out(pipe.transformer)
-        assert (outputs[name] - before).abs().max() > 1e-4, name
+    outputs = outputs_through_diffusers(Flux2Pipeline, f2_trained["params"].base_model, {"kohya": kohya_path, "diffusers": folder}, _out)
     trained = _out(components.denoiser)
     assert torch.allclose(outputs["diffusers"], trained, atol=1e-5)
     assert torch.allclose(outputs["kohya"], outputs["diffusers"], atol=1e-5)
-
-
-def _pair(transformer, paths: tuple[str, ...], rank: int, generator) -> tuple[torch.Tensor, torch.Tensor, float]:
-    width = transformer.get_submodule(paths[0]).in_features
-    out = sum(transformer.get_submodule(p).out_features for p in paths)
-    return (torch.randn(rank, width, generator=generator).half() * 0.2,
-            torch.randn(out, rank, generator=generator).half() * 0.2, 3.0)
 
 
 def test_downloaded_kohya_bfl_and_ai_toolkit_loras_stack_by_the_rule(tiny_models, tmp_path):
@@ -195,14 +189,14 @@ def test_downloaded_kohya_bfl_and_ai_toolkit_loras_stack_by_the_rule(tiny_models
     base = _out(pipe.transformer)
     generator, table = torch.Generator().manual_seed(3), bfl_table(pipe.transformer)
     # a: kohya-style (musubi-tuner) fused qkv and linear1; b: BFL names under diffusion_model., lora_A / lora_B
-    rule = {"a": {"lora_unet_" + p.replace(".", "_"): _pair(pipe.transformer, table[p], 2, generator)
+    rule = {"a": {"lora_unet_" + p.replace(".", "_"): random_lora_pair(pipe.transformer, table[p], 2, generator)
                   for p in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1")},
-            "b": {p: _pair(pipe.transformer, table[p], 2, generator)
+            "b": {p: random_lora_pair(pipe.transformer, table[p], 2, generator)
                   for p in ("double_blocks.0.txt_attn.qkv", "double_blocks.0.img_mlp.2", "single_blocks.0.linear2")}}
     # c: ai-toolkit's expanded diffusers paths under diffusion_model., one module each
     c = {"diffusion_model.transformer_blocks.0.attn.to_k": "transformer_blocks.0.attn.to_k",
          "diffusion_model.transformer_blocks.0.ff_context.linear_in": "transformer_blocks.0.ff_context.linear_in"}
-    c_pairs = {name: _pair(pipe.transformer, (path,), 2, generator) for name, path in c.items()}
+    c_pairs = {name: random_lora_pair(pipe.transformer, (path,), 2, generator) for name, path in c.items()}
     state_a = {f"{n}.{k}": v for n, (d, u, a) in rule["a"].items()
                for k, v in (("lora_down.weight", d), ("lora_up.weight", u), ("alpha", torch.tensor(a).half()))}
     state_b = {f"diffusion_model.{n}.{k}": v for n, (d, u, a) in rule["b"].items()

@@ -14,7 +14,14 @@ import re
 import pytest
 import torch
 from safetensors.torch import save_file
-from train_helpers import assert_same_run, make_params, straight_and_resumed, summary_for
+from train_helpers import (
+    assert_same_run,
+    make_params,
+    outputs_through_diffusers,
+    random_lora_pair,
+    straight_and_resumed,
+    summary_for,
+)
 
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.demo.tiny_models import QWEN_IMAGE_TRANSFORMER_CONFIG
@@ -192,23 +199,11 @@ def test_diffusers_reader_on_our_kohya_and_comfyui_files_equals_our_diffusers_fo
     comfy_path = qi_trained["tmp"] / "qi_comfy.safetensors"
     save_file(comfy, comfy_path)
     folder = save_diffusers_lora(qi_trained["tmp"] / "qi_diffusers", result.lora_state, summary)
-    outputs = {}
-    for name, source in (("kohya", str(kohya_path)), ("comfy", str(comfy_path)), ("diffusers", str(folder))):
-        pipe = QwenImagePipeline.from_pretrained(qi_trained["params"].base_model)
-        before = _out(pipe.transformer)
-        pipe.load_lora_weights(source)
-        outputs[name] = _out(pipe.transformer)
-        assert (outputs[name] - before).abs().max() > 1e-4, name
+    outputs = outputs_through_diffusers(QwenImagePipeline, qi_trained["params"].base_model, {"kohya": kohya_path, "comfy": comfy_path, "diffusers": folder}, _out)
     trained = _out(components.denoiser)
     assert torch.allclose(outputs["diffusers"], trained, atol=1e-5)
     assert torch.allclose(outputs["kohya"], outputs["diffusers"], atol=1e-5)
     assert torch.allclose(outputs["comfy"], outputs["diffusers"], atol=1e-5)
-
-
-def _pair(transformer, path: str, rank: int, generator) -> tuple[torch.Tensor, torch.Tensor, float]:
-    layer = transformer.get_submodule(path)
-    return (torch.randn(rank, layer.in_features, generator=generator).half() * 0.2,
-            torch.randn(layer.out_features, rank, generator=generator).half() * 0.2, 3.0)
 
 
 def _state(modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]], down: str, up: str) -> dict:
@@ -230,7 +225,7 @@ def test_downloaded_kohya_comfyui_ai_toolkit_and_simpletuner_loras_stack_by_the_
                    "diffusion_model.transformer_blocks.0.txt_mlp.net.2": "transformer_blocks.0.txt_mlp.net.2"},
              "c": {"lycoris_transformer_blocks_0_attn_to_out_0": "transformer_blocks.0.attn.to_out.0",
                    "transformer_blocks.1.img_mlp.net.0.proj": "transformer_blocks.1.img_mlp.net.0.proj"}}
-    lora = {f: {n: _pair(pipe.transformer, p, 2, generator) for n, p in table.items()} for f, table in names.items()}
+    lora = {f: {n: random_lora_pair(pipe.transformer, p, 2, generator) for n, p in table.items()} for f, table in names.items()}
     for file, (down, up) in (("a", ("lora_down", "lora_up")), ("b", ("lora_A", "lora_B")),
                              ("c", ("lora_down", "lora_up"))):
         save_file(_state(lora[file], down, up), tmp_path / f"{file}.safetensors")

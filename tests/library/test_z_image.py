@@ -13,7 +13,14 @@ import re
 import pytest
 import torch
 from safetensors.torch import save_file
-from train_helpers import assert_same_run, make_params, straight_and_resumed, summary_for
+from train_helpers import (
+    assert_same_run,
+    make_params,
+    outputs_through_diffusers,
+    random_lora_pair,
+    straight_and_resumed,
+    summary_for,
+)
 
 from lora_pipeline.core.cache import DiskCache
 from lora_pipeline.demo.tiny_models import Z_IMAGE_TRANSFORMER_CONFIG
@@ -166,23 +173,10 @@ def test_diffusers_reader_on_the_kohya_file_equals_our_diffusers_folder(z_traine
     kohya_path = z_trained["tmp"] / "z_kohya.safetensors"
     save_lora_file(kohya_path, state, header)
     folder = save_diffusers_lora(z_trained["tmp"] / "z_diffusers", result.lora_state, summary)
-    outputs = {}
-    for name, source in (("kohya", str(kohya_path)), ("diffusers", str(folder))):
-        pipe = ZImagePipeline.from_pretrained(z_trained["params"].base_model)
-        before = _out(pipe.transformer)
-        pipe.load_lora_weights(source)
-        outputs[name] = _out(pipe.transformer)
-        assert (outputs[name] - before).abs().max() > 1e-4, name
+    outputs = outputs_through_diffusers(ZImagePipeline, z_trained["params"].base_model, {"kohya": kohya_path, "diffusers": folder}, _out)
     trained = _out(components.denoiser)
     assert torch.allclose(outputs["diffusers"], trained, atol=1e-5)
     assert torch.allclose(outputs["kohya"], outputs["diffusers"], atol=1e-5)
-
-
-def _pair(transformer, paths: tuple[str, ...], rank: int, generator) -> tuple[torch.Tensor, torch.Tensor, float]:
-    width = transformer.get_submodule(paths[0]).in_features
-    out = sum(transformer.get_submodule(p).out_features for p in paths)
-    return (torch.randn(rank, width, generator=generator).half() * 0.2,
-            torch.randn(out, rank, generator=generator).half() * 0.2, 3.0)
 
 
 def test_downloaded_kohya_comfyui_ai_toolkit_and_musubi_loras_stack_by_the_rule(tiny_models, tmp_path):
@@ -192,14 +186,14 @@ def test_downloaded_kohya_comfyui_ai_toolkit_and_musubi_loras_stack_by_the_rule(
     base = _out(pipe.transformer)
     generator, table = torch.Generator().manual_seed(3), comfy_table(pipe.transformer)
     # a: kohya / musubi's ComfyUI conversion (fused qkv); b: ComfyUI's dotted original names, lora_A / lora_B
-    rule = {"a": {n: _pair(pipe.transformer, table[n], 2, generator) for n in
+    rule = {"a": {n: random_lora_pair(pipe.transformer, table[n], 2, generator) for n in
                   ("lora_unet_layers_0_attention_qkv", "lora_unet_noise_refiner_0_adaLN_modulation_0")},
-            "b": {n: _pair(pipe.transformer, table[n], 2, generator) for n in
+            "b": {n: random_lora_pair(pipe.transformer, table[n], 2, generator) for n in
                   ("lora_unet_layers_1_attention_out", "lora_unet_context_refiner_0_feed_forward_w3")}}
     # c: ai-toolkit's diffusion_model.<diffusers path> and musubi's own lora_unet_<diffusers path>, one module each
     split = {"diffusion_model.layers.1.attention.to_k": "layers.1.attention.to_k",
              "lora_unet_layers_0_attention_to_v": "layers.0.attention.to_v"}
-    c = {name: _pair(pipe.transformer, (path,), 2, generator) for name, path in split.items()}
+    c = {name: random_lora_pair(pipe.transformer, (path,), 2, generator) for name, path in split.items()}
     state_a = {f"{n}.{k}": v for n, (d, u, a) in rule["a"].items()
                for k, v in (("lora_down.weight", d), ("lora_up.weight", u), ("alpha", torch.tensor(a).half()))}
     state_b = {}
