@@ -36,15 +36,7 @@ class ChromaFamily(FluxFamily):
     lora_architecture_prefix = "chroma"
     lora_base_versions = ("chroma",)
 
-    @property
-    def default_targets(self) -> dict[str, Any]:  # type: ignore[override]
-        return {self.denoiser: super().default_targets[self.denoiser]}  # kohya trains T5 only on request
-
-    def lora_targets(self, denoiser_targets: Sequence[str], text_encoder_targets: Sequence[str] | None
-                     ) -> dict[str, Any]:
-        """Every Linear of the double and single blocks (Flux's default: the pruned modulation layers are simply not
-        there); T5 is not trained (kohya's ``train_t5xxl``, not offered here)."""
-        return super().lora_targets(denoiser_targets, None)
+    trained_text_encoders = ()  # T5: kohya's train_t5xxl, not offered here
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         return any("distilled_guidance_layer." in key for key in keys)

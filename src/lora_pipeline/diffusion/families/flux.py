@@ -14,7 +14,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from lora_pipeline.core.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
 from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.diffusion.families.base import Conditioning, NoisedBatch
 from lora_pipeline.diffusion.families.transformer import FlowMatchObjective, TransformerFamily
@@ -55,19 +54,8 @@ class FluxFamily(TransformerFamily):
     single_file_is_denoiser_only = True  # BFL's flux1-dev.safetensors: the transformer in its original layout
     layout = FLUX1_LAYOUT
 
-    @property
-    def default_targets(self) -> dict[str, Any]:  # type: ignore[override]
-        return {self.denoiser: BLOCK_LINEARS, "text_encoder": tuple(KOHYA_TE_TARGETS)}
-
-    def lora_targets(self, denoiser_targets: Sequence[str], text_encoder_targets: Sequence[str] | None
-                     ) -> dict[str, Any]:
-        """The UNet default (``training.unet_targets`` left as is) means kohya's Flux default; the text encoder
-        trained is CLIP-L (kohya trains T5 only on request, which this does not offer yet)."""
-        targets: dict[str, Any] = {self.denoiser: self.default_denoiser_targets(denoiser_targets, KOHYA_UNET_TARGETS,
-                                                                                BLOCK_LINEARS)}
-        if text_encoder_targets is not None:
-            targets["text_encoder"] = list(text_encoder_targets)
-        return targets
+    block_linears = BLOCK_LINEARS
+    trained_text_encoders = ("text_encoder",)  # CLIP-L (kohya trains T5 only on request, not offered here)
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         """BFL's layout, without Chroma's distilled guidance layer or Flux.2's shared modulation."""

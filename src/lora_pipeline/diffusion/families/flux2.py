@@ -23,7 +23,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from lora_pipeline.core.config import KOHYA_UNET_TARGETS
 from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.diffusion.families.base import Conditioning, NoisedBatch
 from lora_pipeline.diffusion.families.flux import GUIDANCE_FOR_TRAINING, FluxFamily
@@ -69,14 +68,8 @@ class Flux2Family(FluxFamily):
     checkpoint_marker = "double_stream_modulation_img."
     layout = FLUX2_LAYOUT
 
-    @property
-    def default_targets(self) -> dict[str, Any]:  # type: ignore[override]
-        return {self.denoiser: BLOCK_LINEARS}
-
-    def lora_targets(self, denoiser_targets: Sequence[str], text_encoder_targets: Sequence[str] | None
-                     ) -> dict[str, Any]:
-        """The block Linears when ``unet_targets`` is left as is; Mistral is not trained (no Flux.2 trainer does)."""
-        return {self.denoiser: self.default_denoiser_targets(denoiser_targets, KOHYA_UNET_TARGETS, BLOCK_LINEARS)}
+    block_linears = BLOCK_LINEARS
+    trained_text_encoders = ()  # Mistral: no Flux.2 trainer trains it
 
     def recognises_pipeline_class(self, class_name: str, variants: bool = False) -> int:
         """Flux2Pipeline and its variants, but not Flux.2 Klein (a Qwen3 encoder: another family, not built)."""

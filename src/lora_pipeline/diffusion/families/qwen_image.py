@@ -25,7 +25,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from lora_pipeline.core.config import KOHYA_UNET_TARGETS
 from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch
 from lora_pipeline.diffusion.families.transformer import ORIGINAL_PREFIX, TransformerFamily
@@ -66,14 +65,8 @@ class QwenImageFamily(TransformerFamily):
     layout = QWEN_IMAGE_LAYOUT
     lora_file_layouts = FILE_LAYOUTS
 
-    @property
-    def default_targets(self) -> dict[str, Any]:  # type: ignore[override]
-        return {self.denoiser: BLOCK_LINEARS}
-
-    def lora_targets(self, denoiser_targets: Sequence[str], text_encoder_targets: Sequence[str] | None
-                     ) -> dict[str, Any]:
-        """musubi-tuner's default when ``unet_targets`` is left as is; Qwen2.5-VL is not trained (musubi does not)."""
-        return {self.denoiser: self.default_denoiser_targets(denoiser_targets, KOHYA_UNET_TARGETS, BLOCK_LINEARS)}
+    block_linears = BLOCK_LINEARS  # musubi-tuner's default
+    trained_text_encoders = ()  # Qwen2.5-VL: musubi does not train it
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         """With or without ComfyUI's ``model.diffusion_model.``."""

@@ -19,7 +19,6 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from lora_pipeline.core.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
 from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.diffusion.families.base import Conditioning, NoisedBatch
 from lora_pipeline.diffusion.families.transformer import TransformerFamily
@@ -83,20 +82,8 @@ class SD3Family(TransformerFamily):
     layout = SD3_LAYOUT
     loss_weight_power = 2  # the preconditioned (clean-latent) loss, see the module docstring
 
-    @property
-    def default_targets(self) -> dict[str, Any]:  # type: ignore[override]
-        return {self.denoiser: BLOCK_LINEARS, "text_encoder": tuple(KOHYA_TE_TARGETS),
-                "text_encoder_2": tuple(KOHYA_TE_TARGETS)}
-
-    def lora_targets(self, denoiser_targets: Sequence[str], text_encoder_targets: Sequence[str] | None
-                     ) -> dict[str, Any]:
-        """kohya's MMDiT default when ``unet_targets`` is left as is; trained text encoders are the two CLIPs (T5
-        only on request in kohya, not offered here)."""
-        targets: dict[str, Any] = {self.denoiser: self.default_denoiser_targets(denoiser_targets, KOHYA_UNET_TARGETS,
-                                                                                BLOCK_LINEARS)}
-        if text_encoder_targets is not None:
-            targets.update({name: list(text_encoder_targets) for name in self.clip_encoders})
-        return targets
+    block_linears = BLOCK_LINEARS
+    trained_text_encoders = ("text_encoder", "text_encoder_2")  # the two CLIPs (T5 only on request in kohya)
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         return any("joint_blocks." in key for key in keys[:2000])

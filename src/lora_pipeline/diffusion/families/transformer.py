@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
+from lora_pipeline.core.config import KOHYA_TE_TARGETS, KOHYA_UNET_TARGETS
 from lora_pipeline.core.errors import ConfigError
 from lora_pipeline.diffusion.families.base import ModelFamily, NoisedBatch, Objective
 from lora_pipeline.diffusion.flow_matching import noisy_and_target, sample_sigmas
@@ -57,6 +58,24 @@ class TransformerFamily(ModelFamily):
     layout: ClassVar[OriginalLayout]
     clip_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # the text encoders that are CLIP models
     loss_weight_power: ClassVar[int] = 0  # see FlowMatchObjective
+
+    block_linears: ClassVar[str]  # the default LoRA targets in the denoiser, as a PEFT regex (the trainers' default)
+    # the text encoders ``train_text_encoder: true`` trains (the trainers' default; T5 and the LLM encoders: none)
+    trained_text_encoders: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def default_targets(self) -> dict[str, Any]:  # type: ignore[override]
+        return {self.denoiser: self.block_linears, **{name: tuple(KOHYA_TE_TARGETS) for name in self.trained_text_encoders}}
+
+    def lora_targets(self, denoiser_targets: Sequence[str], text_encoder_targets: Sequence[str] | None
+                     ) -> dict[str, Any]:
+        """``training.unet_targets`` left at its (SD) default means the family's ``block_linears``; the trained text
+        encoders are ``trained_text_encoders`` (a family without any ignores ``train_text_encoder``)."""
+        targets: dict[str, Any] = {self.denoiser: self.block_linears if list(denoiser_targets) == list(KOHYA_UNET_TARGETS)
+                                   else list(denoiser_targets)}
+        if text_encoder_targets is not None:
+            targets.update({name: list(text_encoder_targets) for name in self.trained_text_encoders})
+        return targets
 
     def training_scheduler(self, scheduler: Any) -> Any:
         return scheduler  # flow matching draws its own sigmas; the scheduler only samples
@@ -156,7 +175,3 @@ class TransformerFamily(ModelFamily):
                 [denoiser[p][0] for p in group.parts], [denoiser[p][1] for p in group.parts], alpha)
         return modules
 
-    def default_denoiser_targets(self, denoiser_targets: Sequence[str], kohya_unet_default: Sequence[str],
-                                 block_linears: str) -> Any:
-        """``training.unet_targets`` left at its (SD) default means the family's own default, ``block_linears``."""
-        return block_linears if list(denoiser_targets) == list(kohya_unet_default) else list(denoiser_targets)

@@ -22,7 +22,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from lora_pipeline.core.config import KOHYA_UNET_TARGETS
 from lora_pipeline.core.errors import ConfigError, DataError
 from lora_pipeline.diffusion.families.base import Conditioning, NoisedBatch
 from lora_pipeline.diffusion.families.transformer import ORIGINAL_PREFIX, TransformerFamily
@@ -63,14 +62,8 @@ class ZImageFamily(TransformerFamily):
     single_file_is_denoiser_only = True  # z_image_turbo_bf16.safetensors: the transformer in its original layout
     layout = Z_IMAGE_LAYOUT
 
-    @property
-    def default_targets(self) -> dict[str, Any]:  # type: ignore[override]
-        return {self.denoiser: BLOCK_LINEARS}
-
-    def lora_targets(self, denoiser_targets: Sequence[str], text_encoder_targets: Sequence[str] | None
-                     ) -> dict[str, Any]:
-        """musubi-tuner's default when ``unet_targets`` is left as is; Qwen3 is not trained (musubi does not)."""
-        return {self.denoiser: self.default_denoiser_targets(denoiser_targets, KOHYA_UNET_TARGETS, BLOCK_LINEARS)}
+    block_linears = BLOCK_LINEARS  # musubi-tuner's default
+    trained_text_encoders = ()  # Qwen3: musubi does not train it
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         """The original layout's modulated main layer (Lumina 2, the same NextDiT otherwise, keeps a SiLU at index
