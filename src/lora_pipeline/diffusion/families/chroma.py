@@ -37,18 +37,13 @@ class ChromaFamily(FluxFamily):
     lora_base_versions = ("chroma",)
 
     trained_text_encoders = ()  # T5: kohya's train_t5xxl, not offered here
+    no_clip_skip_because = ("a Chroma", "Chroma has no CLIP encoder")
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         return any("distilled_guidance_layer." in key for key in keys)
 
     def recognises_kohya_name(self, name: str) -> bool:
         return False  # the same names as Flux.1's: nothing tells them apart
-
-    def check_clip_skip(self, clip_skip: int) -> None:
-        if clip_skip > 1:
-            from lora_pipeline.core.errors import ConfigError
-
-            raise ConfigError(f"clip_skip {clip_skip} with a Chroma base: Chroma has no CLIP encoder. Set clip_skip: 1.")
 
     # ------------------------------------------------------------------ prompts
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from lora_pipeline.core.errors import ConfigError, DataError
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.diffusion.families.base import Conditioning, NoisedBatch
 from lora_pipeline.diffusion.families.transformer import FlowMatchObjective, TransformerFamily
 from lora_pipeline.diffusion.flux_names import (
@@ -56,6 +56,7 @@ class FluxFamily(TransformerFamily):
 
     block_linears = BLOCK_LINEARS
     trained_text_encoders = ("text_encoder",)  # CLIP-L (kohya trains T5 only on request, not offered here)
+    no_clip_skip_because = ("a Flux.1", "Flux uses CLIP-L's pooled output, which has no layers to skip (kohya's Flux scripts ignore clip_skip)")
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         """BFL's layout, without Chroma's distilled guidance layer or Flux.2's shared modulation."""
@@ -65,11 +66,6 @@ class FluxFamily(TransformerFamily):
 
     def recognises_kohya_name(self, name: str) -> bool:
         return name.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_"))
-
-    def check_clip_skip(self, clip_skip: int) -> None:
-        if clip_skip > 1:
-            raise ConfigError(f"clip_skip {clip_skip} with a Flux.1 base: Flux uses CLIP-L's pooled output, which has "
-                              f"no layers to skip (kohya's Flux scripts ignore clip_skip). Set clip_skip: 1.")
 
     # ------------------------------------------------------------------ prompts
 

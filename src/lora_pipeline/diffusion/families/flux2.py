@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from lora_pipeline.core.errors import ConfigError, DataError
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.diffusion.families.base import Conditioning, NoisedBatch
 from lora_pipeline.diffusion.families.flux import GUIDANCE_FOR_TRAINING, FluxFamily
 from lora_pipeline.diffusion.families.transformer import ORIGINAL_PREFIX
@@ -70,6 +70,7 @@ class Flux2Family(FluxFamily):
 
     block_linears = BLOCK_LINEARS
     trained_text_encoders = ()  # Mistral: no Flux.2 trainer trains it
+    no_clip_skip_because = ("a Flux.2", "Flux.2 conditions on Mistral's layers 10, 20 and 30 and has no CLIP encoder")
 
     def recognises_pipeline_class(self, class_name: str, variants: bool = False) -> int:
         """Flux2Pipeline and its variants, but not Flux.2 Klein (a Qwen3 encoder: another family, not built)."""
@@ -81,11 +82,6 @@ class Flux2Family(FluxFamily):
 
     def recognises_kohya_name(self, name: str) -> bool:
         return False  # Flux.1's BFL names: nothing in a module name tells them apart
-
-    def check_clip_skip(self, clip_skip: int) -> None:
-        if clip_skip > 1:
-            raise ConfigError(f"clip_skip {clip_skip} with a Flux.2 base: Flux.2 conditions on Mistral's layers 10, "
-                              f"20 and 30 and has no CLIP encoder. Set clip_skip: 1.")
 
     # ------------------------------------------------------------------ prompts
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from lora_pipeline.core.errors import ConfigError, DataError
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.diffusion.families.base import Conditioning, ModelFamily, NoisedBatch
 from lora_pipeline.diffusion.families.transformer import ORIGINAL_PREFIX, TransformerFamily
 from lora_pipeline.diffusion.flux_names import FileLayout
@@ -67,6 +67,7 @@ class QwenImageFamily(TransformerFamily):
 
     block_linears = BLOCK_LINEARS  # musubi-tuner's default
     trained_text_encoders = ()  # Qwen2.5-VL: musubi does not train it
+    no_clip_skip_because = ("a Qwen-Image", "Qwen-Image conditions on Qwen2.5-VL's last layer and has no CLIP encoder")
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         """With or without ComfyUI's ``model.diffusion_model.``."""
@@ -74,11 +75,6 @@ class QwenImageFamily(TransformerFamily):
 
     def recognises_kohya_name(self, name: str) -> bool:
         return name.startswith("lora_unet_transformer_blocks_")
-
-    def check_clip_skip(self, clip_skip: int) -> None:
-        if clip_skip > 1:
-            raise ConfigError(f"clip_skip {clip_skip} with a Qwen-Image base: Qwen-Image conditions on Qwen2.5-VL's "
-                              f"last layer and has no CLIP encoder. Set clip_skip: 1.")
 
     # ------------------------------------------------------------------ prompts
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from lora_pipeline.core.errors import ConfigError, DataError
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.diffusion.families.base import Conditioning, NoisedBatch
 from lora_pipeline.diffusion.families.transformer import TransformerFamily
 from lora_pipeline.diffusion.original_layout import BlockMap, OriginalLayout
@@ -84,17 +84,13 @@ class SD3Family(TransformerFamily):
 
     block_linears = BLOCK_LINEARS
     trained_text_encoders = ("text_encoder", "text_encoder_2")  # the two CLIPs (T5 only on request in kohya)
+    no_clip_skip_because = ("an SD3.5", "SD3 conditions on CLIP's penultimate layer already, and kohya's SD3 scripts have no clip_skip")
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         return any("joint_blocks." in key for key in keys[:2000])
 
     def recognises_kohya_name(self, name: str) -> bool:
         return name.startswith("lora_unet_joint_blocks_")
-
-    def check_clip_skip(self, clip_skip: int) -> None:
-        if clip_skip > 1:
-            raise ConfigError(f"clip_skip {clip_skip} with an SD3.5 base: SD3 conditions on CLIP's penultimate layer "
-                              f"already, and kohya's SD3 scripts have no clip_skip. Set clip_skip: 1.")
 
     # ------------------------------------------------------------------ prompts
 

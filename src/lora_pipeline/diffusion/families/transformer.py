@@ -77,6 +77,14 @@ class TransformerFamily(ModelFamily):
             targets.update({name: list(text_encoder_targets) for name in self.trained_text_encoders})
         return targets
 
+    # why ``clip_skip`` > 1 means nothing for this family: (article + short name, reason), for its error
+    no_clip_skip_because: ClassVar[tuple[str, str]]
+
+    def check_clip_skip(self, clip_skip: int) -> None:
+        if clip_skip > 1:
+            article, reason = self.no_clip_skip_because
+            raise ConfigError(f"clip_skip {clip_skip} with {article} base: {reason}. Set clip_skip: 1.")
+
     def training_scheduler(self, scheduler: Any) -> Any:
         return scheduler  # flow matching draws its own sigmas; the scheduler only samples
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from lora_pipeline.core.errors import ConfigError, DataError
+from lora_pipeline.core.errors import DataError
 from lora_pipeline.diffusion.families.base import Conditioning, NoisedBatch
 from lora_pipeline.diffusion.families.transformer import ORIGINAL_PREFIX, TransformerFamily
 from lora_pipeline.diffusion.original_layout import BlockMap, OriginalLayout, linear_layers
@@ -64,6 +64,7 @@ class ZImageFamily(TransformerFamily):
 
     block_linears = BLOCK_LINEARS  # musubi-tuner's default
     trained_text_encoders = ()  # Qwen3: musubi does not train it
+    no_clip_skip_because = ("a Z-Image", "Z-Image conditions on Qwen3's second-to-last layer already and has no CLIP encoder")
 
     def recognises_checkpoint(self, keys: Sequence[str]) -> bool:
         """The original layout's modulated main layer (Lumina 2, the same NextDiT otherwise, keeps a SiLU at index
@@ -72,11 +73,6 @@ class ZImageFamily(TransformerFamily):
 
     def recognises_kohya_name(self, name: str) -> bool:
         return name.startswith(("lora_unet_layers_", "lora_unet_noise_refiner_", "lora_unet_context_refiner_"))
-
-    def check_clip_skip(self, clip_skip: int) -> None:
-        if clip_skip > 1:
-            raise ConfigError(f"clip_skip {clip_skip} with a Z-Image base: Z-Image conditions on Qwen3's second-to-"
-                              f"last layer already and has no CLIP encoder. Set clip_skip: 1.")
 
     # ------------------------------------------------------------------ prompts
 
