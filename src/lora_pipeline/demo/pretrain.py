@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -51,8 +52,14 @@ class PretrainConfig:
     caption_dropout: float = 0.1  # empty prompt: what classifier-free guidance contrasts with
     # share of captions that get one made-up word in front (see :data:`UNKNOWN_WORDS`)
     unknown_word_share: float = 0.5
+    # What the UNet predicts. Not SD1.x's usual epsilon: from almost pure noise an epsilon model's picture is the
+    # noise minus its prediction, magnified 15x, so a small error there became the whole image's colour (every
+    # sample's background beige, a red LoRA's shape black, measured on this base). The velocity target weighs the
+    # picture itself at high noise (as SD 2.x's 768-v models do); the LoRA trainer and the samplers read it from
+    # the saved scheduler.
+    prediction_type: str = "v_prediction"
     seed: int = 0
-    format: int = 2  # bump when the training code changes what a config produces
+    format: int = 3  # bump when the training code changes what a config produces
 
     def key(self) -> str:
         return json_sha256(asdict(self), 16)
@@ -76,27 +83,34 @@ def cache_root() -> Path:
     return base / "lora_pipeline" / "pretrained"
 
 
-def ensure_pretrained_sd(target: str | Path, config: PretrainConfig = PretrainConfig(),
-                         cache: str | Path | None = None) -> Path:
-    """``target`` holds the tiny SD1.x base pre-trained with ``config``: copied from the machine's cache, which is
-    filled first when it lacks this config. Nothing is done when ``target`` already holds it."""
+def ensure_pretrained(target: str | Path, name: str, config: Any, build: Callable[[Path, Any], Any],
+                      cache: str | Path | None = None) -> Path:
+    """``target`` holds the tiny base ``name`` pre-trained with ``config`` (a frozen dataclass with ``key()``) by
+    ``build(folder, config)``: copied from the machine's cache, which is filled first when it lacks this config.
+    Nothing is done when ``target`` already holds it."""
     target, key = Path(target), config.key()
     marker = target / KEY_FILE
     if marker.is_file() and marker.read_text().strip() == key:
-        logger.info("Pre-trained tiny SD1.x base already in %s (key %s)", target, key)
+        logger.info("Pre-trained %s already in %s (key %s)", name, target, key)
         return target
-    cached = Path(cache or cache_root()) / f"tiny-sd-{key}"
+    cached = Path(cache or cache_root()) / f"{name}-{key}"
     if not (cached / KEY_FILE).is_file():
         started = time.monotonic()
         with atomic_folder(cached) as folder:
-            pretrain_tiny_sd(folder, config)
+            build(folder, config)
             atomic_write_text(folder / KEY_FILE, key + "\n")
-        logger.info("Pre-trained the tiny SD1.x base in %.0f s (cached in %s)", time.monotonic() - started, cached)
+        logger.info("Pre-trained %s in %.0f s (cached in %s)", name, time.monotonic() - started, cached)
     with atomic_folder(target) as folder:
         shutil.copytree(cached, folder, dirs_exist_ok=True)
         (folder / ".complete").write_text("ok\n")  # build_all's marker: the random base is not built over it
-    logger.info("Tiny SD1.x base pre-trained on the demo world: %s (key %s)", target, key)
+    logger.info("%s pre-trained on the demo world: %s (key %s)", name, target, key)
     return target
+
+
+def ensure_pretrained_sd(target: str | Path, config: PretrainConfig = PretrainConfig(),
+                         cache: str | Path | None = None) -> Path:
+    """The tiny SD1.x base pre-trained on the demo world, in ``target`` (see :func:`ensure_pretrained`)."""
+    return ensure_pretrained(target, "tiny-sd", config, pretrain_tiny_sd, cache)
 
 
 def world_tensor(images) -> torch.Tensor:
@@ -112,7 +126,7 @@ def _cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 20):
 
 def pretrain_tiny_sd(out_dir: str | Path, config: PretrainConfig = PretrainConfig()) -> Path:
     """Build the tiny SD1.x base, train its VAE and then its UNet on the demo world, save it to ``out_dir``."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler
 
     from lora_pipeline.demo.tiny_models import build_tiny_sd
     from lora_pipeline.demo.world import draw, random_scene
@@ -122,6 +136,7 @@ def pretrain_tiny_sd(out_dir: str | Path, config: PretrainConfig = PretrainConfi
     with tempfile.TemporaryDirectory(prefix="tiny-sd-") as scratch:
         components = load_diffusion_model(str(build_tiny_sd(Path(scratch) / "tiny-sd", seed=config.seed)), "sd1")
     components.vae = colour_keeping_vae(components.vae, config)
+    components.scheduler = DDPMScheduler.from_config(components.scheduler.config, prediction_type=config.prediction_type)
     size = (config.resolution, config.resolution)
     rng = np.random.default_rng(config.seed)
     scenes = [random_scene(rng) for _ in range(config.images)]
@@ -153,16 +168,15 @@ def colour_keeping_vae(vae, config: PretrainConfig):
 
 
 def train_vae(vae, pixels: torch.Tensor, config: PretrainConfig) -> None:
-    """Reconstruction (L1 + MSE) with a small KL term; then the latents' scaling factor (1 / their std over the
-    world), as Stable Diffusion's VAE has it, so the UNet sees unit-variance latents."""
+    """Reconstruction (L1 + MSE) with a small KL term; then the latents are standardised
+    (:func:`standardise_latents`), so the UNet sees unit-variance latents in every channel."""
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
     schedule = _cosine(optimizer, config.vae_steps)
     # A fixed, near-deterministic posterior (std 0.05): the log-variance half of the layer that writes the moments
-    # (quant_conv, or the encoder's last conv) is set and kept, so a sampled latent (as the LoRA trainer draws
-    # them) decodes as its mean does.
+    # (quant_conv) is set and kept, so a sampled latent (as the LoRA trainer draws them) decodes as its mean does.
     logvar = slice(vae.config.latent_channels, None)
-    conv_out = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
+    conv_out = vae.quant_conv
     with torch.no_grad():
         conv_out.weight[logvar] = 0.0
         conv_out.bias[logvar] = -6.0
@@ -184,9 +198,27 @@ def train_vae(vae, pixels: torch.Tensor, config: PretrainConfig) -> None:
             optimizer.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
+    standardise_latents(vae, pixels)
+
+
+def standardise_latents(vae, pixels: torch.Tensor) -> None:
+    """Give the VAE's latents of the world zero mean and unit variance per channel, decoding exactly as before.
+
+    Stable Diffusion's single ``scaling_factor`` (1 / the latents' std) left this VAE's channels at means up to 0.8
+    and stds from 0.5 to 2.2: a diffusion model treats every channel as unit-variance, so the weak ones (where the
+    shape's colour sat) were learned last. The per-channel affine map is folded into the two 1x1 convolutions
+    around the latent (``quant_conv`` writes it, ``post_quant_conv`` reads it), so the saved VAE is a plain
+    ``AutoencoderKL`` with ``scaling_factor`` 1 that any diffusers or ComfyUI loader reads as usual."""
     with torch.no_grad():
-        sample = torch.cat([vae.encode(pixels[i:i + 32]).latent_dist.mean for i in range(0, min(len(pixels), 128), 32)])
-    vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
+        latents = torch.cat([vae.encode(pixels[i:i + 32]).latent_dist.mean for i in range(0, min(len(pixels), 256), 32)])
+        mean, std = latents.mean((0, 2, 3)), latents.std((0, 2, 3))
+        channels, write, read = len(mean), vae.quant_conv, vae.post_quant_conv
+        write.weight[:channels] /= std[:, None, None, None]
+        write.bias[:channels] = (write.bias[:channels] - mean) / std
+        write.bias[channels:] -= 2 * torch.log(std)  # the log-variances, so the posterior's std scales with it
+        read.bias += read.weight[:, :, 0, 0] @ mean
+        read.weight *= std[None, :, None, None]
+    vae.register_to_config(scaling_factor=1.0)
 
 
 def train_unet(components, pixels: torch.Tensor, captions: list[str], config: PretrainConfig) -> None:
