@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 
 # The demo's two SD1.x LoRAs train longer than the tests' runs of conf/demo (30 / 20 steps), so that what each
 # teaches (red shapes, striped backgrounds) shows in the comparison grid of the pre-trained tiny base.
-DEMO_PARAMS := demo_lora.training.max_steps=250,demo_lora.training.learning_rate=0.003,demo_lora.training.save_steps=125,demo_lora.training.sample_every_steps=125,demo_stripes.training.max_steps=100,demo_stripes.training.learning_rate=0.002,demo_stripes.training.save_steps=50,demo_stripes.training.sample_every_steps=50
+DEMO_PARAMS := demo_lora.training.max_steps=400,demo_lora.training.learning_rate=0.004,demo_lora.training.save_steps=200,demo_lora.training.sample_every_steps=200,demo_stripes.training.max_steps=300,demo_stripes.training.learning_rate=0.003,demo_stripes.training.save_steps=150,demo_stripes.training.sample_every_steps=150
 
 demo: setup
 	$(PY) -m lora_pipeline.demo
