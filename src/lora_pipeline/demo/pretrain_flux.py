@@ -1,0 +1,207 @@
+"""Pre-train the tiny Flux.1 base on the demo world, as :mod:`lora_pipeline.demo.pretrain` does the tiny SD1.x one.
+
+The random tiny Flux.1-dev of :func:`~lora_pipeline.demo.tiny_models.build_tiny_flux` (its VAE rebuilt with fewer
+GroupNorm groups: :func:`~lora_pipeline.demo.pretrain.colour_keeping_vae`) learns, offline and from images of
+:mod:`lora_pipeline.demo.world`: its 16-channel VAE to reconstruct the world (red shapes and striped backgrounds
+included), then its transformer to generate the world (neither red nor stripes) with the family's own
+flow-matching objective. The text encoders (CLIP-L's pooled output, T5's sequence) stay as built.
+
+Flux's VAE has no quant convs, so its latents are not standardised by folding an affine map into them (as the SD
+base's are): the per-channel part is folded into the encoder's output conv and the decoder's input conv
+(:func:`standardise_flux_latents`), and what remains is the VAE config's ``shift_factor`` and ``scaling_factor``,
+which the family's ``sample_latents`` and ``FluxPipeline``'s decode apply as for the real Flux.1.
+
+The tiny base is not guidance-distilled (there is no teacher), so its guidance embedding is zeroed and frozen:
+every ``guidance_scale`` samples as the LoRA trainer's guidance 1 does.
+
+Cached as the SD base is (:func:`~lora_pipeline.demo.pretrain.ensure_pretrained`), under ``tiny-flux-<key>``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lora_pipeline.core.files import json_sha256
+from lora_pipeline.demo.pretrain import UNKNOWN_WORDS, _cosine, colour_keeping_vae, ensure_pretrained, world_tensor
+
+NAME = "tiny-flux"
+
+
+@dataclass(frozen=True)
+class PretrainFluxConfig:
+    resolution: int = 128  # the demo's (16 x 16 latents, 8 x 8 packed image tokens)
+    images: int = 384  # world images drawn (seeded): the transformer's training set
+    vae_steps: int = 300
+    vae_batch: int = 8
+    vae_crop: int = 64  # the VAE is convolutional: it trains on crops
+    vae_learning_rate: float = 4e-3
+    vae_norm_groups: int = 2  # see colour_keeping_vae
+    transformer_steps: int = 320
+    transformer_batch: int = 8
+    transformer_learning_rate: float = 6e-3
+    # the family objective's sigma sampling (see flow_matching.sample_sigmas)
+    timestep_sampling: str = "shift"
+    discrete_flow_shift: float = 3.1582
+    caption_dropout: float = 0.1
+    unknown_word_share: float = 0.5  # see pretrain.UNKNOWN_WORDS
+    seed: int = 0
+    format: int = 1  # bump when the training code changes what a config produces
+
+    def key(self) -> str:
+        return json_sha256(asdict(self), 16)
+
+
+def ensure_pretrained_flux(target: str | Path, config: PretrainFluxConfig = PretrainFluxConfig(),
+                           cache: str | Path | None = None) -> Path:
+    """The tiny Flux.1 base pre-trained on the demo world, in ``target`` (see :func:`ensure_pretrained`)."""
+    return ensure_pretrained(target, NAME, config, pretrain_tiny_flux, cache)
+
+
+def pretrain_tiny_flux(out_dir: str | Path, config: PretrainFluxConfig = PretrainFluxConfig()) -> Path:
+    """Build the tiny Flux.1 base, train its VAE and then its transformer on the demo world, save it to
+    ``out_dir`` (a diffusers ``FluxPipeline`` folder)."""
+    from lora_pipeline.demo.tiny_models import build_tiny_flux
+    from lora_pipeline.demo.world import draw, random_scene
+    from lora_pipeline.diffusion.loading import load_diffusion_model
+
+    torch.manual_seed(config.seed)
+    with tempfile.TemporaryDirectory(prefix="tiny-flux-") as scratch:
+        components = load_diffusion_model(str(build_tiny_flux(Path(scratch) / NAME, seed=config.seed)), "flux")
+    components.vae = colour_keeping_vae(components.vae, config)
+    size = (config.resolution, config.resolution)
+    rng = np.random.default_rng(config.seed)
+    scenes = [random_scene(rng) for _ in range(config.images)]
+    # The VAE also sees what the LoRAs will teach (a quarter red shapes, a quarter striped backgrounds).
+    codec_scenes = scenes[: config.images // 2] + [random_scene(rng, red=i % 2 == 0, stripes=i % 2 == 1 or i % 4 == 0)
+                                                   for i in range(config.images // 2)]
+    train_flux_vae(components.vae, world_tensor([draw(scene, size) for scene in codec_scenes]), config)
+    pixels = world_tensor([draw(scene, size) for scene in scenes])
+    mean, std = encode_world(components.vae, pixels)
+    mean, std = standardise_flux_latents(components.vae, mean, std)
+    train_transformer(components, mean, std, [scene.caption() for scene in scenes], config)
+    components.pipeline().save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def moments_conv(vae) -> torch.nn.Conv2d:
+    """The layer that writes the posterior's moments (mean, then log-variance, per latent channel): the quant conv
+    where the VAE has one (SD), else the encoder's output conv (Flux)."""
+    return vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+
+
+def train_flux_vae(vae, pixels: torch.Tensor, config: PretrainFluxConfig) -> None:
+    """Reconstruction (L1 + MSE) with a small KL term, the posterior's log-variance fixed (std 0.05) as
+    ``pretrain.train_vae`` does, here in the encoder's output conv (Flux's VAE has no quant conv)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
+    schedule = _cosine(optimizer, config.vae_steps)
+    logvar = slice(vae.config.latent_channels, None)
+    conv_out = moments_conv(vae)
+    with torch.no_grad():
+        conv_out.weight[logvar] = 0.0
+        conv_out.bias[logvar] = -6.0
+    vae.train()
+    crop = config.vae_crop
+    with tqdm(range(config.vae_steps), desc="pre-training tiny Flux VAE", unit="step") as bar:
+        for _ in bar:
+            index = torch.randint(0, len(pixels), (config.vae_batch,), generator=generator)
+            top, left = (int(v) for v in torch.randint(0, pixels.shape[-1] - crop + 1, (2,), generator=generator))
+            batch = pixels[index, :, top:top + crop, left:left + crop]
+            posterior = vae.encode(batch).latent_dist
+            recon = vae.decode(posterior.sample(generator)).sample
+            loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+            loss.backward()
+            conv_out.weight.grad[logvar] = 0.0
+            conv_out.bias.grad[logvar] = 0.0
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_world(vae, pixels: torch.Tensor, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior means and stds of ``pixels``, as the LoRA trainer's latent cache stores them."""
+    posteriors = [vae.encode(pixels[i:i + batch]).latent_dist for i in range(0, len(pixels), batch)]
+    return torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
+
+
+@torch.no_grad()
+def standardise_flux_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give the world's latents zero mean and unit variance per channel; returns ``mean`` and ``std`` as the
+    changed VAE encodes them.
+
+    The per-channel map is folded into the encoder's output conv (exact: it writes each channel's moments) and
+    the decoder's input conv (a 3x3 conv: exact for the scale; the mean goes into its bias, exact away from the
+    latent's one-pixel border, where the conv's zero padding saw 0 rather than the mean). Flux's scalar
+    ``shift_factor`` and ``scaling_factor`` are then what standardises the latents as a whole: 0 and 1."""
+    channel_mean, channel_std = mean.mean((0, 2, 3)), mean.std((0, 2, 3))
+    channels, write, read = len(channel_mean), moments_conv(vae), vae.decoder.conv_in
+    write.weight[:channels] /= channel_std[:, None, None, None]
+    write.bias[:channels] = (write.bias[:channels] - channel_mean) / channel_std
+    write.bias[channels:] -= 2 * torch.log(channel_std)
+    read.bias += read.weight.sum((2, 3)) @ channel_mean
+    read.weight *= channel_std[None, :, None, None]
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    view = (1, channels, 1, 1)
+    return (mean - channel_mean.view(view)) / channel_std.view(view), std / channel_std.view(view)
+
+
+def train_transformer(components, mean: torch.Tensor, std: torch.Tensor, captions: list[str],
+                      config: PretrainFluxConfig) -> None:
+    """The family's own flow-matching objective over the world's cached latents and prompt encodings (CLIP-L's
+    pooled output and T5's sequence), with caption dropout and :data:`UNKNOWN_WORDS` prefixes as
+    ``pretrain.train_unet`` does."""
+    from lora_pipeline.diffusion.families import Conditioning
+
+    family, transformer, vae = components.family, components.denoiser, components.vae
+    device = torch.device("cpu")
+    texts = sorted(set(captions))
+    texts += [f"{word}, {text}" for word in UNKNOWN_WORDS for text in texts] + [""]
+    with torch.no_grad():
+        encoded = [entry for i in range(0, len(texts), 32)
+                   for entry in components.encode_prompt(texts[i:i + 32], device).per_prompt()]
+    embeddings = dict(zip(texts, encoded))
+    guidance = getattr(transformer.time_text_embed, "guidance_embedder", None)
+    if guidance is not None:  # not distilled: the guidance embedding adds nothing, whatever guidance_scale is
+        with torch.no_grad():
+            guidance.linear_2.weight.zero_()
+            guidance.linear_2.bias.zero_()
+        guidance.requires_grad_(False)
+    trained = [p for p in transformer.parameters() if p.requires_grad]
+    objective = family.objective(components.scheduler, timestep_sampling=config.timestep_sampling,
+                                 discrete_flow_shift=config.discrete_flow_shift)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    optimizer = torch.optim.AdamW(trained, lr=config.transformer_learning_rate, weight_decay=0.0)
+    schedule = _cosine(optimizer, config.transformer_steps)
+    batch_size = config.transformer_batch
+    transformer.train()
+    with tqdm(range(config.transformer_steps), desc="pre-training tiny Flux transformer", unit="step") as bar:
+        for _ in bar:
+            index = torch.randint(0, len(mean), (batch_size,), generator=generator)
+            latents = family.sample_latents(mean[index], std[index], generator, vae)
+            drop = torch.rand(batch_size, generator=generator) < config.caption_dropout
+            words = torch.randint(0, len(UNKNOWN_WORDS), (batch_size,), generator=generator)
+            prefixed = torch.rand(batch_size, generator=generator) < config.unknown_word_share
+            prompts = ["" if d else f"{UNKNOWN_WORDS[w]}, {captions[i]}" if p else captions[i]
+                       for i, d, w, p in zip(index.tolist(), drop.tolist(), words.tolist(), prefixed.tolist())]
+            cond = Conditioning.stack([embeddings[prompt] for prompt in prompts], device)
+            noise, timesteps = objective.draw(latents.shape, generator)
+            batch = objective.noised(latents, noise, timesteps)
+            pred = family.predict(transformer, batch, cond, None, transformer.dtype)
+            loss = objective.per_sample_loss(pred, batch).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    transformer.eval()
