@@ -145,6 +145,7 @@ def pretrain_tiny_sd(out_dir: str | Path, config: PretrainConfig = PretrainConfi
                                                    for i in range(config.images // 2)]
     codec_pixels = world_tensor([draw(scene, size) for scene in codec_scenes])
     train_vae(components.vae, codec_pixels, config)
+    standardise_latents(components.vae, codec_pixels)
     pixels = world_tensor([draw(scene, size) for scene in scenes])
     train_unet(components, pixels, [scene.caption() for scene in scenes], config)
     pipe = components.pipeline(scheduler=DDIMScheduler.from_config(components.scheduler.config))
@@ -167,22 +168,29 @@ def colour_keeping_vae(vae, config: PretrainConfig):
     return AutoencoderKL.from_config({**vae.config, "norm_num_groups": config.vae_norm_groups})
 
 
-def train_vae(vae, pixels: torch.Tensor, config: PretrainConfig) -> None:
-    """Reconstruction (L1 + MSE) with a small KL term; then the latents are standardised
-    (:func:`standardise_latents`), so the UNet sees unit-variance latents in every channel."""
+def moments_conv(vae) -> torch.nn.Conv2d:
+    """The layer that writes the posterior's mean and log-variance: ``quant_conv`` where the VAE has one (SD),
+    else the encoder's output conv (Flux)."""
+    return vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+
+
+def train_vae(vae, pixels: torch.Tensor, config, desc: str = "pre-training tiny VAE") -> None:
+    """Reconstruction (L1 + MSE) with a small KL term (``config``: a :class:`PretrainConfig` or any config with
+    its ``vae_*`` fields and ``seed``)."""
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
     schedule = _cosine(optimizer, config.vae_steps)
     # A fixed, near-deterministic posterior (std 0.05): the log-variance half of the layer that writes the moments
-    # (quant_conv) is set and kept, so a sampled latent (as the LoRA trainer draws them) decodes as its mean does.
+    # (:func:`moments_conv`) is set and kept, so a sampled latent (as the LoRA trainer draws them) decodes as its
+    # mean does.
     logvar = slice(vae.config.latent_channels, None)
-    conv_out = vae.quant_conv
+    conv_out = moments_conv(vae)
     with torch.no_grad():
         conv_out.weight[logvar] = 0.0
         conv_out.bias[logvar] = -6.0
     vae.train()
     crop = config.vae_crop
-    with tqdm(range(config.vae_steps), desc="pre-training tiny VAE", unit="step") as bar:
+    with tqdm(range(config.vae_steps), desc=desc, unit="step") as bar:
         for _ in bar:
             index = torch.randint(0, len(pixels), (config.vae_batch,), generator=generator)
             top, left = (int(v) for v in torch.randint(0, pixels.shape[-1] - crop + 1, (2,), generator=generator))
@@ -198,7 +206,6 @@ def train_vae(vae, pixels: torch.Tensor, config: PretrainConfig) -> None:
             optimizer.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
-    standardise_latents(vae, pixels)
 
 
 def standardise_latents(vae, pixels: torch.Tensor) -> None:

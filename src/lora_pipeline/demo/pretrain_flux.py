@@ -25,11 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lora_pipeline.core.files import json_sha256
-from lora_pipeline.demo.pretrain import UNKNOWN_WORDS, _cosine, colour_keeping_vae, ensure_pretrained, world_tensor
+from lora_pipeline.demo.pretrain import (
+    UNKNOWN_WORDS,
+    _cosine,
+    colour_keeping_vae,
+    ensure_pretrained,
+    moments_conv,
+    train_vae,
+    world_tensor,
+)
 
 NAME = "tiny-flux"
 
@@ -81,50 +88,14 @@ def pretrain_tiny_flux(out_dir: str | Path, config: PretrainFluxConfig = Pretrai
     # The VAE also sees what the LoRAs will teach (a quarter red shapes, a quarter striped backgrounds).
     codec_scenes = scenes[: config.images // 2] + [random_scene(rng, red=i % 2 == 0, stripes=i % 2 == 1 or i % 4 == 0)
                                                    for i in range(config.images // 2)]
-    train_flux_vae(components.vae, world_tensor([draw(scene, size) for scene in codec_scenes]), config)
+    train_vae(components.vae, world_tensor([draw(scene, size) for scene in codec_scenes]), config,
+              desc="pre-training tiny Flux VAE")
     pixels = world_tensor([draw(scene, size) for scene in scenes])
     mean, std = encode_world(components.vae, pixels)
     mean, std = standardise_flux_latents(components.vae, mean, std)
     train_transformer(components, mean, std, [scene.caption() for scene in scenes], config)
     components.pipeline().save_pretrained(out_dir)
     return Path(out_dir)
-
-
-def moments_conv(vae) -> torch.nn.Conv2d:
-    """The layer that writes the posterior's moments (mean, then log-variance, per latent channel): the quant conv
-    where the VAE has one (SD), else the encoder's output conv (Flux)."""
-    return vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
-
-
-def train_flux_vae(vae, pixels: torch.Tensor, config: PretrainFluxConfig) -> None:
-    """Reconstruction (L1 + MSE) with a small KL term, the posterior's log-variance fixed (std 0.05) as
-    ``pretrain.train_vae`` does, here in the encoder's output conv (Flux's VAE has no quant conv)."""
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
-    schedule = _cosine(optimizer, config.vae_steps)
-    logvar = slice(vae.config.latent_channels, None)
-    conv_out = moments_conv(vae)
-    with torch.no_grad():
-        conv_out.weight[logvar] = 0.0
-        conv_out.bias[logvar] = -6.0
-    vae.train()
-    crop = config.vae_crop
-    with tqdm(range(config.vae_steps), desc="pre-training tiny Flux VAE", unit="step") as bar:
-        for _ in bar:
-            index = torch.randint(0, len(pixels), (config.vae_batch,), generator=generator)
-            top, left = (int(v) for v in torch.randint(0, pixels.shape[-1] - crop + 1, (2,), generator=generator))
-            batch = pixels[index, :, top:top + crop, left:left + crop]
-            posterior = vae.encode(batch).latent_dist
-            recon = vae.decode(posterior.sample(generator)).sample
-            loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
-            loss.backward()
-            conv_out.weight.grad[logvar] = 0.0
-            conv_out.bias.grad[logvar] = 0.0
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    vae.eval()
 
 
 @torch.no_grad()
