@@ -96,9 +96,18 @@ def ensure_pretrained(target: str | Path, name: str, config: Any, build: Callabl
     cached = Path(cache or cache_root()) / f"{name}-{key}"
     if not (cached / KEY_FILE).is_file():
         started = time.monotonic()
-        with atomic_folder(cached) as folder:
-            build(folder, config)
-            atomic_write_text(folder / KEY_FILE, key + "\n")
+        # One CPU thread while it trains: float sums in another order (two threads instead of one) made a different
+        # base from the same config and seed (weights apart by up to 0.3 after 600 steps, and a visibly worse grid),
+        # so the cache key would not name one result. With one thread, every machine on this torch build gets
+        # the same bytes.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with atomic_folder(cached) as folder:
+                build(folder, config)
+                atomic_write_text(folder / KEY_FILE, key + "\n")
+        finally:
+            torch.set_num_threads(threads)
         logger.info("Pre-trained %s in %.0f s (cached in %s)", name, time.monotonic() - started, cached)
     with atomic_folder(target) as folder:
         shutil.copytree(cached, folder, dirs_exist_ok=True)
