@@ -237,42 +237,68 @@ def standardise_latents(vae, pixels: torch.Tensor) -> None:
     vae.register_to_config(scaling_factor=1.0)
 
 
-def train_unet(components, pixels: torch.Tensor, captions: list[str], config: PretrainConfig) -> None:
-    """The family's own DDPM objective (noise, timesteps, target) over the world's cached latents and captions."""
+@torch.no_grad()
+def encode_world(vae, pixels: torch.Tensor, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior means and stds of ``pixels``, as the LoRA trainer's latent cache stores them."""
+    posteriors = [vae.encode(pixels[i:i + batch]).latent_dist for i in range(0, len(pixels), batch)]
+    return torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
+
+
+@torch.no_grad()
+def encode_captions(components, captions: list[str], batch: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Every caption, each also behind every :data:`UNKNOWN_WORDS` prefix, and "" (caption dropout), encoded
+    ``batch`` at a time: ``{text: one Conditioning.per_prompt entry}``."""
+    texts = sorted(set(captions))
+    texts += [f"{word}, {text}" for word in UNKNOWN_WORDS for text in texts] + [""]
+    device = torch.device("cpu")
+    encoded = [entry for i in range(0, len(texts), batch)
+               for entry in components.encode_prompt(texts[i:i + batch], device).per_prompt()]
+    return dict(zip(texts, encoded))
+
+
+def train_denoiser(components, objective, mean: torch.Tensor, std: torch.Tensor, captions: list[str],
+                   embeddings: dict[str, dict[str, torch.Tensor]], *, steps: int, batch: int, learning_rate: float,
+                   config, desc: str) -> None:
+    """The family's own objective over the world's cached latents and prompt encodings (:func:`encode_captions`),
+    with caption dropout and :data:`UNKNOWN_WORDS` prefixes (``config``'s ``caption_dropout``,
+    ``unknown_word_share`` and ``seed``). Trains the denoiser's parameters that require grad."""
     from lora_pipeline.diffusion.families import Conditioning
 
-    family, unet, vae = components.family, components.denoiser, components.vae
+    family, denoiser, vae = components.family, components.denoiser, components.vae
     device = torch.device("cpu")
-    with torch.no_grad():
-        posteriors = [vae.encode(pixels[i:i + 32]).latent_dist for i in range(0, len(pixels), 32)]
-        mean = torch.cat([p.mean for p in posteriors])
-        std = torch.cat([p.std for p in posteriors])
-        texts = sorted(set(captions))
-        texts += [f"{word}, {text}" for word in UNKNOWN_WORDS for text in texts] + [""]
-        embeddings = {text: components.encode_prompt([text], device).hidden[0] for text in texts}
-    objective = family.objective(components.scheduler)
+    trained = [p for p in denoiser.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(config.seed + 1)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_learning_rate, weight_decay=0.0)
-    schedule = _cosine(optimizer, config.unet_steps)
-    unet.train()
-    with tqdm(range(config.unet_steps), desc="pre-training tiny UNet", unit="step") as bar:
+    optimizer = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
+    schedule = _cosine(optimizer, steps)
+    denoiser.train()
+    with tqdm(range(steps), desc=desc, unit="step") as bar:
         for _ in bar:
-            index = torch.randint(0, len(mean), (config.unet_batch,), generator=generator)
+            index = torch.randint(0, len(mean), (batch,), generator=generator)
             latents = family.sample_latents(mean[index], std[index], generator, vae)
-            drop = torch.rand(config.unet_batch, generator=generator) < config.caption_dropout
-            words = torch.randint(0, len(UNKNOWN_WORDS), (config.unet_batch,), generator=generator)
-            prefixed = torch.rand(config.unet_batch, generator=generator) < config.unknown_word_share
+            drop = torch.rand(batch, generator=generator) < config.caption_dropout
+            words = torch.randint(0, len(UNKNOWN_WORDS), (batch,), generator=generator)
+            prefixed = torch.rand(batch, generator=generator) < config.unknown_word_share
             prompts = ["" if d else f"{UNKNOWN_WORDS[w]}, {captions[i]}" if p else captions[i]
                        for i, d, w, p in zip(index.tolist(), drop.tolist(), words.tolist(), prefixed.tolist())]
-            hidden = torch.stack([embeddings[prompt] for prompt in prompts])
+            cond = Conditioning.stack([embeddings[prompt] for prompt in prompts], device)
             noise, timesteps = objective.draw(latents.shape, generator)
-            batch = objective.noised(latents, noise, timesteps)
-            pred = family.predict(unet, batch, Conditioning(hidden), None, unet.dtype)
-            loss = objective.per_sample_loss(pred, batch).mean()
+            noised = objective.noised(latents, noise, timesteps)
+            pred = family.predict(denoiser, noised, cond, None, denoiser.dtype)
+            loss = objective.per_sample_loss(pred, noised).mean()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    unet.eval()
+    denoiser.eval()
+
+
+def train_unet(components, pixels: torch.Tensor, captions: list[str], config: PretrainConfig) -> None:
+    """The family's own DDPM objective (noise, timesteps, target) over the world's cached latents and captions."""
+    mean, std = encode_world(components.vae, pixels)
+    # one caption at a time, as the cached base was built (a batch of them rounds CLIP's sums differently)
+    embeddings = encode_captions(components, captions, batch=1)
+    train_denoiser(components, components.family.objective(components.scheduler), mean, std, captions, embeddings,
+                   steps=config.unet_steps, batch=config.unet_batch, learning_rate=config.unet_learning_rate,
+                   config=config, desc="pre-training tiny UNet")

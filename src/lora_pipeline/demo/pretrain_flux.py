@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lora_pipeline.core.files import json_sha256
 from lora_pipeline.demo.pretrain import (
-    UNKNOWN_WORDS,
-    _cosine,
     colour_keeping_vae,
+    encode_captions,
+    encode_world,
     ensure_pretrained,
     moments_conv,
+    train_denoiser,
     train_vae,
     world_tensor,
 )
@@ -99,13 +99,6 @@ def pretrain_tiny_flux(out_dir: str | Path, config: PretrainFluxConfig = Pretrai
 
 
 @torch.no_grad()
-def encode_world(vae, pixels: torch.Tensor, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The posterior means and stds of ``pixels``, as the LoRA trainer's latent cache stores them."""
-    posteriors = [vae.encode(pixels[i:i + batch]).latent_dist for i in range(0, len(pixels), batch)]
-    return torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
-
-
-@torch.no_grad()
 def standardise_flux_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Give the world's latents zero mean and unit variance per channel; returns ``mean`` and ``std`` as the
     changed VAE encodes them.
@@ -129,50 +122,17 @@ def standardise_flux_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> tupl
 def train_transformer(components, mean: torch.Tensor, std: torch.Tensor, captions: list[str],
                       config: PretrainFluxConfig) -> None:
     """The family's own flow-matching objective over the world's cached latents and prompt encodings (CLIP-L's
-    pooled output and T5's sequence), with caption dropout and :data:`UNKNOWN_WORDS` prefixes as
-    ``pretrain.train_unet`` does."""
-    from lora_pipeline.diffusion.families import Conditioning
-
-    family, transformer, vae = components.family, components.denoiser, components.vae
-    device = torch.device("cpu")
-    texts = sorted(set(captions))
-    texts += [f"{word}, {text}" for word in UNKNOWN_WORDS for text in texts] + [""]
-    with torch.no_grad():
-        encoded = [entry for i in range(0, len(texts), 32)
-                   for entry in components.encode_prompt(texts[i:i + 32], device).per_prompt()]
-    embeddings = dict(zip(texts, encoded))
+    pooled output and T5's sequence), as ``pretrain.train_unet`` trains the UNet."""
+    transformer = components.denoiser
+    embeddings = encode_captions(components, captions, batch=32)
     guidance = getattr(transformer.time_text_embed, "guidance_embedder", None)
     if guidance is not None:  # not distilled: the guidance embedding adds nothing, whatever guidance_scale is
         with torch.no_grad():
             guidance.linear_2.weight.zero_()
             guidance.linear_2.bias.zero_()
         guidance.requires_grad_(False)
-    trained = [p for p in transformer.parameters() if p.requires_grad]
-    objective = family.objective(components.scheduler, timestep_sampling=config.timestep_sampling,
-                                 discrete_flow_shift=config.discrete_flow_shift)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    optimizer = torch.optim.AdamW(trained, lr=config.transformer_learning_rate, weight_decay=0.0)
-    schedule = _cosine(optimizer, config.transformer_steps)
-    batch_size = config.transformer_batch
-    transformer.train()
-    with tqdm(range(config.transformer_steps), desc="pre-training tiny Flux transformer", unit="step") as bar:
-        for _ in bar:
-            index = torch.randint(0, len(mean), (batch_size,), generator=generator)
-            latents = family.sample_latents(mean[index], std[index], generator, vae)
-            drop = torch.rand(batch_size, generator=generator) < config.caption_dropout
-            words = torch.randint(0, len(UNKNOWN_WORDS), (batch_size,), generator=generator)
-            prefixed = torch.rand(batch_size, generator=generator) < config.unknown_word_share
-            prompts = ["" if d else f"{UNKNOWN_WORDS[w]}, {captions[i]}" if p else captions[i]
-                       for i, d, w, p in zip(index.tolist(), drop.tolist(), words.tolist(), prefixed.tolist())]
-            cond = Conditioning.stack([embeddings[prompt] for prompt in prompts], device)
-            noise, timesteps = objective.draw(latents.shape, generator)
-            batch = objective.noised(latents, noise, timesteps)
-            pred = family.predict(transformer, batch, cond, None, transformer.dtype)
-            loss = objective.per_sample_loss(pred, batch).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    transformer.eval()
+    objective = components.family.objective(components.scheduler, timestep_sampling=config.timestep_sampling,
+                                            discrete_flow_shift=config.discrete_flow_shift)
+    train_denoiser(components, objective, mean, std, captions, embeddings, steps=config.transformer_steps,
+                   batch=config.transformer_batch, learning_rate=config.transformer_learning_rate, config=config,
+                   desc="pre-training tiny Flux transformer")
