@@ -8,21 +8,31 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast test-demo clean-demo
+.PHONY: setup setup-demo demo test test-fast test-demo clean-demo
+
+# `make demo` installs what the demo and the workbench run on (.[ui]); `make test` adds the test tools (Airflow,
+# Playwright, kedro-viz, ONNX, ...), which took as long again to install (91 s against 183 s with a warm pip cache).
+$(VENV)/.installed-demo: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[ui]'
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	touch $@
+	touch $@ $(VENV)/.installed-demo
 
 setup: $(VENV)/.installed
+
+setup-demo: $(VENV)/.installed-demo
 
 # The demo's two SD1.x LoRAs train longer than the tests' runs of conf/demo (30 / 20 steps), so that what each
 # teaches (red shapes, striped backgrounds) shows in the comparison grid of the pre-trained tiny base.
 DEMO_PARAMS := demo_lora.training.max_steps=400,demo_lora.training.learning_rate=0.004,demo_lora.training.save_steps=200,demo_lora.training.sample_every_steps=200,demo_stripes.training.max_steps=300,demo_stripes.training.learning_rate=0.003,demo_stripes.training.save_steps=150,demo_stripes.training.sample_every_steps=150
 
-demo: setup
+demo: setup-demo
 	$(PY) -m lora_pipeline.demo
 	$(KEDRO) run --env demo --params "$(DEMO_PARAMS)"
 	mkdir -p docs && cp data/08_reporting/comparison_grid.png docs/comparison_grid.png

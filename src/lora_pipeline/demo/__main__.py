@@ -1,3 +1,4 @@
 from lora_pipeline.demo.assets import main
 
-main()
+if __name__ == "__main__":  # not in the processes that pre-train the bases (spawned: they import this module)
+    main()

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from lora_pipeline.demo import world
-from lora_pipeline.demo.pretrain import ensure_pretrained_sd
+from lora_pipeline.demo.pretrain import PretrainConfig, ensure_pretrained_sd
+from lora_pipeline.demo.pretrain_flux import PretrainFluxConfig, ensure_pretrained_flux
 from lora_pipeline.demo.tiny_models import build_all
 
 logger = logging.getLogger(__name__)
@@ -199,10 +203,46 @@ def write_demo_llm_data(path: str | Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode("utf-8"))
 
 
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+
+def pretrain_bases(models_dir: str | Path, sd_config: PretrainConfig = PretrainConfig(),
+                   flux_config: PretrainFluxConfig = PretrainFluxConfig(), cache: str | Path | None = None) -> None:
+    """The tiny SD1.x and Flux.1 bases that know the demo world, in ``models_dir``: each copied from the machine's
+    cache, or pre-trained there first (:func:`~lora_pipeline.demo.pretrain.ensure_pretrained`).
+
+    Side by side, one process each: a build runs on one CPU thread (so that its config names one result), and the
+    two together take the time of the longer one (the SD1.x base, about 4.5 minutes on a 2-core machine) rather
+    than the sum. Each process's progress bars get their own line (tqdm reads ``TQDM_POSITION`` when imported)."""
+    models_dir = Path(models_dir)
+    jobs = [(ensure_pretrained_sd, models_dir / "tiny-sd", sd_config),
+            (ensure_pretrained_flux, models_dir / "tiny-flux", flux_config)]
+    futures, pools = [], []
+    position = os.environ.get("TQDM_POSITION")
+    try:
+        for line, (ensure, target, config) in enumerate(jobs):
+            os.environ["TQDM_POSITION"] = str(line)  # read by the spawned process, which starts in submit()
+            pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_log_to_stderr)
+            pools.append(pool)
+            futures.append(pool.submit(ensure, target, config, cache))
+    finally:
+        if position is None:
+            os.environ.pop("TQDM_POSITION", None)
+        else:
+            os.environ["TQDM_POSITION"] = position
+    try:
+        for future in futures:
+            future.result()
+    finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
+
+
 def build_demo(root: str | Path = ".", force: bool = False) -> None:
     root = Path(root)
-    # First the tiny SD1.x base that knows the demo world (cached per machine); build_all then skips it.
-    ensure_pretrained_sd(root / "data" / "06_models" / "tiny-sd")
+    # First the tiny bases that know the demo world (cached per machine); build_all then skips them.
+    pretrain_bases(root / "data" / "06_models")
     build_all(root / "data" / "06_models")
     build_demo_images(root / "data" / "01_raw" / "demo_lora" / "images", force=force)
     write_demo_review(root / "data" / "01_raw" / "demo_lora" / "reviewed_captions.csv")
