@@ -12,16 +12,14 @@ export PYTHONUNBUFFERED := 1
 
 # `make demo` installs what the demo and the workbench run on (.[ui]); `make test` adds the test tools (Airflow,
 # Playwright, kedro-viz, ONNX, ...), which took as long again to install (91 s against 183 s with a warm pip cache).
+INSTALL = python3 -m venv $(VENV) && $(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e
+
 $(VENV)/.installed-demo: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[ui]'
+	$(INSTALL) '.[ui]'
 	touch $@
 
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(INSTALL) '.[test]'
 	touch $@ $(VENV)/.installed-demo
 
 setup: $(VENV)/.installed

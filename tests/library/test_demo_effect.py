@@ -85,8 +85,9 @@ def _train_subject(base, name: str, dataset, tmp) -> str:
 
 def test_each_demo_lora_shows_more_of_what_it_teaches_as_its_weight_grows(world_base, demo_datasets, tmp_path):
     files = {name: _train_subject(world_base, name, demo_datasets[name], tmp_path) for name in SUBJECTS}
-    pipe = inference_pipeline(load_diffusion_model(str(world_base)).pipeline(), "cpu")
-    load_stack(pipe, load_diffusion_model(str(world_base)).family, files)
+    components = load_diffusion_model(str(world_base))
+    pipe = inference_pipeline(components.pipeline(), "cpu")
+    load_stack(pipe, components.family, files)
     # make demo's grid: its prompts file's first prompt, seed and stacking weights (demo/assets.py write_demo_prompts)
     spec = PromptSpec(prompt="lorachar, stripechar, circle", seed=3, steps=20, guidance=3.0, width=128, height=128)
     cells = comparison_cells(pipe, spec, [LoraRef("demo_lora", 0.6), LoraRef("demo_stripes", 0.8)], [0.0, 0.5, 1.0])

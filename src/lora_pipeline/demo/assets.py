@@ -233,7 +233,7 @@ def pretrain_bases(models_dir: str | Path, sd_config: PretrainConfig = PretrainC
             os.environ["TQDM_POSITION"] = position
     try:
         for future in futures:
-            future.result()
+            future.result()  # a failed build raises here; shutdown below lets the other finish (and be cached)
     finally:
         for pool in pools:
             pool.shutdown(cancel_futures=True)

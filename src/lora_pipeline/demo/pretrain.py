@@ -138,20 +138,12 @@ def pretrain_tiny_sd(out_dir: str | Path, config: PretrainConfig = PretrainConfi
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from lora_pipeline.demo.tiny_models import build_tiny_sd
-    from lora_pipeline.demo.world import draw, random_scene
-    from lora_pipeline.diffusion.loading import load_diffusion_model
+    from lora_pipeline.demo.world import draw
 
-    torch.manual_seed(config.seed)
-    with tempfile.TemporaryDirectory(prefix="tiny-sd-") as scratch:
-        components = load_diffusion_model(str(build_tiny_sd(Path(scratch) / "tiny-sd", seed=config.seed)), "sd1")
-    components.vae = colour_keeping_vae(components.vae, config)
+    components = random_base(build_tiny_sd, "tiny-sd", "sd1", config)
     components.scheduler = DDPMScheduler.from_config(components.scheduler.config, prediction_type=config.prediction_type)
     size = (config.resolution, config.resolution)
-    rng = np.random.default_rng(config.seed)
-    scenes = [random_scene(rng) for _ in range(config.images)]
-    # The VAE also sees what the LoRAs will teach (a quarter red shapes, a quarter striped backgrounds).
-    codec_scenes = scenes[: config.images // 2] + [random_scene(rng, red=i % 2 == 0, stripes=i % 2 == 1 or i % 4 == 0)
-                                                   for i in range(config.images // 2)]
+    scenes, codec_scenes = world_scenes(config)
     codec_pixels = world_tensor([draw(scene, size) for scene in codec_scenes])
     train_vae(components.vae, codec_pixels, config)
     standardise_latents(components.vae, codec_pixels)
@@ -160,6 +152,31 @@ def pretrain_tiny_sd(out_dir: str | Path, config: PretrainConfig = PretrainConfi
     pipe = components.pipeline(scheduler=DDIMScheduler.from_config(components.scheduler.config))
     pipe.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def random_base(build: Callable[..., Path], name: str, family: str, config):
+    """The tests' random tiny base of ``family`` (``build(folder, seed=...)``: a :mod:`~lora_pipeline.demo.tiny_models`
+    builder), loaded from a scratch folder, with a fresh :func:`colour_keeping_vae`: what pre-training starts from."""
+    from lora_pipeline.diffusion.loading import load_diffusion_model
+
+    torch.manual_seed(config.seed)
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as scratch:
+        components = load_diffusion_model(str(build(Path(scratch) / name, seed=config.seed)), family)
+    components.vae = colour_keeping_vae(components.vae, config)
+    return components
+
+
+def world_scenes(config) -> tuple[list, list]:
+    """``config.images`` seeded scenes of the world (neither red nor stripes: the denoiser's training set), and the
+    VAE's: their first half, then as many with what the LoRAs will teach (a quarter red shapes, a quarter striped
+    backgrounds)."""
+    from lora_pipeline.demo.world import random_scene
+
+    rng = np.random.default_rng(config.seed)
+    scenes = [random_scene(rng) for _ in range(config.images)]
+    codec_scenes = scenes[: config.images // 2] + [random_scene(rng, red=i % 2 == 0, stripes=i % 2 == 1 or i % 4 == 0)
+                                                   for i in range(config.images // 2)]
+    return scenes, codec_scenes
 
 
 def colour_keeping_vae(vae, config: PretrainConfig):

@@ -19,22 +19,21 @@ Cached as the SD base is (:func:`~lora_pipeline.demo.pretrain.ensure_pretrained`
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lora_pipeline.core.files import json_sha256
 from lora_pipeline.demo.pretrain import (
-    colour_keeping_vae,
     encode_captions,
     encode_world,
     ensure_pretrained,
     moments_conv,
+    random_base,
     train_denoiser,
     train_vae,
+    world_scenes,
     world_tensor,
 )
 
@@ -75,19 +74,11 @@ def pretrain_tiny_flux(out_dir: str | Path, config: PretrainFluxConfig = Pretrai
     """Build the tiny Flux.1 base, train its VAE and then its transformer on the demo world, save it to
     ``out_dir`` (a diffusers ``FluxPipeline`` folder)."""
     from lora_pipeline.demo.tiny_models import build_tiny_flux
-    from lora_pipeline.demo.world import draw, random_scene
-    from lora_pipeline.diffusion.loading import load_diffusion_model
+    from lora_pipeline.demo.world import draw
 
-    torch.manual_seed(config.seed)
-    with tempfile.TemporaryDirectory(prefix="tiny-flux-") as scratch:
-        components = load_diffusion_model(str(build_tiny_flux(Path(scratch) / NAME, seed=config.seed)), "flux")
-    components.vae = colour_keeping_vae(components.vae, config)
+    components = random_base(build_tiny_flux, NAME, "flux", config)
     size = (config.resolution, config.resolution)
-    rng = np.random.default_rng(config.seed)
-    scenes = [random_scene(rng) for _ in range(config.images)]
-    # The VAE also sees what the LoRAs will teach (a quarter red shapes, a quarter striped backgrounds).
-    codec_scenes = scenes[: config.images // 2] + [random_scene(rng, red=i % 2 == 0, stripes=i % 2 == 1 or i % 4 == 0)
-                                                   for i in range(config.images // 2)]
+    scenes, codec_scenes = world_scenes(config)
     train_vae(components.vae, world_tensor([draw(scene, size) for scene in codec_scenes]), config,
               desc="pre-training tiny Flux VAE")
     pixels = world_tensor([draw(scene, size) for scene in scenes])
