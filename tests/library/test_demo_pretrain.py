@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lora_pipeline.demo.assets import pretrain_bases
-from lora_pipeline.demo.pretrain import KEY_FILE, PretrainConfig, ensure_pretrained_sd
+from lora_pipeline.demo.pretrain import CACHE_ENV, KEY_FILE, PretrainConfig, ensure_pretrained_sd
 from lora_pipeline.diffusion.loading import load_diffusion_model
 
 pytestmark = pytest.mark.slow  # two spawned processes, each importing torch and diffusers
@@ -44,3 +44,12 @@ def test_both_bases_are_pretrained_side_by_side_cached_and_loadable(tmp_path):
     pretrain_bases(models, SD, flux, cache)
     assert (models / "tiny-sd" / KEY_FILE).stat().st_mtime_ns == stamp
     assert len(list(cache.iterdir())) == 2
+
+
+def test_an_unusable_cache_folder_stops_before_training_and_names_the_setting(tmp_path):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file, not a folder")
+    with pytest.raises(OSError, match=CACHE_ENV) as raised:
+        ensure_pretrained_sd(tmp_path / "tiny-sd", SD, cache=not_a_folder)
+    assert str(not_a_folder) in str(raised.value)
+    assert not (tmp_path / "tiny-sd").exists()

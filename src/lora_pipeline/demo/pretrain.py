@@ -93,7 +93,15 @@ def ensure_pretrained(target: str | Path, name: str, config: Any, build: Callabl
     if marker.is_file() and marker.read_text().strip() == key:
         logger.info("Pre-trained %s already in %s (key %s)", name, target, key)
         return target
-    cached = Path(cache or cache_root()) / f"{name}-{key}"
+    root = Path(cache or cache_root())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file there, or no write access: say which setting picks the folder
+        reason = "a file, not a folder" if root.is_file() else error.strerror
+        raise OSError(f"Cannot use {root} as the cache of pre-trained demo bases ({reason}). Set "
+                      f"{CACHE_ENV} to a writable folder, or unset it to use ~/.cache/lora_pipeline/pretrained.") \
+            from error
+    cached = root / f"{name}-{key}"
     if not (cached / KEY_FILE).is_file():
         started = time.monotonic()
         # One CPU thread while it trains: float sums in another order (two threads instead of one) made a different
