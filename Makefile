@@ -8,18 +8,24 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-demo demo test test-fast test-demo clean-demo
+.PHONY: setup setup-demo demo demo-sd-base demo-other-subjects test test-fast test-demo clean-demo
 
 # `make demo` installs what the demo and the workbench run on (.[ui]); `make test` adds the test tools (Airflow,
 # Playwright, kedro-viz, ONNX, ...), which took as long again to install (91 s against 183 s with a warm pip cache).
-INSTALL = python3 -m venv $(VENV) && $(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e
+# pip byte-compiles what it installs on one core (65 of the 114 s that installing .[ui] took here); compileall -j 0
+# does it on every core (46 s). Its exit status is 1 because some packages ship files for newer Pythons (torch's
+# testing/_internal/py312_intrinsics.py), which pip skips too.
+INSTALL = python3 -m venv $(VENV) && $(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet --no-compile -e
+COMPILE = $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 
 $(VENV)/.installed-demo: pyproject.toml
 	$(INSTALL) '.[ui]'
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	$(INSTALL) '.[test]'
+	$(COMPILE)
 	touch $@ $(VENV)/.installed-demo
 
 setup: $(VENV)/.installed
@@ -33,11 +39,21 @@ setup-demo: $(VENV)/.installed-demo
 # those seeds (0.114 at 0.5, 0.141 at 1). tests/library/test_demo_effect.py trains both as this does.
 DEMO_PARAMS := demo_lora.training.max_steps=400,demo_lora.training.learning_rate=0.004,demo_lora.training.lora_rank=32,demo_lora.training.alpha=64,demo_lora.training.save_steps=200,demo_lora.training.sample_every_steps=200,demo_stripes.training.max_steps=300,demo_stripes.training.learning_rate=0.003,demo_stripes.training.save_steps=150,demo_stripes.training.sample_every_steps=150
 
+# make demo's subjects by their base. The grid's two train on the tiny SD1.x base pre-trained on the demo world:
+# the longest step of a machine's first make demo (about 4 minutes on one core). Meanwhile the other core
+# pre-trains the Flux.1 base and runs what needs no SD1.x base: one subject per other family (conf/demo/subjects.yml)
+# and the LLM track (kedro run --tags selects them: each subject's nodes carry its name, the LLM track's "llm",
+# generation's and reporting's "library"). tests/library/test_demo_effect.py checks that the two lists hold
+# conf/demo/subjects.yml's subjects.
+DEMO_GRID_SUBJECTS := demo_lora,demo_stripes
+DEMO_OTHER_SUBJECTS := demo_sdxl_lora,demo_flux,demo_sd3,demo_chroma,demo_z_image,demo_flux2,demo_qwen_image
+DEMO_OTHER_LOG := data/08_reporting/demo_other_subjects.log
+
 demo: setup-demo
-	$(PY) -m lora_pipeline.demo
-	$(KEDRO) run --env demo --params "$(DEMO_PARAMS)"
+	$(PY) -m lora_pipeline.demo --only data
+	$(MAKE) --no-print-directory -j2 demo-sd-base demo-other-subjects
+	$(KEDRO) run --env demo --params "$(DEMO_PARAMS)" --tags "$(DEMO_GRID_SUBJECTS),library"
 	mkdir -p docs && cp data/08_reporting/comparison_grid.png docs/comparison_grid.png
-	$(KEDRO) run --env demo --pipelines llm
 	@echo
 	@echo "Subjects (conf/demo/subjects.yml): demo_lora, demo_stripes (SD1.x), demo_sdxl_lora (SDXL), demo_flux (Flux.1), demo_sd3 (SD3.5), demo_chroma (Chroma), demo_z_image (Z-Image), demo_flux2 (Flux.2), demo_qwen_image (Qwen-Image)"
 	@echo "Normalized dataset:   data/03_primary/demo_lora/dataset/ (metadata.csv + images)"
@@ -60,10 +76,23 @@ demo: setup-demo
 	@echo "Qwen-Image LoRA (ComfyUI): $$(ls -t data/07_model_output/demo_qwen_image.safetensors/*/demo_qwen_image.safetensors | head -1)"
 	@echo "Qwen-Image LoRA (diffusers): $$(ls -td data/07_model_output/demo_qwen_image_diffusers/*/demo_qwen_image_diffusers | head -1)"
 	@echo "LLM adapter (PEFT):     $$(ls -td data/07_model_output/demo_llm_lora_adapter/*/demo_llm_lora_adapter | head -1)"
-	@echo "Both subjects stacked:  $$(ls -td data/07_model_output/generated/*/generated | head -1)/000_00_seed3.png"
+	@echo "Both subjects stacked:  $$(ls -td data/07_model_output/generated/*/generated | head -1)/000_00_seed1.png"
 	@echo "Comparison grid:        data/08_reporting/comparison_grid.png (copied to docs/), measured per cell in comparison_report.md"
 	@echo "Reports:              data/08_reporting/<subject>/ (quality, evaluation), llm_data_report, llm_eval_report"
 	@echo "Runs:                 $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+# make demo's two halves, side by side (see DEMO_GRID_SUBJECTS). The second writes to a log, so that the first's
+# progress bar stays readable; OMP_NUM_THREADS=1 keeps its kedro run to its own core.
+demo-sd-base: setup-demo
+	$(PY) -m lora_pipeline.demo --only tiny-sd
+
+demo-other-subjects: setup-demo
+	@mkdir -p $(dir $(DEMO_OTHER_LOG))
+	@echo "Meanwhile: the Flux.1 base, $(DEMO_OTHER_SUBJECTS) and the LLM track (log: $(DEMO_OTHER_LOG))"
+	@{ $(PY) -m lora_pipeline.demo --only tiny-flux && OMP_NUM_THREADS=1 $(KEDRO) run --env demo \
+		--pipelines image,llm --tags "$(DEMO_OTHER_SUBJECTS),llm"; } > $(DEMO_OTHER_LOG) 2>&1 \
+		|| { tail -n 40 $(DEMO_OTHER_LOG); echo "make demo: the other subjects failed (above: the end of $(DEMO_OTHER_LOG))"; exit 1; }
+	@echo "Done: the Flux.1 base, $(DEMO_OTHER_SUBJECTS) and the LLM track (log: $(DEMO_OTHER_LOG))"
 
 # Two pytest workers (pytest-xdist), one OpenMP thread each: on 2 cores torch's spinning threads would otherwise
 # fight (a 0.1 s tiny step took 32 s with four jobs side by side). The tests that need the demo's pre-trained base

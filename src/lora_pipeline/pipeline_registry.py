@@ -23,22 +23,25 @@ from lora_pipeline.project.subjects import project_subjects
 
 
 def per_subject(template: Pipeline, subjects: list[str]) -> Pipeline:
-    """The stage once per subject, each under its namespace (datasets ``aki.captions``, ``params:aki.training``)."""
+    """The stage once per subject, each under its namespace (datasets ``aki.captions``, ``params:aki.training``)
+    and tagged with its name, so that ``kedro run --tags aki,llm`` runs one subject and the LLM track together."""
     shared = SHARED_DATASETS & template.datasets()
-    return sum((pipeline(template, namespace=name, inputs=shared or None) for name in subjects), Pipeline([]))
+    return sum((pipeline(template, namespace=name, inputs=shared or None, tags=name) for name in subjects),
+               Pipeline([]))
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     subjects = list(project_subjects())
     pipelines = {name: per_subject(module.create_pipeline(), subjects) for name, module in SUBJECT_STAGES.items()}
+    # Tags for `kedro run --tags`: "library" for the stages over every subject's LoRA, "llm" for the LLM track.
     pipelines.update({
-        "generation": generation.create_pipeline(subjects=subjects),
-        "reporting": reporting.create_pipeline(subjects=subjects),
+        "generation": pipeline(generation.create_pipeline(subjects=subjects), tags="library"),
+        "reporting": pipeline(reporting.create_pipeline(subjects=subjects), tags="library"),
         "merge": merge.create_pipeline(),
-        "llm_data": llm_data.create_pipeline(),
-        "llm_training": llm_training.create_pipeline(),
-        "llm_export": llm_export.create_pipeline(),
-        "llm_eval": llm_eval.create_pipeline(),
+        "llm_data": pipeline(llm_data.create_pipeline(), tags="llm"),
+        "llm_training": pipeline(llm_training.create_pipeline(), tags="llm"),
+        "llm_export": pipeline(llm_export.create_pipeline(), tags="llm"),
+        "llm_eval": pipeline(llm_eval.create_pipeline(), tags="llm"),
         "llm_merge": llm_export.create_merge_pipeline(),
     })
     image = ("captioning", "normalization", "training", "export", "evaluation", "reporting", "generation")

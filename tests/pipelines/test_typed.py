@@ -19,23 +19,6 @@ PACKAGE = Path(lora_pipeline.__file__).parent
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def registered():
-    import os
-
-    from lora_pipeline.pipeline_registry import register_pipelines
-    from lora_pipeline.project import subjects
-
-    cwd, env = os.getcwd(), subjects._session_env
-    os.chdir(REPO_ROOT)  # the registry reads the subjects of the project in the working folder
-    try:  # a loader for env demo is what the registry's subjects follow
-        loader = subjects.SubjectsConfigLoader(conf_source="conf", env="demo", base_env="base", default_run_env="local")
-        return register_pipelines(), loader["parameters"]
-    finally:
-        os.chdir(cwd)
-        subjects._session_env = env
-
-
 def test_every_parameter_input_of_every_pipeline_is_annotated_with_its_groups_model(registered):
     pipelines, _ = registered
     required = TypeExtractor(pipelines).extract_types_from_pipelines()

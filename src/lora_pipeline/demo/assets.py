@@ -1,6 +1,8 @@
 """Offline demo assets: tiny models and a deterministic raw image folder that hits every data branch.
 
     python -m lora_pipeline.demo            # writes data/06_models/tiny-* and data/01_raw/<subject>/images/
+    python -m lora_pipeline.demo --only data      # the raw data and the random tiny models only (seconds)
+    python -m lora_pipeline.demo --only tiny-sd   # the tiny SD1.x base pre-trained on the demo world only
 
 Nothing is downloaded. Re-running keeps what is already there (use --force to rebuild the images).
 """
@@ -9,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
-import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -125,7 +124,7 @@ def write_demo_prompts(path: str | Path) -> None:
         return
     path.write_text(
         "# prompt, negative_prompt, seed, steps, guidance, width, height, count (defaults: parameters_generation.yml)\n"
-        "- prompt: \"lorachar, stripechar, circle <lora:demo_lora:0.6>, <lora:demo_stripes:0.8>\"\n  seed: 3\n"
+        "- prompt: \"lorachar, stripechar, circle <lora:demo_lora:0.6>, <lora:demo_stripes:0.8>\"\n  seed: 1\n"
         "- prompt: \"lorachar, circle, simple background <lora:demo_lora:0.8>\"\n  seed: 1\n  count: 2\n"
         "- prompt: \"lorachar, square <lora:demo_lora:0.4>\"\n  seed: 7\n"
         "- prompt: \"a square, no lora\"\n  seed: 7\n",
@@ -203,47 +202,28 @@ def write_demo_llm_data(path: str | Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def _log_to_stderr() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+# The tiny bases that ``make demo`` pre-trains on the demo world (cached per machine), by folder name.
+PRETRAINED_BASES = {"tiny-sd": (ensure_pretrained_sd, PretrainConfig()),
+                    "tiny-flux": (ensure_pretrained_flux, PretrainFluxConfig())}
 
 
-def pretrain_bases(models_dir: str | Path, sd_config: PretrainConfig = PretrainConfig(),
-                   flux_config: PretrainFluxConfig = PretrainFluxConfig(), cache: str | Path | None = None) -> None:
-    """The tiny SD1.x and Flux.1 bases that know the demo world, in ``models_dir``: each copied from the machine's
-    cache, or pre-trained there first (:func:`~lora_pipeline.demo.pretrain.ensure_pretrained`).
+def pretrain_bases(models_dir: str | Path, names=tuple(PRETRAINED_BASES), configs: dict | None = None,
+                   cache: str | Path | None = None) -> None:
+    """The pre-trained tiny bases ``names`` in ``models_dir``: each copied from the machine's cache, or pre-trained
+    there first (:func:`~lora_pipeline.demo.pretrain.ensure_pretrained`), with ``configs[name]`` where given.
 
-    Side by side, one process each: a build runs on one CPU thread (so that its config names one result), and the
-    two together take the time of the longer one (the SD1.x base, about 4.5 minutes on a 2-core machine) rather
-    than the sum. Each process's progress bars get their own line (tqdm reads ``TQDM_POSITION`` when imported)."""
-    models_dir = Path(models_dir)
-    jobs = [(ensure_pretrained_sd, models_dir / "tiny-sd", sd_config),
-            (ensure_pretrained_flux, models_dir / "tiny-flux", flux_config)]
-    futures, pools = [], []
-    position = os.environ.get("TQDM_POSITION")
-    try:
-        for line, (ensure, target, config) in enumerate(jobs):
-            os.environ["TQDM_POSITION"] = str(line)  # read by the spawned process, which starts in submit()
-            pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_log_to_stderr)
-            pools.append(pool)
-            futures.append(pool.submit(ensure, target, config, cache))
-    finally:
-        if position is None:
-            os.environ.pop("TQDM_POSITION", None)
-        else:
-            os.environ["TQDM_POSITION"] = position
-    try:
-        for future in futures:
-            future.result()  # a failed build raises here; shutdown below lets the other finish (and be cached)
-    finally:
-        for pool in pools:
-            pool.shutdown(cancel_futures=True)
+    One after the other, each on one CPU thread (so that its config names one result); ``make demo`` builds them
+    in two processes side by side, and runs what needs neither base next to them."""
+    for name in names:
+        ensure, config = PRETRAINED_BASES[name]
+        ensure(Path(models_dir) / name, (configs or {}).get(name, config), cache)
 
 
 def build_demo(root: str | Path = ".", force: bool = False) -> None:
+    """The demo's raw data (images, captions, prompts, holdout, LLM dialogues) and its random tiny models: seconds.
+    The pre-trained bases are :func:`pretrain_bases`'."""
     root = Path(root)
-    # First the tiny bases that know the demo world (cached per machine); build_all then skips them.
-    pretrain_bases(root / "data" / "06_models")
-    build_all(root / "data" / "06_models")
+    build_all(root / "data" / "06_models", skip=tuple(PRETRAINED_BASES))
     build_demo_images(root / "data" / "01_raw" / "demo_lora" / "images", force=force)
     write_demo_review(root / "data" / "01_raw" / "demo_lora" / "reviewed_captions.csv")
     build_demo_stripes(root / "data" / "01_raw" / "demo_stripes" / "images")
@@ -256,9 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=".", help="project root (default: current folder)")
     parser.add_argument("--force", action="store_true", help="rebuild the demo images")
+    parser.add_argument("--only", choices=("data", *PRETRAINED_BASES),
+                        help="build only the raw data and random tiny models (data), or only one pre-trained base "
+                             "(default: all of them, one after the other)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    build_demo(args.root, force=args.force)
+    if args.only in (None, "data"):
+        build_demo(args.root, force=args.force)
+    if args.only != "data":
+        pretrain_bases(Path(args.root) / "data" / "06_models", [args.only] if args.only else PRETRAINED_BASES)
 
 
 if __name__ == "__main__":

@@ -597,14 +597,16 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def build_all(models_dir: str | Path) -> dict[str, Path]:
-    """Build every tiny model under ``models_dir`` (skipping those already there)."""
+def build_all(models_dir: str | Path, skip: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Build every tiny model under ``models_dir`` but those named in ``skip`` (and those already there)."""
     models_dir = Path(models_dir)
     builders = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux,
                 "tiny-sd3": build_tiny_sd3, "tiny-chroma": build_tiny_chroma, "tiny-z-image": build_tiny_z_image, "tiny-qwen-image": build_tiny_qwen_image, "tiny-flux2": build_tiny_flux2, "tiny-blip": build_tiny_blip, "tiny-clip": build_tiny_clip, "tiny-llm": build_tiny_llm}
     built = {}
     for name, builder in builders.items():
         target = models_dir / name
+        if name in skip:
+            continue
         if not (target / ".complete").exists():
             builder(target)
             (target / ".complete").write_text("ok\n")
