@@ -122,3 +122,18 @@ def test_a_retrain_starts_from_the_exported_kohya_file_at_the_trained_rank(flux_
     inject_lora(fresh, lora_spec(params, FLUX))
     load_lora_state(fresh, init, "init")
     assert torch.allclose(_out(fresh.denoiser), _out(components.denoiser), atol=1e-5)
+
+
+@pytest.mark.parametrize("t5_tokens", [512, 64])
+def test_the_t5_tokenizers_length_is_the_sequence_of_training_and_of_flux_pipelines_sampling(tiny_models, t5_tokens):
+    # 512 as Flux.1-dev's tokenizer; 64 as the demo's pre-trained tiny Flux.1 (demo/pretrain_flux.py)
+    components = load_diffusion_model(str(tiny_models["tiny-flux"]))
+    components.tokenizers[1].model_max_length = t5_tokens
+    pipe = components.pipeline()
+    kwargs = components.family.prompt_kwargs(pipe, "lorachar, circle", None, None)
+    with torch.no_grad():
+        trained_on = components.encode_prompt(["lorachar, circle"], torch.device("cpu"))
+        sampled_with, pooled, _ = pipe.encode_prompt(kwargs["prompt"], prompt_2=None, device="cpu",
+                                                     max_sequence_length=kwargs["max_sequence_length"])
+    assert kwargs["max_sequence_length"] == trained_on.hidden.shape[1] == t5_tokens
+    assert torch.allclose(sampled_with, trained_on.hidden) and torch.allclose(pooled, trained_on.pooled)

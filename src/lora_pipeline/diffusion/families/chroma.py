@@ -19,8 +19,6 @@ from lora_pipeline.diffusion.families.base import Conditioning, NoisedBatch
 from lora_pipeline.diffusion.families.flux import FluxFamily
 from lora_pipeline.diffusion.flux_names import T5_PREFIXES
 
-T5_LENGTH = 512  # ChromaPipeline's max_sequence_length and kohya's for Chroma
-
 
 class ChromaFamily(FluxFamily):
     name = "chroma"
@@ -58,10 +56,6 @@ class ChromaFamily(FluxFamily):
         hidden, _, mask, *_ = pipe.encode_prompt(list(texts), device=device, do_classifier_free_guidance=False,
                                                  max_sequence_length=self.t5_length(tokenizers[0]))
         return Conditioning(hidden, mask=mask)
-
-    @staticmethod
-    def t5_length(tokenizer: Any) -> int:
-        return min(T5_LENGTH, tokenizer.model_max_length)
 
     def prompt_kwargs(self, pipe, prompt: str, negative: str | None, clip_skip: int | None) -> dict[str, Any]:
         """Chroma samples with classifier-free guidance: a negative prompt has its place."""

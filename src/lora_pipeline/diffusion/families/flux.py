@@ -34,6 +34,9 @@ __all__ = ["BLOCK_LINEARS", "FLUX", "FlowMatchObjective", "FluxFamily"]
 BLOCK_LINEARS = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
                  r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|norm1\.linear|norm1_context\.linear)"
                  r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out|norm\.linear))")
+# The longest T5 sequence FluxPipeline (and ChromaPipeline) take, and kohya's t5xxl_max_token_length for dev and
+# Chroma; a T5 tokenizer with a shorter model_max_length (the demo's pre-trained tiny Flux.1) is used at its own.
+T5_LENGTH = 512
 GUIDANCE_FOR_TRAINING = 1.0  # what kohya's docs and diffusers' example train dev at
 
 
@@ -72,20 +75,25 @@ class FluxFamily(TransformerFamily):
     def encode_prompt(self, text_encoders: Sequence[Any], tokenizers: Sequence[Any], texts: Sequence[str],
                       device: torch.device, clip_skip: int = 1) -> Conditioning:
         """As ``FluxPipeline.encode_prompt``: CLIP-L's pooled output (77 tokens) and T5's last hidden states over
-        the tokenizer's length, padded (kohya's ``apply_t5_attn_mask`` off, as Flux was trained)."""
+        :meth:`t5_length` tokens, padded (kohya's ``apply_t5_attn_mask`` off, as Flux was trained)."""
         self.check_clip_skip(clip_skip)
         clip_ids = tokenizers[0](list(texts), padding="max_length", max_length=tokenizers[0].model_max_length,
                                  truncation=True, return_tensors="pt").input_ids.to(device)
         pooled = text_encoders[0](clip_ids, output_hidden_states=False).pooler_output
-        t5_ids = tokenizers[1](list(texts), padding="max_length", max_length=tokenizers[1].model_max_length,
+        t5_ids = tokenizers[1](list(texts), padding="max_length", max_length=self.t5_length(tokenizers[1]),
                                truncation=True, return_tensors="pt").input_ids.to(device)
         return Conditioning(text_encoders[1](t5_ids, output_hidden_states=False)[0], pooled)
+
+    @staticmethod
+    def t5_length(tokenizer: Any) -> int:
+        """The T5 sequence's length, at training and sampling alike: :data:`T5_LENGTH` or the tokenizer's own."""
+        return min(T5_LENGTH, tokenizer.model_max_length)
 
     def prompt_kwargs(self, pipe, prompt: str, negative: str | None, clip_skip: int | None) -> dict[str, Any]:
         """Flux.1 is guidance-distilled: a negative prompt has no place (``guidance_scale`` is the embedded one)."""
         if clip_skip and clip_skip > 1:
             self.check_clip_skip(clip_skip)
-        return {"prompt": prompt}
+        return {"prompt": prompt, "max_sequence_length": self.t5_length(pipe.tokenizer_2)}
 
     # ------------------------------------------------------------------ the objective and the denoiser call
 
