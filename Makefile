@@ -12,20 +12,20 @@ export PYTHONUNBUFFERED := 1
 
 # `make demo` installs what the demo and the workbench run on (.[ui]); `make test` adds the test tools (Airflow,
 # Playwright, kedro-viz, ONNX, ...), which took as long again to install (91 s against 183 s with a warm pip cache).
-# pip byte-compiles what it installs on one core (65 of the 114 s that installing .[ui] took here); compileall -j 0
-# does it on every core (46 s). Its exit status is 1 because some packages ship files for newer Pythons (torch's
-# testing/_internal/py312_intrinsics.py), which pip skips too.
+# pip installs without byte-compiling: it compiles all of site-packages on one core (65 of the 114 s that installing
+# .[ui] took here). Python compiles each module the first time one is imported instead, and keeps the .pyc (19 s
+# more for the demo's first import of torch, diffusers, kedro and mlflow). With PYTHONDONTWRITEBYTECODE in the
+# environment every process would compile its imports again (12 s to import them with .pyc, 31 s without), so
+# make's commands run without it.
+unexport PYTHONDONTWRITEBYTECODE
 INSTALL = python3 -m venv $(VENV) && $(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet --no-compile -e
-COMPILE = $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 
 $(VENV)/.installed-demo: pyproject.toml
 	$(INSTALL) '.[ui]'
-	$(COMPILE)
 	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	$(INSTALL) '.[test]'
-	$(COMPILE)
 	touch $@ $(VENV)/.installed-demo
 
 setup: $(VENV)/.installed

@@ -39,12 +39,12 @@ KEY_FILE = ".pretrained"
 class PretrainConfig:
     resolution: int = 128  # the demo's: training buckets around 128 px, the grid at 128 x 128
     images: int = 768  # world images drawn (seeded): the UNet's training set
-    # 300 steps at 4e-3, as the Flux.1 VAE: 600 at 2e-3 took 84 of the 246 s of make demo's longest step, for a grid
-    # of the same readability (the demo LoRAs' red and stripes both grow with their weight on either base)
-    vae_steps: int = 300
+    # 600 steps at 2e-3: 300 at 4e-3 (as the Flux.1 VAE) saved 40 s of make demo's longest step but left a checkered
+    # texture and a pink cast on the backgrounds, and the grid's shapes blurred
+    vae_steps: int = 600
     vae_batch: int = 8
     vae_crop: int = 64  # the VAE is convolutional: it trains on crops, 4x cheaper than whole images
-    vae_learning_rate: float = 4e-3
+    vae_learning_rate: float = 2e-3
     # GroupNorm groups of the pre-trained VAE (the random tiny one has 8, one channel per group at full
     # resolution): see :func:`colour_keeping_vae`
     vae_norm_groups: int = 2
