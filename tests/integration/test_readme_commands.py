@@ -82,6 +82,10 @@ def _check_kedro_run(options: dict, project: Path, catalog) -> None:
         known = {node.namespace.split(".")[0] for node in selected.nodes if node.namespace}
         assert set(namespaces) <= known, f"namespaces {namespaces} not among {sorted(known)}"
         selected = selected.only_nodes_with_namespaces(namespaces)
+    tags = options.get("tags") or []
+    if tags:
+        known = set().union(*(node.tags for node in selected.nodes))
+        assert set(tags) <= known, f"tags {tags} not among {sorted(known)}"
     # --load-versions does nothing unless the dataset is an input of what runs (the old "reproduce" bug)
     for dataset in options.get("load_versions") or {}:
         assert dataset in selected.all_inputs(), f"{dataset} is not read by {names}"
