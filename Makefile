@@ -36,7 +36,7 @@ setup-demo: $(VENV)/.installed-demo
 # teaches (red shapes, striped backgrounds) shows in the comparison grid of the pre-trained tiny base. demo_lora at
 # rank 32 (alpha 64, the same scale 2 as the tests' rank 4 / alpha 8): at rank 4 its red switched on between weights
 # 0.5 and 0.75 (red share 0.001 at 0.5, 0.074 at 1, mean of 6 seeds, on the first pre-trained base); at rank 32, on
-# the current base, the means of seeds 0-5 are 0.13 at 0.5 and 0.19 at 1 (and 0 at 0.5 for one of them, seed 4).
+# the current base, the means of seeds 0-5 are 0.13 at 0.5 and 0.16 at 1, with red at 0.5 on all six.
 # tests/library/test_demo_effect.py trains both as this does.
 DEMO_PARAMS := demo_lora.training.max_steps=400,demo_lora.training.learning_rate=0.004,demo_lora.training.lora_rank=32,demo_lora.training.alpha=64,demo_lora.training.save_steps=200,demo_lora.training.sample_every_steps=200,demo_stripes.training.max_steps=300,demo_stripes.training.learning_rate=0.003,demo_stripes.training.save_steps=150,demo_stripes.training.sample_every_steps=150
 
@@ -44,8 +44,8 @@ DEMO_PARAMS := demo_lora.training.max_steps=400,demo_lora.training.learning_rate
 # the longest step of a machine's first make demo (about 4 minutes on one core). Meanwhile the other core
 # pre-trains the Flux.1 base and runs what needs no SD1.x base: one subject per other family (conf/demo/subjects.yml)
 # and the LLM track (kedro run --tags selects them: each subject's nodes carry its name, the LLM track's "llm",
-# generation's and reporting's "library"). tests/library/test_demo_effect.py checks that the two lists hold
-# conf/demo/subjects.yml's subjects.
+# generation's and reporting's "library"). tests/pipelines/test_registry.py checks that the two lists hold
+# conf/demo/subjects.yml's subjects, and the two runs every node once.
 DEMO_GRID_SUBJECTS := demo_lora,demo_stripes
 DEMO_OTHER_SUBJECTS := demo_sdxl_lora,demo_flux,demo_sd3,demo_chroma,demo_z_image,demo_flux2,demo_qwen_image
 DEMO_OTHER_LOG := data/08_reporting/demo_other_subjects.log

@@ -101,6 +101,6 @@ def test_each_demo_lora_shows_more_of_what_it_teaches_as_its_weight_grows(world_
     assert stripes[2]["stripe_energy"] > 5 * stripes[0]["stripe_energy"]
     # Stacked, both stay: the stacked cell clears the bars each LoRA clears alone at weight 1. (Not the midpoint of
     # weights 0 and 1: the stripe energy is a share of the picture's brightness variation, and the red LoRA's larger
-    # shape takes some of it: at five of the seeds 0-5, stacked kept 0.22-0.57 of the stripe share at weight 1.)
+    # shape takes some of it: at five of the seeds 0-5, stacked kept 0.27-0.49 of the stripe share at weight 1.)
     assert stacked["red_share"] > 0.05
     assert stacked["stripe_energy"] > 5 * stripes[0]["stripe_energy"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -207,7 +208,7 @@ PRETRAINED_BASES = {"tiny-sd": (ensure_pretrained_sd, PretrainConfig()),
                     "tiny-flux": (ensure_pretrained_flux, PretrainFluxConfig())}
 
 
-def pretrain_bases(models_dir: str | Path, names=tuple(PRETRAINED_BASES), configs: dict | None = None,
+def pretrain_bases(models_dir: str | Path, names: Iterable[str] = tuple(PRETRAINED_BASES), configs: dict | None = None,
                    cache: str | Path | None = None) -> None:
     """The pre-trained tiny bases ``names`` in ``models_dir``: each copied from the machine's cache, or pre-trained
     there first (:func:`~lora_pipeline.demo.pretrain.ensure_pretrained`), with ``configs[name]`` where given.
