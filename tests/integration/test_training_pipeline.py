@@ -54,6 +54,11 @@ def _default_run(tmp_path_factory, tiny_models, _demo_images_template):
     with pytest.MonkeyPatch.context() as mp:  # monkeypatch is function-scoped; this undoes the same at module end
         mp.chdir(root)  # the sqlite tracking URI and model paths are project-relative
         mp.setenv("KEDRO_ENV", "demo")
+        # this run's own temp folder: another pytest worker's evaluation, at the same time, makes holdout-* folders
+        # of its own in the shared one (this test read one of those as left behind)
+        scratch = root.parent / "tmp"
+        scratch.mkdir()
+        mp.setattr(tempfile, "tempdir", str(scratch))
         bootstrap_project(root)
         holdout_before = _holdout_temp_dirs()
         run(root, "__default__")
