@@ -6,7 +6,7 @@ import pytest
 from kedro_helpers import REPO_ROOT
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # registering every pipeline takes seconds; the tests only read them
 def registered():
     import os
 
