@@ -97,7 +97,7 @@ demo-other-subjects: setup-demo
 
 # Two pytest workers (pytest-xdist), one OpenMP thread each: on 2 cores torch's spinning threads would otherwise
 # fight (a 0.1 s tiny step took 32 s with four jobs side by side). The tests that need the demo's pre-trained base
-# (@pytest.mark.pretrained: ~5 min to build it once per machine) run with `make test-demo`.
+# (@pytest.mark.pretrained: about 4 and 1.5 min to build the SD1.x and Flux.1 ones once per machine) run with `make test-demo`.
 test: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 -m "not pretrained" $(PYTEST_ARGS)
 
